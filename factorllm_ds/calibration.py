@@ -1,0 +1,96 @@
+"""Run calibration text through a dense model one decoder layer at a time.
+
+Only the current layer's weights are in memory: each layer is built on the meta device,
+filled from the checkpoint, run over the calibration hidden states, and dropped. Used by
+the ``coactivation`` split, which needs each layer's FFN activations on real text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from factorllm_ds import keys
+from factorllm_ds.errors import UserError
+
+
+def read_text(path: Path, flag: str) -> str:
+    """Plain text, or the 'text' fields of a .jsonl file, joined by newlines."""
+    path = Path(path)
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        lines = []
+        for i, line in enumerate(raw.splitlines()):
+            if line.strip():
+                try:
+                    lines.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise UserError(f"{flag} {path}: line {i + 1} is not a JSON object with a 'text' field "
+                                    f"({err}).") from err
+        raw = "\n".join(lines)
+    return raw
+
+
+class CalibrationRunner:
+    def __init__(self, reader, dense_config: dict, cfg):
+        self.reader = reader
+        text_cfg = {k: v for k, v in dense_config.items() if k != "model_type"}
+        self.config = AutoConfig.for_model(dense_config["model_type"], **text_cfg)
+        self.config._attn_implementation = "sdpa"  # causal without building a mask
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        except Exception as err:
+            raise UserError(f"--model {cfg.model}: no usable tokenizer for the calibration text ({err}).") from err
+        ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
+        seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
+        need = max(cfg.calib_tokens, seq_len)
+        if len(ids) < need:
+            raise UserError(f"--calib-data {cfg.calib_data}: only {len(ids)} tokens, fewer than --calib-tokens "
+                            f"{cfg.calib_tokens}. Use a longer text or lower --calib-tokens.")
+        n_seq = need // seq_len
+        self.input_ids = torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
+        base = MODEL_MAPPING[type(self.config)]
+        module = sys.modules[base.__module__]
+        prefix = base.__name__[: -len("Model")]
+        self.layer_cls = getattr(module, prefix + "DecoderLayer")
+        self.rotary = getattr(module, prefix + "RotaryEmbedding")(config=self.config)
+        self.hidden = None
+        self.mlp_input = None
+
+    def start(self) -> None:
+        embed = self.reader.get("model.embed_tokens.weight").float()
+        self.hidden = torch.nn.functional.embedding(self.input_ids, embed)
+        pos = torch.arange(self.input_ids.shape[1]).unsqueeze(0)
+        self.position_ids = pos
+        self.position_embeddings = self.rotary(self.hidden, pos)
+
+    @torch.no_grad()
+    def run_layer(self, layer: int) -> None:
+        """Advance the hidden states through dense layer ``layer``, keeping the MLP input."""
+        with torch.device("meta"):
+            block = self.layer_cls(self.config, layer)
+        prefix = keys.LAYER.format(layer=layer)
+        state = {name[len(prefix):]: self.reader.get(name).float()
+                 for name in self.reader.infos if name.startswith(prefix)}
+        block.load_state_dict(state, strict=True, assign=True)
+        block.eval()
+        captured = {}
+        hook = block.mlp.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+        self.hidden = block(self.hidden, attention_mask=None, position_ids=self.position_ids,
+                            position_embeddings=self.position_embeddings)
+        if isinstance(self.hidden, tuple):
+            self.hidden = self.hidden[0]
+        hook.remove()
+        self.mlp = block.mlp
+        self.mlp_input = captured["x"]
+
+    @torch.no_grad()
+    def mlp_activations(self) -> torch.Tensor:
+        """act(W_gate x) * (W_up x) of the current layer: [tokens, I]."""
+        x = self.mlp_input.reshape(-1, self.mlp_input.shape[-1])
+        return self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)

@@ -1,0 +1,157 @@
+"""Typed configs for each command; the CLI flags and their help come from these fields.
+
+Validation happens once, up front, before any disk or process-group work: every problem
+is collected and reported together, each naming its flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from factorllm_ds.errors import UserError
+from factorllm_ds.keys import SUPPORTED_FAMILIES
+from factorllm_ds.split import SPLIT_METHODS
+
+ROUTING_MODES = ("hard", "softmax")
+
+
+def arg(help: str, choices: tuple | None = None, flag: str | None = None, **kw) -> Any:
+    """A dataclass field that becomes a CLI flag; ``help`` is its documentation."""
+    default = kw.pop("default", dataclasses.MISSING)
+    factory = kw.pop("default_factory", dataclasses.MISSING)
+    meta = {"help": help, "choices": choices, "flag": flag, **kw}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls``; required when the field has no default."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kind = hints[f.name]
+        if get_origin(kind) is not None and type(None) in get_args(kind):  # Optional[X]
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        required = f.metadata.get("required") or (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_text = f.metadata["help"] + ("" if required or default in (None, False) else f" (default: {default})")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = default
+        elif get_origin(kind) is list:
+            kwargs.update(nargs="+", type=get_args(kind)[0], default=default, required=required)
+        else:
+            kwargs.update(type=kind, default=default, required=required)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag_of(f), **kwargs)
+
+
+def from_namespace(cls: type, ns: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def fail_if(problems: list[str], what: str) -> None:
+    if problems:
+        bullet = "\n  - ".join(problems)
+        raise UserError(f"{what}:\n  - {bullet}")
+
+
+@dataclass
+class MoEShape:
+    """How the dense FFN becomes experts; shared by convert and train."""
+
+    num_experts: int = arg("E: experts per MoE layer; must divide the FFN intermediate size", default=4)
+    top_k: int = arg("k: experts active per token (1 <= k <= E)", default=2)
+    routing: str = arg("hard: fixed weight s on each selected expert (paper); softmax: renormalized top-k "
+                       "probabilities times s (exports to Mixtral / Qwen2-MoE)", choices=ROUTING_MODES,
+                       default="hard")
+    combine_scale: float | None = arg("s, the combine scale; default E/k for hard, E for softmax", default=None)
+    router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: on for hard, off for "
+                                   "softmax (Mixtral routers have no bias)", default=None)
+
+    def moe_problems(self, intermediate_size: int | None) -> list[str]:
+        problems = []
+        if self.num_experts < 1:
+            problems.append(f"--num-experts {self.num_experts}: must be >= 1")
+        elif intermediate_size is not None and intermediate_size % self.num_experts:
+            divisors = [d for d in range(2, min(intermediate_size, 64) + 1) if intermediate_size % d == 0]
+            problems.append(f"--num-experts {self.num_experts} does not divide the FFN intermediate size "
+                            f"{intermediate_size}; try one of {divisors[:10]}")
+        if not 1 <= self.top_k <= max(self.num_experts, 1):
+            problems.append(f"--top-k {self.top_k}: must be between 1 and --num-experts ({self.num_experts})")
+        if self.combine_scale is not None and self.combine_scale <= 0:
+            problems.append(f"--combine-scale {self.combine_scale}: must be > 0")
+        if self.routing == "softmax" and self.router_bias:
+            problems.append("--router-bias with --routing softmax: a Mixtral/Qwen2-MoE router has no bias, so the "
+                            "model could not be exported; drop --router-bias")
+        return problems
+
+    def resolved_router_bias(self) -> bool:
+        return self.routing == "hard" if self.router_bias is None else self.router_bias
+
+
+@dataclass
+class ConvertConfig(MoEShape):
+    """factorllm-ds convert: a dense HF checkpoint folder -> a FactorLLM MoE folder."""
+
+    model: Path = arg("dense Hugging Face model folder (safetensors)", default=None, required=True)
+    out: Path = arg("output folder for the MoE checkpoint (must not exist, unless --overwrite)", default=None,
+                    required=True)
+    split: str = arg("how neurons are grouped into experts", choices=SPLIT_METHODS, default="contiguous")
+    calib_data: Path | None = arg("calibration text (.txt or .jsonl with a 'text' field) for --split coactivation",
+                                  default=None)
+    calib_tokens: int = arg("calibration tokens for --split coactivation", default=4096)
+    calib_seq_len: int = arg("calibration sequence length", default=512)
+    seed: int = arg("seed for the random split, k-means initialisation and router initialisation", default=0)
+    max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default="2GB")
+    overwrite: bool = arg("replace --out if it exists", default=False)
+
+    def validate(self, dense_config: dict) -> None:
+        problems = []
+        model_type = dense_config.get("model_type")
+        if model_type == "factorllm":
+            problems.append(f"--model {self.model} is already a FactorLLM checkpoint; pass the dense model")
+        elif model_type not in SUPPORTED_FAMILIES:
+            arch = ",".join(dense_config.get("architectures") or ["?"])
+            problems.append(f"--model {self.model}: unsupported architecture {arch} (model_type {model_type!r}). "
+                            f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)")
+        problems += self.moe_problems(dense_config.get("intermediate_size"))
+        if self.split == "coactivation":
+            if self.calib_data is None:
+                problems.append("--split coactivation needs calibration text: pass --calib-data FILE (.txt/.jsonl)")
+            elif not Path(self.calib_data).is_file():
+                problems.append(f"--calib-data {self.calib_data}: no such file")
+        if self.calib_tokens < 1 or self.calib_seq_len < 2:
+            problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError:
+            problems.append(f"--max-shard-size {self.max_shard_size!r}: expected a size like 2GB or 500MB")
+        if self.out is not None and Path(self.out).exists() and not self.overwrite:
+            problems.append(f"--out {self.out} already exists; choose another path or pass --overwrite")
+        if self.out is not None and self.model is not None and Path(self.out).resolve() == Path(self.model).resolve():
+            problems.append("--out must differ from --model")
+        fail_if(problems, "convert: bad arguments")
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)

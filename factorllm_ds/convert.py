@@ -1,0 +1,216 @@
+"""convert: a dense HF checkpoint folder -> a FactorLLM MoE folder, streamed layer by layer.
+
+At any time the process holds one layer's tensors (plus, for ``coactivation``, the
+calibration hidden states): tensors are read one by one through ``safe_open`` and written
+straight into pre-planned shards. The output appears at ``--out`` only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from factorllm_ds import __version__, keys, split
+from factorllm_ds.config import ConvertConfig, parse_size
+from factorllm_ds.errors import UserError
+from factorllm_ds.hf_io import (CheckpointReader, StreamingSafetensorsWriter, TensorInfo, atomic_output_dir,
+                                copy_side_files, read_config)
+from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
+
+PARTITION_FILE = "factorllm_partition.safetensors"
+MANIFEST_FILE = "factorllm_manifest.json"
+
+
+def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertConfig) -> list[TensorInfo]:
+    """Every output tensor (name, shape, dtype), in the order the converter writes them."""
+    by_layer: dict[int, list[str]] = {i: [] for i in range(num_layers)}
+    unknown = []
+    for name in dense:
+        try:
+            role, layer = keys.classify_dense_key(name)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if role == "layer":
+            by_layer[layer].append(name)
+    if unknown:
+        raise UserError(f"--model {cfg.model}: {len(unknown)} tensor names this converter does not know "
+                        f"(first: {unknown[0]}). Supported: {', '.join(keys.SUPPORTED_FAMILIES.values())} "
+                        "checkpoints in Hugging Face naming.")
+    plan = [dense[n] for n in keys.GLOBAL_PASSTHROUGH[:1] if n in dense]
+    for layer in range(num_layers):
+        plan += [dense[n] for n in sorted(by_layer[layer])]
+        gate = dense[keys.dense_mlp_key("gate", layer)]
+        down = dense[keys.dense_mlp_key("down", layer)]
+        inter, hidden = gate.shape
+        size = inter // cfg.num_experts
+        plan.append(TensorInfo(keys.ROUTER_WEIGHT.format(layer=layer), (cfg.num_experts, hidden), gate.dtype))
+        if cfg.resolved_router_bias():
+            plan.append(TensorInfo(keys.ROUTER_BIAS.format(layer=layer), (cfg.num_experts,), gate.dtype))
+        for e in range(cfg.num_experts):
+            plan.append(TensorInfo(keys.expert_key("gate", layer, e), (size, hidden), gate.dtype))
+            plan.append(TensorInfo(keys.expert_key("up", layer, e), (size, hidden), gate.dtype))
+            plan.append(TensorInfo(keys.expert_key("down", layer, e), (hidden, size), down.dtype))
+    plan += [dense[n] for n in keys.GLOBAL_PASSTHROUGH[1:] if n in dense]
+    return plan
+
+
+def dense_infos_from_config(config: dict, dtype: torch.dtype) -> dict[str, TensorInfo]:
+    """The tensor list a dense checkpoint of this config has; lets 70B plans run without files."""
+    h, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    vocab = config["vocab_size"]
+    qkv_bias = config.get("model_type") == "qwen2" or config.get("attention_bias", False)
+    infos = [TensorInfo("model.embed_tokens.weight", (vocab, h), dtype)]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        infos += [TensorInfo(p + "input_layernorm.weight", (h,), dtype),
+                  TensorInfo(p + "post_attention_layernorm.weight", (h,), dtype),
+                  TensorInfo(p + "self_attn.q_proj.weight", (heads * head_dim, h), dtype),
+                  TensorInfo(p + "self_attn.k_proj.weight", (kv_heads * head_dim, h), dtype),
+                  TensorInfo(p + "self_attn.v_proj.weight", (kv_heads * head_dim, h), dtype),
+                  TensorInfo(p + "self_attn.o_proj.weight", (h, heads * head_dim), dtype),
+                  TensorInfo(p + "mlp.gate_proj.weight", (inter, h), dtype),
+                  TensorInfo(p + "mlp.up_proj.weight", (inter, h), dtype),
+                  TensorInfo(p + "mlp.down_proj.weight", (h, inter), dtype)]
+        if qkv_bias:
+            infos += [TensorInfo(p + f"self_attn.{x}_proj.bias", (n * head_dim,), dtype)
+                      for x, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
+    infos.append(TensorInfo("model.norm.weight", (h,), dtype))
+    if not config.get("tie_word_embeddings", False):
+        infos.append(TensorInfo("lm_head.weight", (vocab, h), dtype))
+    return {i.name: i for i in infos}
+
+
+def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> torch.Tensor:
+    seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
+    inter = gate.shape[0]
+    if cfg.split == "contiguous":
+        return split.contiguous_partition(inter)
+    if cfg.split == "random":
+        return split.random_partition(inter, seed)
+    if cfg.split == "kmeans":
+        return split.kmeans_partition(gate, up, down, cfg.num_experts, seed)
+    return split.coactivation_partition(calib.mlp_activations(), cfg.num_experts, seed)
+
+
+def moe_config(dense_config: dict, cfg: ConvertConfig):
+    from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
+
+    text = {k: v for k, v in dense_config.items()
+            if k not in ("architectures", "auto_map", "transformers_version", "_name_or_path")}
+    dtype = dense_config.get("dtype") or dense_config.get("torch_dtype")
+    moe = FactorLLMConfig(
+        text_config=text,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        expert_intermediate_size=dense_config["intermediate_size"] // cfg.num_experts,
+        routing=cfg.routing,
+        combine_scale=cfg.combine_scale,
+        router_bias=cfg.resolved_router_bias(),
+        partition_method=cfg.split,
+    )
+    moe.architectures = ["FactorLLMForCausalLM"]
+    moe.auto_map = dict(AUTO_MAP)
+    if dtype is not None:
+        moe.dtype = dtype
+    return moe
+
+
+def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
+    dense_config = read_config(cfg.model)
+    cfg.validate(dense_config)
+    reader = CheckpointReader(cfg.model)
+    num_layers = dense_config["num_hidden_layers"]
+    plan = moe_tensor_plan(reader.infos, num_layers, cfg)
+    missing = [keys.dense_mlp_key(p, i) for i in range(num_layers) for p in ("gate", "up", "down")
+               if keys.dense_mlp_key(p, i) not in reader.infos]
+    if missing:
+        raise UserError(f"--model {cfg.model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
+                        "tensors); it is incomplete or not a SwiGLU LLaMA-family model.")
+    calib = None
+    if cfg.split == "coactivation":
+        from factorllm_ds.calibration import CalibrationRunner
+
+        calib = CalibrationRunner(reader, dense_config, cfg)
+
+    started = time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    partitions: dict[str, torch.Tensor] = {}
+    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        writer = StreamingSafetensorsWriter(tmp, plan, parse_size(cfg.max_shard_size))
+        bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
+
+        def copy(name: str) -> None:
+            writer.write(name, reader.get(name))
+            bar.update(reader.infos[name].nbytes)
+
+        copy("model.embed_tokens.weight")
+        if calib is not None:
+            calib.start()
+        for layer in range(num_layers):
+            for info in plan:
+                if keys.layer_of(info.name) == layer and ".mlp." not in info.name:
+                    copy(info.name)
+            gate, up, down = (reader.get(keys.dense_mlp_key(p, layer)) for p in ("gate", "up", "down"))
+            if calib is not None:
+                calib.run_layer(layer)
+            perm = make_partition(cfg, layer, gate, up, down, calib)
+            partitions[f"layers.{layer}"] = perm.to(torch.int32)
+            router = torch.empty(cfg.num_experts, gate.shape[1]).normal_(0.0, 0.02, generator=gen)
+            writer.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
+            if cfg.resolved_router_bias():
+                writer.write(keys.ROUTER_BIAS.format(layer=layer), torch.zeros(cfg.num_experts, dtype=gate.dtype))
+            for e, (g, u, d) in enumerate(split.expert_slices(gate, up, down, perm, cfg.num_experts)):
+                writer.write(keys.expert_key("gate", layer, e), g)
+                writer.write(keys.expert_key("up", layer, e), u)
+                writer.write(keys.expert_key("down", layer, e), d)
+            bar.update(gate.nbytes + up.nbytes + down.nbytes)
+            del gate, up, down
+        for name in keys.GLOBAL_PASSTHROUGH[1:]:
+            if name in reader.infos:
+                copy(name)
+        writer.close()
+        bar.close()
+
+        moe_config(dense_config, cfg).save_pretrained(tmp)
+        for name in MODEL_CODE_FILES:
+            shutil.copy2(MODEL_CODE_DIR / name, tmp / name)
+        side = copy_side_files(cfg.model, tmp)
+        save_file(partitions, str(tmp / PARTITION_FILE),
+                  metadata={"method": cfg.split, "num_experts": str(cfg.num_experts), "seed": str(cfg.seed)})
+        manifest = {
+            "factorllm_ds_version": __version__,
+            "command": "convert",
+            "source_model": str(cfg.model),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "partition_file": PARTITION_FILE,
+            "copied_files": side,
+            "bytes_read": reader.total_bytes,
+            "bytes_written": writer.bytes_written,
+            "seconds": round(time.time() - started, 3),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return Path(cfg.out)
+
+
+def load_partition(moe_dir: Path) -> dict[int, torch.Tensor]:
+    """Layer -> neuron permutation recorded by convert (expert e owns perm[e*I/E:(e+1)*I/E])."""
+    from safetensors.torch import load_file
+
+    path = Path(moe_dir) / PARTITION_FILE
+    if not path.is_file():
+        raise UserError(f"{moe_dir}: no {PARTITION_FILE}; was this folder made by `factorllm-ds convert`?")
+    return {int(k.split(".")[1]): v.long() for k, v in load_file(str(path)).items()}

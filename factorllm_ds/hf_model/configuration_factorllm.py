@@ -1,0 +1,77 @@
+# Shipped inside every converted checkpoint folder: it must import nothing from factorllm_ds.
+"""Configuration of a FactorLLM Mixture-of-Experts causal LM.
+
+The dense base model's own config (LLaMA, Mistral, Qwen2, ...) is kept whole as
+``text_config``; the MoE fields sit next to it. Attention, norms and embeddings are the
+base family's modules, unchanged; only each layer's MLP becomes router + experts.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+ROUTING_MODES = ("hard", "softmax")
+
+
+class FactorLLMConfig(PretrainedConfig):
+    model_type = "factorllm"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: dict | PretrainedConfig | None = None,
+        num_experts: int = 4,
+        num_experts_per_tok: int = 2,
+        expert_intermediate_size: int | None = None,
+        routing: str = "hard",
+        combine_scale: float | None = None,
+        router_bias: bool = True,
+        partition_method: str = "contiguous",
+        router_override: str = "learned",
+        **kwargs,
+    ):
+        """
+        Args:
+            text_config: the dense base model's config (a dict with ``model_type``).
+            num_experts: E, experts per MoE layer.
+            num_experts_per_tok: k, experts selected per token.
+            expert_intermediate_size: I / E, neurons per expert.
+            routing: ``hard`` (paper: fixed weight ``combine_scale`` on each selected
+                expert) or ``softmax`` (Mixtral-style renormalized top-k weights times
+                ``combine_scale``).
+            combine_scale: s. ``None`` means E/k for ``hard`` and E for ``softmax``.
+            router_bias: whether the router is ``W x + b`` (paper) or ``W x`` (Mixtral).
+            partition_method: how the dense neurons were grouped (informational).
+            router_override: ``learned`` | ``oracle`` | ``random``: evaluation-time
+                choice of who picks the experts (oracle = the experts closest to their
+                share of the dense output, the PA prior).
+        """
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            model_type = text_config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("FactorLLMConfig.text_config needs a 'model_type' (e.g. 'llama').")
+            text_config = AutoConfig.for_model(model_type, **text_config)
+        self.text_config = text_config
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.expert_intermediate_size = expert_intermediate_size
+        self.routing = routing
+        self.combine_scale = combine_scale
+        self.router_bias = router_bias
+        self.partition_method = partition_method
+        self.router_override = router_override
+        if text_config is not None:
+            kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+            for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+                kwargs.setdefault(name, getattr(text_config, name))
+        super().__init__(**kwargs)
+
+    @property
+    def scale(self) -> float:
+        """The combine scale s actually used (resolves the ``None`` default)."""
+        if self.combine_scale is not None:
+            return float(self.combine_scale)
+        if self.routing == "hard":
+            return self.num_experts / self.num_experts_per_tok
+        return float(self.num_experts)

@@ -1,0 +1,69 @@
+"""Declarative maps from Hugging Face tensor names to their role, per supported family.
+
+Dense and FactorLLM checkpoints share every key outside the MLP; inside it the dense
+``gate/up/down_proj`` become ``router`` + ``experts.{e}.{gate,up,down}_proj``.
+Unknown keys raise: a silent drop would lose weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+# model_type -> human name; every family here has the SwiGLU gate/up/down MLP.
+SUPPORTED_FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+LAYER = "model.layers.{layer}."
+DENSE_MLP = {
+    "gate": LAYER + "mlp.gate_proj.weight",
+    "up": LAYER + "mlp.up_proj.weight",
+    "down": LAYER + "mlp.down_proj.weight",
+}
+EXPERT = {
+    "gate": LAYER + "mlp.experts.{expert}.gate_proj.weight",
+    "up": LAYER + "mlp.experts.{expert}.up_proj.weight",
+    "down": LAYER + "mlp.experts.{expert}.down_proj.weight",
+}
+ROUTER_WEIGHT = LAYER + "mlp.router.weight"
+ROUTER_BIAS = LAYER + "mlp.router.bias"
+
+# Per-layer keys copied unchanged (optional ones appear only in some families).
+LAYER_PASSTHROUGH = (
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+    "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+)
+GLOBAL_PASSTHROUGH = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+# Buffers some old exports saved; recomputed by the model, so not copied.
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER_KEY.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def classify_dense_key(name: str) -> tuple[str, int | None]:
+    """('global' | 'layer' | 'mlp' | 'ignored', layer index) for a dense checkpoint key."""
+    if name in GLOBAL_PASSTHROUGH:
+        return "global", None
+    if IGNORED.fullmatch(name):
+        return "ignored", None
+    m = _LAYER_KEY.fullmatch(name)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if rest in LAYER_PASSTHROUGH:
+            return "layer", layer
+        if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            return "mlp", layer
+    raise KeyError(name)
+
+
+def expert_key(part: str, layer: int, expert: int) -> str:
+    return EXPERT[part].format(layer=layer, expert=expert)
+
+
+def dense_mlp_key(part: str, layer: int) -> str:
+    return DENSE_MLP[part].format(layer=layer)

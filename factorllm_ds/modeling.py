@@ -1,0 +1,42 @@
+"""The FactorLLM model as the package uses it: loaders on top of the shipped HF model code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from factorllm_ds.errors import UserError
+from factorllm_ds.hf_io import read_config
+from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
+from factorllm_ds.hf_model.modeling_factorllm import (FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk,
+                                                      route)
+
+__all__ = ["FactorLLMConfig", "FactorLLMForCausalLM", "FactorLLMSparseMoeBlock", "load_moe", "load_dense",
+           "prior_topk", "route", "all_experts_mode"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_moe(moe_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str = "--model") -> FactorLLMForCausalLM:
+    config = read_config(moe_dir, flag)
+    if config.get("model_type") != "factorllm":
+        raise UserError(f"{flag} {moe_dir}: not a FactorLLM checkpoint (model_type {config.get('model_type')!r}). "
+                        "Convert it first: factorllm-ds convert --model DENSE --out MOE_DIR")
+    model = FactorLLMForCausalLM.from_pretrained(moe_dir, dtype=dtype or "auto")
+    return model.eval()
+
+
+def load_dense(dense_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str = "--dense"):
+    read_config(dense_dir, flag)
+    return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype or "auto").eval()
+
+
+def all_experts_mode(model: FactorLLMForCausalLM) -> None:
+    """k = E, hard routing, scale 1: the model must then equal its dense source."""
+    for block in model.moe_blocks():
+        block.top_k = block.num_experts
+        block.routing = "hard"
+        block.scale = 1.0
+        block.router_override = "learned"
