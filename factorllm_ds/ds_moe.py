@@ -1,0 +1,236 @@
+"""The DeepSpeed backend: each FFN becomes a ``deepspeed.moe`` MoE layer with expert parallelism.
+
+Each rank builds the model on the meta device and then reads from the converted folder
+only the shared (non-expert) weights and its own experts (global id = ep_rank * E/ep +
+local id), so host memory per rank does not grow with the experts other ranks hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
+from torch import nn
+from transformers import AutoModel
+
+from factorllm_ds import keys
+from factorllm_ds.hf_io import CheckpointReader
+from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
+from factorllm_ds.hf_model.modeling_factorllm import FactorLLMExpert
+from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_agreement, prior_topk,
+                                  switch_balance_loss)
+
+EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
+GATE_PREFIX = "moe.deepspeed_moe.gate.router"
+
+
+@dataclass
+class LossWeights:
+    pa: float = 0.05
+    balance: float = 0.01
+    prior: str = "frozen"  # frozen | self | none
+    tau: float = 1.0
+    balance_kind: str = "paper"  # paper | switch
+
+
+@dataclass
+class BlockAux:
+    """What one MoE layer's forward adds to the objective and the logs."""
+
+    pa: torch.Tensor
+    balance: torch.Tensor
+    agreement: torch.Tensor
+    exp_counts: torch.Tensor
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
+    return out
+
+
+class DeepSpeedMoEBlock(nn.Module):
+    """Router + experts as a DeepSpeed MoE layer, plus the PA prior and losses."""
+
+    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: LossWeights):
+        super().__init__()
+        text = config.text_config
+        self.num_experts, self.k = config.num_experts, config.num_experts_per_tok
+        self.num_local = config.num_experts // ep_size
+        self.ep_size = ep_size
+        self.hidden_size = text.hidden_size
+        self.weights = weights
+        expert = FactorLLMExpert(text.hidden_size, config.expert_intermediate_size, text.hidden_act)
+        self.moe = MoE(hidden_size=text.hidden_size, expert=expert, num_experts=config.num_experts,
+                       ep_size=ep_size, k=config.num_experts_per_tok, drop_tokens=False, use_rts=False,
+                       min_capacity=0)
+        self.moe.deepspeed_moe.gate = FactorLLMGate(text.hidden_size, config.num_experts, config.num_experts_per_tok,
+                                                    config.routing, config.scale, config.router_bias)
+        if weights.prior == "frozen":
+            # The frozen teacher: this rank's initial experts, stacked; non-persistent so they are
+            # never written to checkpoints (they are re-read from the converted folder on resume).
+            size = config.expert_intermediate_size
+            self.register_buffer("teacher_gate", torch.empty(self.num_local, size, text.hidden_size), persistent=False)
+            self.register_buffer("teacher_up", torch.empty(self.num_local, size, text.hidden_size), persistent=False)
+            self.register_buffer("teacher_down", torch.empty(self.num_local, text.hidden_size, size), persistent=False)
+        self.act_fn = expert.act_fn
+        self.last_aux: BlockAux | None = None
+
+    @property
+    def gate(self) -> FactorLLMGate:
+        return self.moe.deepspeed_moe.gate
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    def _teacher(self, x_NH: torch.Tensor) -> torch.Tensor:
+        """Frozen initial local experts on every token: [E_local, N, H]."""
+        h = self.act_fn(torch.einsum("nh,eih->eni", x_NH, self.teacher_gate)) * torch.einsum(
+            "nh,eih->eni", x_NH, self.teacher_up)
+        return torch.einsum("eni,ehi->enh", h, self.teacher_down)
+
+    @torch.no_grad()
+    def all_expert_outputs(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert on every local token, and the teacher target: ([E, T, H], [T, H]).
+
+        Under expert parallelism each token is sent to every rank of the expert group (one
+        all-to-all), every rank runs its local experts (and frozen copies) on all of them,
+        and a second all-to-all brings the E outputs home.
+        """
+        group = self.moe.deepspeed_moe.ep_group
+        ep = self.ep_size
+        num_tokens = x_TH.shape[0]
+        if ep > 1:
+            x_RTH = _all_to_all(x_TH.unsqueeze(0).expand(ep, -1, -1), group)  # tokens of every rank
+        else:
+            x_RTH = x_TH.unsqueeze(0)
+        x_NH = x_RTH.reshape(-1, self.hidden_size)
+        outs = [torch.stack([expert(x_NH) for expert in self.local_experts])]  # [E_local, ep*T, H]
+        if self.weights.prior == "frozen":
+            outs.append(self._teacher(x_NH).to(outs[0].dtype))
+        # [parts, E_local, ep(src), T, H] -> [ep(src), parts, E_local, T, H] so chunk r goes back to rank r
+        local = torch.stack(outs).view(len(outs), self.num_local, ep, num_tokens, -1).permute(2, 0, 1, 3, 4)
+        if ep > 1:
+            local = _all_to_all(local.contiguous(), group)  # now [ep(owner of experts), parts, E_local, T, H]
+        merged = local.permute(1, 0, 2, 3, 4).reshape(len(outs), self.num_experts, num_tokens, -1)
+        current_ETH = merged[0]
+        target_TH = merged[1].sum(dim=0) if self.weights.prior == "frozen" else current_ETH.sum(dim=0)
+        return current_ETH, target_TH
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x_TH = hidden_states.reshape(-1, self.hidden_size)
+        prior_idx = None
+        if self.weights.prior != "none" and self.training:
+            outs_ETH, target_TH = self.all_expert_outputs(x_TH)
+            prior_idx = prior_topk(outs_ETH, target_TH, self.k)
+        out, _, exp_counts = self.moe(hidden_states)
+        probs_TE = self.gate.last_probs
+        zero = probs_TE.new_zeros(())
+        bal = switch_balance_loss(probs_TE, self.k) if self.weights.balance_kind == "switch" else \
+            balance_loss(probs_TE, self.k)
+        self.last_aux = BlockAux(
+            pa=pa_loss(probs_TE, prior_idx, self.weights.tau) if prior_idx is not None else zero,
+            balance=bal,
+            agreement=prior_agreement(probs_TE.detach(), prior_idx) if prior_idx is not None else zero,
+            exp_counts=exp_counts,
+        )
+        return out
+
+
+class FactorLLMTrainModel(nn.Module):
+    """The base family's decoder with DeepSpeed MoE blocks and the FactorLLM objective."""
+
+    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: LossWeights):
+        super().__init__()
+        text = config.text_config
+        text._attn_implementation = "sdpa"
+        self.config = config
+        self.weights = weights
+        self.model = AutoModel.from_config(text)
+        for layer in self.model.layers:
+            layer.mlp = DeepSpeedMoEBlock(config, ep_size, weights)
+        self.tied = bool(getattr(text, "tie_word_embeddings", False))
+        # Tied models reuse the embedding matrix as the output projection: no second copy.
+        self.lm_head = None if self.tied else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    def blocks(self) -> list[DeepSpeedMoEBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        if labels is None:
+            return logits
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        aux = [b.last_aux for b in self.blocks()]
+        pa = torch.stack([a.pa for a in aux]).sum()
+        bal = torch.stack([a.balance for a in aux]).sum()
+        loss = ce + self.weights.pa * pa + self.weights.balance * bal
+        metrics = {"ce": ce.detach(), "pa": pa.detach(), "balance": bal.detach(),
+                   "agreement": torch.stack([a.agreement for a in aux]).mean().detach(),
+                   "expert_counts": torch.stack([a.exp_counts for a in aux]).detach()}
+        return loss, metrics
+
+
+def ep_rank_of(ep_size: int) -> int:
+    """This rank's position in its expert-parallel group (DeepSpeed's default layout)."""
+    if not dist.is_initialized() or ep_size == 1:
+        return 0
+    return dist.get_rank() % ep_size
+
+
+def build_train_model(moe_dir: Path, ep_size: int, weights: LossWeights, ep_rank: int,
+                      train_base: tuple[str, ...] = ()) -> FactorLLMTrainModel:
+    """Build on meta, then read shared weights and only this rank's experts from ``moe_dir``."""
+    config = FactorLLMConfig.from_pretrained(moe_dir)
+    with torch.device("meta"):
+        model = FactorLLMTrainModel(config, ep_size, weights)
+    reader = CheckpointReader(moe_dir)
+    num_local = config.num_experts // ep_size
+    state: dict[str, torch.Tensor] = {}
+    for name in reader.names():
+        if ".mlp." not in name:
+            state[name] = reader.get(name)
+    for layer, block in enumerate(model.blocks()):
+        state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.weight"] = reader.get(keys.ROUTER_WEIGHT.format(layer=layer))
+        if config.router_bias:
+            state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
+        teacher = {"gate": [], "up": [], "down": []}
+        for local in range(num_local):
+            global_id = ep_rank * num_local + local
+            for part in ("gate", "up", "down"):
+                tensor = reader.get(keys.expert_key(part, layer, global_id))
+                state[f"model.layers.{layer}.mlp.{EXPERT_PREFIX}.{local}.{part}_proj.weight"] = tensor
+                teacher[part].append(tensor)
+        if weights.prior == "frozen":
+            for part in ("gate", "up", "down"):
+                setattr(block, f"teacher_{part}", torch.stack(teacher[part]))
+    if model.tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or missing:
+        raise RuntimeError(f"internal error loading {moe_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # assign=True swaps in new Parameter objects, losing the marks DeepSpeed's Experts set on
+    # its parameters; without them ZeRO would treat experts as data-parallel weights.
+    for block in model.blocks():
+        for param in block.local_experts.parameters():
+            param.allreduce = False
+            param.group_name = block.moe.expert_group_name
+    # Non-persistent buffers (rotary frequencies) were built on meta: rebuild them for real.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config.text_config)
+    set_trainable(model, train_base)
+    return model
+
+
+def set_trainable(model: FactorLLMTrainModel, train_base: tuple[str, ...] = ()) -> None:
+    """Experts and routers train; embeddings, attention, norms and lm_head stay frozen (paper)."""
+    for name, param in model.named_parameters():
+        trainable = ".mlp." in name or any(part in name for part in train_base)
+        param.requires_grad_(trainable)

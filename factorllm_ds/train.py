@@ -1,0 +1,484 @@
+"""train: fine-tune routers + experts of a converted model with DeepSpeed expert parallelism.
+
+setup (validate, process group, data, model, engine) -> loop (step, log, eval, save) ->
+final checkpoint. Launch with `deepspeed`, `torchrun`, `mpirun` or SLURM `srun`; the same
+flags everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from factorllm_ds.config import arg, fail_if
+from factorllm_ds.errors import UserError
+
+log = logging.getLogger("factorllm_ds")
+
+RUN_MANIFEST = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+                     "steps_per_print": 10**9, "wall_clock_breakdown": False}
+# DeepSpeed JSON keys that duplicate a factorllm-ds flag: the flag is the one source of truth.
+DS_KEY_FOR_FLAG = {"micro_batch_size": ("train_micro_batch_size_per_gpu", "--micro-batch-size"),
+                   "grad_clip": ("gradient_clipping", "--grad-clip")}
+
+
+@dataclass
+class TrainConfig:
+    """factorllm-ds train: fine-tune routers + experts with the Prior-Approximate loss (DeepSpeed MoE)."""
+
+    model: Path = arg("converted FactorLLM folder (factorllm-ds convert)", default=None, required=True)
+    data: list[str] = arg("training text: .txt/.jsonl/.json/.parquet/.csv files or hub dataset names",
+                          default=None, required=True)
+    out: Path = arg("run directory: checkpoints, metrics.csv, TensorBoard logs", default=None, required=True)
+    ds_config: Path | None = arg("DeepSpeed JSON (ZeRO stage, bf16, offload); see ds_configs/. Default: ZeRO-2 fp32",
+                                 default=None)
+    ep_size: int = arg("expert-parallel size: ranks that share one copy of the experts", default=1)
+    seq_len: int = arg("tokens per training sequence", default=1024)
+    steps: int | None = arg("optimizer steps (default: one pass over --data, or from --tokens)", default=None)
+    tokens: int | None = arg("training tokens; sets --steps from the global batch", default=None)
+    micro_batch_size: int | None = arg("sequences per rank per forward (default 1)", default=None)
+    global_batch_size: int | None = arg("sequences per optimizer step over all ranks (default micro x world); "
+                                        "gradient accumulation makes up the difference", default=None)
+    lr: float = arg("peak learning rate (Adam)", default=4e-5)
+    min_lr_ratio: float = arg("cosine decay ends at lr x this", default=0.001)
+    warmup_steps: int = arg("linear warm-up steps", default=500)
+    weight_decay: float = arg("Adam weight decay", default=1e-5)
+    beta1: float = arg("Adam beta1", default=0.9)
+    beta2: float = arg("Adam beta2", default=0.95)
+    grad_clip: float | None = arg("gradient clipping norm, 0 = off (default 1.0)", default=None)
+    optimizer: str = arg("adamw or sgd (sgd: for exact cross-topology comparisons)", choices=("adamw", "sgd"),
+                         default="adamw")
+    pa_weight: float = arg("alpha: weight of the Prior-Approximate loss (summed over layers)", default=0.05)
+    balance_weight: float = arg("beta: weight of the balance loss (summed over layers)", default=0.01)
+    balance_kind: str = arg("paper: mean sum top-k p; switch: Switch/GShard l_aux", choices=("paper", "switch"),
+                            default="paper")
+    prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
+                     "none disables the PA loss", choices=("frozen", "self", "none"), default="frozen")
+    prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
+    train_router_only: bool = arg("freeze the experts too (router-only training)", default=False)
+    seed: int = arg("seed for data order", default=0)
+    eval_data: list[str] | None = arg("held-out text; default: the last --eval-fraction of --data", default=None)
+    eval_fraction: float = arg("share of --data windows held out when --eval-data is not given", default=0.01)
+    eval_every: int = arg("evaluate every N steps (0 = only at the end)", default=0)
+    eval_batches: int = arg("max eval micro-batches per rank", default=8)
+    save_every: int = arg("checkpoint every N steps (0 = only at the end)", default=0)
+    log_every: int = arg("log metrics every N steps", default=1)
+    resume: bool = arg("continue from the latest checkpoint in --out", default=False)
+    stop_after: int | None = arg("stop (with a checkpoint) after this many steps of this invocation", default=None)
+    dist_timeout: int = arg("seconds a rank waits for the others before failing", default=1800)
+    progress: bool = arg("rank-0 progress bar", default=True)
+    local_rank: int | None = arg("set by the deepspeed launcher; ignored (LOCAL_RANK is used)", default=None,
+                                 flag="--local_rank")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def load_ds_config(cfg: TrainConfig) -> dict:
+    if cfg.ds_config is None:
+        return json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    path = Path(cfg.ds_config)
+    if not path.is_file():
+        raise UserError(f"--ds-config {path}: no such file (see ds_configs/ for ZeRO-1/2 examples)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--ds-config {path}: not valid JSON ({err})") from err
+
+
+def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> list[str]:
+    """Reconcile flags with the DeepSpeed JSON: one source of truth, conflicts are errors."""
+    problems = []
+    for attr, (key, flag) in DS_KEY_FOR_FLAG.items():
+        ours, theirs = getattr(cfg, attr), ds.get(key)
+        if theirs in (None, "auto"):
+            continue
+        if ours is not None and float(ours) != float(theirs):
+            problems.append(f"{flag} {ours} disagrees with \"{key}\": {theirs} in --ds-config; set it in one place")
+        elif ours is None:
+            log.info("taking %s=%s from --ds-config", key, theirs)
+            setattr(cfg, attr, type(theirs)(theirs))
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            problems.append(f"--ds-config has an \"{key}\" section; factorllm-ds builds it from --lr/--warmup-steps/"
+                            f"--weight-decay. Remove the section")
+    cfg.micro_batch_size = cfg.micro_batch_size or 1
+    cfg.grad_clip = 1.0 if cfg.grad_clip is None else cfg.grad_clip
+    global_bs = cfg.global_batch_size or cfg.micro_batch_size * world
+    for key in ("train_batch_size", "gradient_accumulation_steps"):
+        if ds.get(key) not in (None, "auto"):
+            problems.append(f"--ds-config sets \"{key}\"; use --global-batch-size instead (one source of truth)")
+    if global_bs % (cfg.micro_batch_size * world):
+        problems.append(f"--global-batch-size {global_bs} is not a multiple of --micro-batch-size "
+                        f"{cfg.micro_batch_size} x world size {world}")
+    cfg.global_batch_size = global_bs
+    return problems
+
+
+def validate(cfg: TrainConfig, ds: dict, world: int) -> dict:
+    """All checks that need no process group. Returns the model's config.json."""
+    from factorllm_ds.hf_io import read_config
+
+    problems = []
+    model_config = read_config(cfg.model)
+    if model_config.get("model_type") != "factorllm":
+        raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
+                        f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
+    num_experts = model_config["num_experts"]
+    if cfg.ep_size < 1 or num_experts % cfg.ep_size:
+        problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({num_experts})")
+    if cfg.ep_size >= 1 and world % cfg.ep_size:
+        problems.append(f"--ep-size {cfg.ep_size} must divide the world size ({world} processes)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        problems.append("--ds-config uses ZeRO stage 3, which DeepSpeed's MoE does not support; use stage 1 or 2 "
+                        "(with \"offload_optimizer\" for very large models), e.g. ds_configs/zero2_offload.json")
+    max_pos = model_config.get("text_config", {}).get("max_position_embeddings")
+    if max_pos and cfg.seq_len > max_pos:
+        problems.append(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    if cfg.seq_len < 2:
+        problems.append("--seq-len must be >= 2")
+    for source in cfg.data + (cfg.eval_data or []):
+        p = Path(source)
+        if p.exists() and p.is_file() and p.stat().st_size == 0:
+            problems.append(f"--data {source}: the file is empty")
+        elif not p.exists() and ("/" not in source or source.startswith((".", "/"))):
+            problems.append(f"--data {source}: no such file")
+    if cfg.steps is not None and cfg.tokens is not None:
+        problems.append("pass --steps or --tokens, not both")
+    problems += resolve_knobs(cfg, ds, world)
+    problems += run_dir_problems(cfg, model_config)
+    fail_if(problems, "train: bad arguments")
+    if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
+        log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
+                    "prefer stage 1/2 for exact clipping")
+    return model_config
+
+
+def run_dir_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
+    out = Path(cfg.out)
+    manifest = out / RUN_MANIFEST
+    if not cfg.resume:
+        if out.exists() and any(out.iterdir()):
+            return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"]
+        return []
+    if not manifest.is_file() or not (out / CHECKPOINT_DIR / "latest").is_file():
+        return [f"--resume: no checkpoint in --out {out}; start without --resume"]
+    previous = json.loads(manifest.read_text())
+    if previous.get("model_fingerprint") != model_fingerprint(model_config):
+        return [f"--resume: --out {out} was trained from a different model ({previous.get('model')}); "
+                "pass the same --model or a new --out"]
+    return []
+
+
+def model_fingerprint(model_config: dict) -> str:
+    import hashlib
+
+    keys = ("num_experts", "num_experts_per_tok", "expert_intermediate_size", "routing", "text_config")
+    return hashlib.sha256(json.dumps({k: model_config.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warmup = cfg.warmup_steps
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return fn
+
+
+def build_optimizer(cfg: TrainConfig, model, total_steps: int):
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "factorllm",
+               "weight_decay": cfg.weight_decay}]
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    return opt, sched
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    engine: object
+    data: object
+    sampler: object
+    rank: int
+    world: int
+    accum: int
+    total_steps: int
+    step: int = 0
+    metrics: list = field(default_factory=list)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    from factorllm_ds import distributed
+    from factorllm_ds.data import Sampler, prepare
+    from factorllm_ds.ds_moe import LossWeights, build_train_model, ep_rank_of
+
+    info = distributed.detect()
+    ds = load_ds_config(cfg)
+    validate(cfg, ds, info.world_size)
+    info = distributed.init(cfg.dist_timeout)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    if cfg.steps is None:
+        cfg.steps = max(1, math.ceil((cfg.tokens or packed.train_tokens) / tokens_per_step))
+    if cfg.warmup_steps >= cfg.steps:
+        new = max(0, cfg.steps // 10)
+        log.warning("--warmup-steps %d >= --steps %d: using %d warm-up steps", cfg.warmup_steps, cfg.steps, new)
+        cfg.warmup_steps = new
+    weights = LossWeights(cfg.pa_weight, cfg.balance_weight, cfg.prior, cfg.prior_tau, cfg.balance_kind)
+    model = build_train_model(cfg.model, cfg.ep_size, weights, ep_rank_of(cfg.ep_size))
+    if cfg.train_router_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(".gate.router." in name)
+    optimizer, scheduler = build_optimizer(cfg, model, cfg.steps)
+    ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=accum,
+              train_batch_size=cfg.global_batch_size, gradient_clipping=cfg.grad_clip)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    check_ep_layout(engine, cfg.ep_size)
+    run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps)
+    if cfg.resume:
+        resume(run)
+    elif run.rank == 0:
+        write_manifest(run)
+    return run
+
+
+def check_ep_layout(engine, ep_size: int) -> None:
+    import torch.distributed as dist
+
+    from factorllm_ds.ds_moe import ep_rank_of
+
+    for module in engine.module.modules():
+        group = getattr(module, "ep_group", None)
+        if group is not None and ep_size > 1 and dist.get_rank(group) != ep_rank_of(ep_size):
+            raise RuntimeError("internal error: DeepSpeed's expert-parallel layout differs from the one used to load "
+                               "experts (rank % ep_size)")
+
+
+def write_manifest(run: Run) -> None:
+    from factorllm_ds.hf_io import read_config
+
+    cfg = run.cfg
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"model": str(Path(cfg.model).resolve()), "model_fingerprint": model_fingerprint(read_config(cfg.model)),
+                "ep_size": cfg.ep_size, "world_size": run.world, "total_steps": run.total_steps,
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
+    tmp = out / (RUN_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.rename(out / RUN_MANIFEST)
+
+
+def resume(run: Run) -> None:
+    cfg = run.cfg
+    previous = json.loads((Path(cfg.out) / RUN_MANIFEST).read_text())
+    same_layout = previous["ep_size"] == cfg.ep_size and previous["world_size"] == run.world
+    if not same_layout:
+        log.warning("resuming a run saved at ep_size %s / world %s at ep_size %s / world %s: model weights and "
+                    "step are restored, optimizer state is reset (DeepSpeed cannot reshard it for MoE)",
+                    previous["ep_size"], previous["world_size"], cfg.ep_size, run.world)
+    path, client = run.engine.load_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), load_optimizer_states=same_layout,
+                                              load_lr_scheduler_states=same_layout)
+    if path is None:
+        raise UserError(f"--resume: could not load a checkpoint from {Path(cfg.out) / CHECKPOINT_DIR}")
+    run.step = int(client["step"])
+    if not same_layout:
+        for _ in range(run.step):
+            run.engine.lr_scheduler.step()
+    log.info("resumed from %s at step %d", path, run.step)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_step(run: Run) -> dict:
+    from factorllm_ds.data import micro_batch
+
+    engine = run.engine
+    totals: dict[str, torch.Tensor] = {}
+    for micro in range(run.accum):
+        ids = micro_batch(run.data.train, run.sampler, run.step, micro, run.rank, run.world,
+                          run.cfg.micro_batch_size, run.accum).to(engine.device)
+        loss, metrics = engine(ids, labels=ids)
+        engine.backward(loss)
+        engine.step()
+        metrics["loss"] = loss.detach()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0) + v.float() / (run.accum if k != "expert_counts" else 1)
+    run.step += 1
+    return totals
+
+
+def reduce_metrics(totals: dict, world: int) -> dict:
+    import torch.distributed as dist
+
+    scalars = torch.stack([totals[k] for k in ("loss", "ce", "pa", "balance", "agreement")])
+    dist.all_reduce(scalars)
+    counts = totals["expert_counts"].clone()
+    dist.all_reduce(counts)
+    loss, ce, pa, bal, agree = (scalars / world).tolist()
+    return {"loss": loss, "ce": ce, "pa": pa, "balance": bal, "agreement": agree, "expert_counts": counts}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float | None:
+    """Mean held-out CE; every rank runs the same number of batches (MoE layers need it)."""
+    import torch.distributed as dist
+
+    data = run.data.eval
+    if data is None:
+        return None
+    engine = run.engine
+    mb = run.cfg.micro_batch_size
+    n_batches = min(run.cfg.eval_batches, math.ceil(len(data) / (mb * run.world)))
+    total = torch.zeros(2)
+    engine.module.eval()
+    for b in range(n_batches):
+        idx = [(b * run.world + run.rank) * mb + i for i in range(mb)]
+        valid = torch.tensor([i < len(data) for i in idx], dtype=torch.float32)
+        ids = torch.from_numpy(data[[i % len(data) for i in idx]]).to(engine.device)
+        logits = engine(ids)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                               reduction="none").mean(dim=1).cpu()
+        total += torch.stack([(ce * valid).sum(), valid.sum()])
+    engine.module.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+def save(run: Run) -> None:
+    cfg = run.cfg
+    client = {"step": run.step, "samples": run.step * cfg.global_batch_size,
+              "tokens": run.step * cfg.global_batch_size * cfg.seq_len}
+    run.engine.save_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=f"step{run.step}", client_state=client)
+
+
+class MetricsLog:
+    """metrics.csv + expert_load.jsonl + TensorBoard, written by rank 0 only."""
+
+    FIELDS = ("step", "tokens", "lr", "loss", "ce", "pa", "balance", "agreement", "tokens_per_s", "eval_loss")
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        new = not (out / "metrics.csv").exists()
+        self.csv_file = open(out / "metrics.csv", "a", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=self.FIELDS)
+        if new:
+            self.csv.writeheader()
+        self.load_file = open(out / "expert_load.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+            self.tb = None
+
+    def write(self, row: dict, counts: torch.Tensor | None) -> None:
+        if not self.enabled:
+            return
+        self.csv.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self.csv_file.flush()
+        if counts is not None:
+            self.load_file.write(json.dumps({"step": row["step"], "counts": counts.long().tolist()}) + "\n")
+            self.load_file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.csv_file.close()
+            self.load_file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def loop(run: Run) -> dict:
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    metrics = MetricsLog(Path(cfg.out), run.rank == 0)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=run.rank != 0 or not cfg.progress,
+               dynamic_ncols=True)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    last = {}
+    steps_here = 0
+    while run.step < run.total_steps:
+        started = time.perf_counter()
+        totals = train_step(run)
+        steps_here += 1
+        final = run.step == run.total_steps or steps_here == cfg.stop_after
+        if run.step % cfg.log_every == 0 or final:
+            reduced = reduce_metrics(totals, run.world)
+            row = {"step": run.step, "tokens": run.step * tokens_per_step, "lr": run.engine.get_lr()[0],
+                   **{k: v for k, v in reduced.items() if k != "expert_counts"},
+                   "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            if (cfg.eval_every and run.step % cfg.eval_every == 0) or final:
+                row["eval_loss"] = evaluate(run)
+            metrics.write(row, reduced["expert_counts"])
+            last = row
+            bar.set_postfix(loss=f"{row['loss']:.4f}", pa=f"{row['pa']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if (cfg.save_every and run.step % cfg.save_every == 0) or final:
+            save(run)
+        if steps_here == cfg.stop_after:
+            break
+    bar.close()
+    metrics.close()
+    return last
+
+
+def train(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    last = loop(run)
+    if run.rank == 0:
+        log.info("done: step %d, %s", run.step, json.dumps({k: v for k, v in last.items() if v is not None}))
+    return last
+
+
+def _run_cli(ns) -> int:
+    from factorllm_ds.config import from_namespace
+    from factorllm_ds.distributed import hard_exit
+
+    cfg = from_namespace(TrainConfig, ns)
+    train(cfg)
+    hard_exit(0)
+
+
+CLI_COMMANDS = {"train": ("factorllm_ds.train:TrainConfig", _run_cli,
+                          "fine-tune routers + experts with DeepSpeed expert parallelism")}
