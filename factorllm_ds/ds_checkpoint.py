@@ -1,0 +1,123 @@
+"""Read a DeepSpeed MoE training run as an export source, at any ep_size and world size.
+
+A run's ``checkpoints/TAG/`` holds ``mp_rank_00_model_states.pt`` (non-expert weights and
+routers, rank 0's copy) and one ``layer_{L}_expert_{G}_mp_rank_00_model_states.pt`` per
+MoE layer L and *global* expert id G, whatever ep_size wrote them. DeepSpeed's
+``zero_to_fp32`` does not understand the expert files; this reader does, one layer at a
+time (the big non-expert file is memory-mapped, not loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from factorllm_ds import keys
+from factorllm_ds.convert import PARTITION_FILE
+from factorllm_ds.errors import UserError
+from factorllm_ds.export import ExportSource
+from factorllm_ds.hf_io import TensorInfo, read_config
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+DS_EXPERT_KEY = "model.layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{expert}.{part}_proj.weight"
+_DS_ROUTER = re.compile(r"(model\.layers\.\d+\.mlp\.)moe\.deepspeed_moe\.gate\.router\.(weight|bias)")
+
+
+def ds_to_hf_name(name: str) -> str:
+    """DeepSpeed module key -> FactorLLM HF key (only the router is renamed)."""
+    return _DS_ROUTER.sub(r"\1router.\2", name)
+
+
+def _load(path: Path, what: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise UserError(f"{what} {path}: unreadable checkpoint file ({type(err).__name__}: {err}). It may be "
+                        "truncated; use another --tag or re-save the run.") from err
+
+
+def list_tags(ckpt_root: Path) -> list[str]:
+    return sorted((p.name for p in ckpt_root.iterdir() if (p / MODEL_STATES).is_file()),
+                  key=lambda t: (len(t), t)) if ckpt_root.is_dir() else []
+
+
+class DeepSpeedRunSource(ExportSource):
+    def __init__(self, run_dir: Path, tag: str | None = None):
+        from factorllm_ds.train import CHECKPOINT_DIR, RUN_MANIFEST
+
+        run_dir = Path(run_dir)
+        manifest_path = run_dir / RUN_MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"--run {run_dir}: no {RUN_MANIFEST}; is this a `factorllm-ds train` --out folder?")
+        manifest = json.loads(manifest_path.read_text())
+        root = run_dir / CHECKPOINT_DIR
+        tags = list_tags(root)
+        if not tags:
+            raise UserError(f"--run {run_dir}: no checkpoint saved yet (nothing in {root}); train with --save-every "
+                            "or wait for the end of the run")
+        if tag is None:
+            latest = root / "latest"
+            tag = latest.read_text().strip() if latest.is_file() else tags[-1]
+        if tag not in tags:
+            raise UserError(f"--tag {tag}: no such checkpoint in {root}; available: {', '.join(tags)}")
+        self.ckpt_dir = root / tag
+        self.tag = tag
+        self.model_dir = Path(manifest["model"])
+        self.description = f"--run {run_dir} (tag {tag})"
+        self.config = read_config(self.model_dir, "the run's --model")
+        self.side_dir = self.model_dir
+        partition = self.model_dir / PARTITION_FILE
+        self.partition_file = partition if partition.is_file() else None
+        self.num_experts = int(self.config["num_experts"])
+        self.num_layers = int(self.config["text_config"]["num_hidden_layers"])
+        missing = [EXPERT_FILE.format(layer=L, expert=e) for L in range(self.num_layers)
+                   for e in range(self.num_experts)
+                   if not (self.ckpt_dir / EXPERT_FILE.format(layer=L, expert=e)).is_file()]
+        if missing:
+            raise UserError(f"--run {run_dir}: checkpoint {tag} lacks {len(missing)} expert files (first: "
+                            f"{missing[0]}); the save was interrupted or files were removed. Use another --tag.")
+        states = _load(self.ckpt_dir / MODEL_STATES, "--run")
+        self.step = states.get("step")
+        self.shared = {ds_to_hf_name(k): v for k, v in states["module"].items()}
+        sample = self._expert_file(0, 0)
+        self.expert_dtype = next(iter(sample.values())).dtype
+        size = int(self.config["expert_intermediate_size"])
+        hidden = int(self.config["text_config"]["hidden_size"])
+        self.infos = {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self.shared.items()}
+        for layer in range(self.num_layers):
+            for e in range(self.num_experts):
+                for part, shape in (("gate", (size, hidden)), ("up", (size, hidden)), ("down", (hidden, size))):
+                    name = keys.expert_key(part, layer, e)
+                    self.infos[name] = TensorInfo(name, shape, self.expert_dtype)
+
+    def _expert_file(self, layer: int, expert: int) -> dict:
+        return _load(self.ckpt_dir / EXPERT_FILE.format(layer=layer, expert=expert), "--run")
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    def shared_tensor(self, name: str) -> torch.Tensor:
+        return self.shared[name].clone()
+
+    def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = []
+        for e in range(self.num_experts):
+            state = self._expert_file(layer, e)
+            try:
+                out.append(tuple(state[DS_EXPERT_KEY.format(layer=layer, expert=e, part=p)].clone()
+                                 for p in ("gate", "up", "down")))
+            except KeyError as err:
+                raise UserError(f"--run: {EXPERT_FILE.format(layer=layer, expert=e)} in {self.ckpt_dir} lacks "
+                                f"{err}; it was not written by factorllm-ds train") from err
+        return out
+
+
+def run_source(run_dir: Path, tag: str | None = None) -> DeepSpeedRunSource:
+    return DeepSpeedRunSource(run_dir, tag)
