@@ -61,9 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the deepspeed launcher puts before the subcommand.
+
+    The same value is in the LOCAL_RANK environment variable, which is what we use.
+    """
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     _register_optional_commands()
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(strip_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         return COMMANDS[ns.command][1](ns) or 0
     except UserError as err:

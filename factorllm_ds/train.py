@@ -76,8 +76,6 @@ class TrainConfig:
     stop_after: int | None = arg("stop (with a checkpoint) after this many steps of this invocation", default=None)
     dist_timeout: int = arg("seconds a rank waits for the others before failing", default=1800)
     progress: bool = arg("rank-0 progress bar", default=True)
-    local_rank: int | None = arg("set by the deepspeed launcher; ignored (LOCAL_RANK is used)", default=None,
-                                 flag="--local_rank")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -256,6 +254,9 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.warmup_steps = new
     weights = LossWeights(cfg.pa_weight, cfg.balance_weight, cfg.prior, cfg.prior_tau, cfg.balance_kind)
     model = build_train_model(cfg.model, cfg.ep_size, weights, ep_rank_of(cfg.ep_size))
+    # DeepSpeed keeps fp32 masters only in bf16/fp16 mode; otherwise the weights must be fp32
+    # themselves, or Adam's small updates vanish in bf16 rounding.
+    model.to(training_dtype(ds))
     if cfg.train_router_only:
         for name, p in model.named_parameters():
             p.requires_grad_(".gate.router." in name)
@@ -272,6 +273,14 @@ def setup(cfg: TrainConfig) -> Run:
     elif run.rank == 0:
         write_manifest(run)
     return run
+
+
+def training_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def check_ep_layout(engine, ep_size: int) -> None:
