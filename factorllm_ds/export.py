@@ -27,12 +27,14 @@ appears at ``--out`` only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import re
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -244,9 +246,6 @@ def moe_format_problems(facts: MoEFacts) -> list[str]:
         if sliding and len(sliding) != len(text.get("layer_types") or []):
             problems.append("the Qwen3 base uses sliding-window attention on some layers only; Qwen3MoE applies "
                             "its window to every layer or none")
-    if facts.base_type == "llama" and text.get("layer_types"):
-        if _sliding_layers(text):
-            problems.append("the LLaMA base has sliding-window layers; MixtralForCausalLM cannot express that mix")
     return problems
 
 
@@ -256,6 +255,8 @@ def format_problems(source: ExportSource, fmt: str) -> list[str]:
     facts = MoEFacts.of(source.config)
     problems = structure_problems(source, facts)
     if fmt == "mixtral":
+        if not facts.router_bias and any(n.endswith("mlp.router.bias") for n in source.names()):
+            facts = dataclasses.replace(facts, router_bias=True)  # the tensors win over the config
         refusals = moe_format_problems(facts)
         if refusals:
             problems.append(
@@ -335,7 +336,8 @@ class _Target:
         f, src = self.facts, self.source
         experts = src.expert_tensors(layer)
         if len(experts) != f.num_experts:
-            raise RuntimeError(f"{src.description}: layer {layer} gave {len(experts)} experts, expected {f.num_experts}")
+            raise RuntimeError(f"{src.description}: layer {layer} gave {len(experts)} experts, "
+                               f"expected {f.num_experts}")
         if self.fmt == "factorllm":
             yield keys.ROUTER_WEIGHT.format(layer=layer), src.shared_tensor(keys.ROUTER_WEIGHT.format(layer=layer))
             if keys.ROUTER_BIAS.format(layer=layer) in self._names:
@@ -387,7 +389,8 @@ class _Target:
         if self.fmt == "dense":
             config = dense_config(self.facts)
         else:
-            config = moe_config(self.facts, self.moe_type)
+            expert_size = self.source.info(keys.expert_key("gate", 0, 0)).shape[0]
+            config = moe_config(self.facts, self.moe_type, expert_size)
         config.save_pretrained(out)
 
 
@@ -419,7 +422,7 @@ _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "attention_dropout", "rope_parameters", "dtype")
 
 
-def moe_config(facts: MoEFacts, moe_type: str):
+def moe_config(facts: MoEFacts, moe_type: str, expert_size: int):
     """MixtralConfig / Qwen2MoeConfig / Qwen3MoeConfig equal in function to the FactorLLM model."""
     from transformers import AutoConfig
 
@@ -427,7 +430,6 @@ def moe_config(facts: MoEFacts, moe_type: str):
     fields = {k: text[k] for k in _SHARED_FIELDS if k in text}
     if fields.get("head_dim") is None:
         fields.pop("head_dim", None)
-    expert_size = int(text["intermediate_size"]) // facts.num_experts
     fields.update(num_experts_per_tok=facts.top_k, output_router_logits=False)
     if moe_type == "mixtral":
         # LLaMA has no sliding window; Mistral applies its window to every layer, as Mixtral does.
@@ -438,7 +440,7 @@ def moe_config(facts: MoEFacts, moe_type: str):
         sliding = _sliding_layers(text)
         fields.update(moe_intermediate_size=expert_size, num_experts=facts.num_experts, norm_topk_prob=True,
                       decoder_sparse_step=1, mlp_only_layers=[],
-                      intermediate_size=int(text["intermediate_size"]),  # only used by mlp_only_layers
+                      intermediate_size=expert_size * facts.num_experts,  # used by mlp_only_layers only
                       use_sliding_window=bool(sliding), sliding_window=text.get("sliding_window"),
                       max_window_layers=text.get("max_window_layers", facts.num_layers))
         if moe_type == "qwen2_moe":
@@ -476,6 +478,53 @@ def _partition_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
 # The export itself
 
 
+@dataclass
+class _Layout:
+    """The output's tensor plan, and which source tensors each step consumes (for progress)."""
+
+    plan: list[TensorInfo]
+    globals_first: list[str]
+    layer_names: dict[int, list[str]]
+    globals_last: list[str]
+    mlp_bytes: dict[int, int]
+    total_bytes: int
+
+
+def _layout(source: ExportSource, facts: MoEFacts, target: "_Target") -> _Layout:
+    names = set(source.names())
+    layer_names: dict[int, list[str]] = {i: [] for i in range(facts.num_layers)}
+    mlp_bytes = dict.fromkeys(range(facts.num_layers), 0)  # source bytes of each layer's router + experts
+    total = 0
+    for name in names:
+        role, layer = classify_moe_key(name)
+        total += source.info(name).nbytes if role != "ignored" else 0
+        if role == "layer":
+            layer_names[layer].append(name)
+        elif role in ("router", "expert"):
+            mlp_bytes[layer] += source.info(name).nbytes
+    first = [n for n in keys.GLOBAL_PASSTHROUGH[:1] if n in names]
+    last = [n for n in keys.GLOBAL_PASSTHROUGH[1:] if n in names]
+    plan = [source.info(n) for n in first]
+    for layer in range(facts.num_layers):
+        layer_names[layer].sort()
+        plan += [source.info(n) for n in layer_names[layer]] + target.mlp_plan(layer)
+    plan += [source.info(n) for n in last]
+    return _Layout(plan, first, layer_names, last, mlp_bytes, total)
+
+
+def _notes(source: ExportSource, facts: MoEFacts, fmt: str) -> list[str]:
+    notes = []
+    if fmt == "mixtral" and facts.scale != 1.0:
+        notes.append(f"combine scale s={facts.scale:g} folded into every expert's down_proj (w2)")
+    if fmt == "dense":
+        notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale dropped)")
+        if source.partition_file is None:
+            notes.append(f"no {PARTITION_FILE} in the source: experts concatenated in expert order (the same "
+                         "function as the original neuron order, but tensors differ from the original checkpoint)")
+            print(f"export: warning: {notes[-1]}", file=sys.stderr)
+    return notes
+
+
 def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, max_shard_size: str = "2GB",
            progress: bool = True) -> Path:
     """Write ``source`` to ``out`` as ``fmt`` (factorllm | mixtral | dense); returns ``out``.
@@ -489,81 +538,57 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
         problems += _partition_problems(source, facts)
     fail_if(problems, f"export to {fmt}: cannot export {source.description}")
     target = _Target(fmt, facts, source)
-    names = set(source.names())
-    by_layer: dict[int, list[str]] = {i: [] for i in range(facts.num_layers)}
-    mlp_bytes = dict.fromkeys(range(facts.num_layers), 0)  # source bytes of each layer's router + experts
-    total = 0
-    for name in names:
-        role, layer = classify_moe_key(name)
-        total += source.info(name).nbytes if role != "ignored" else 0
-        if role == "layer":
-            by_layer[layer].append(name)
-        elif role in ("router", "expert"):
-            mlp_bytes[layer] += source.info(name).nbytes
-    plan = [source.info(n) for n in keys.GLOBAL_PASSTHROUGH[:1] if n in names]
-    for layer in range(facts.num_layers):
-        plan += [source.info(n) for n in sorted(by_layer[layer])]
-        plan += target.mlp_plan(layer)
-    plan += [source.info(n) for n in keys.GLOBAL_PASSTHROUGH[1:] if n in names]
-
-    notes = []
-    if fmt == "mixtral" and facts.scale != 1.0:
-        notes.append(f"combine scale s={facts.scale:g} folded into every expert's down_proj (w2)")
-    if fmt == "dense":
-        notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale dropped)")
-        if source.partition_file is None:
-            notes.append("no partition file: experts concatenated in expert order (the same function as the "
-                         "original neuron order, but tensors differ from the original dense checkpoint)")
-            print(f"export: warning: {source.description} has no {PARTITION_FILE}; experts are concatenated "
-                  "in expert order (the same function, a different neuron order than the original model)")
+    layout = _layout(source, facts, target)
+    notes = _notes(source, facts, fmt)
 
     started = time.time()
     with atomic_output_dir(out, overwrite) as tmp:
-        writer = StreamingSafetensorsWriter(tmp, plan, parse_size(max_shard_size))
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {fmt}", disable=not progress)
+        writer = StreamingSafetensorsWriter(tmp, layout.plan, parse_size(max_shard_size))
+        bar = tqdm(total=layout.total_bytes, unit="B", unit_scale=True, desc=f"export {fmt}", disable=not progress)
 
-        def copy(name: str) -> None:
-            writer.write(name, source.shared_tensor(name))
-            bar.update(source.info(name).nbytes)
+        def copy(names: list[str]) -> None:
+            for name in names:
+                writer.write(name, source.shared_tensor(name))
+                bar.update(source.info(name).nbytes)
 
-        for name in keys.GLOBAL_PASSTHROUGH[:1]:
-            if name in names:
-                copy(name)
+        copy(layout.globals_first)
         for layer in range(facts.num_layers):
-            for name in sorted(by_layer[layer]):
-                copy(name)
+            copy(layout.layer_names[layer])
             for name, tensor in target.layer_mlp(layer):
                 writer.write(name, tensor)
-            bar.update(mlp_bytes[layer])
-        for name in keys.GLOBAL_PASSTHROUGH[1:]:
-            if name in names:
-                copy(name)
+            bar.update(layout.mlp_bytes[layer])
+        copy(layout.globals_last)
         writer.close()
         bar.close()
 
         target.save_config(tmp)
         side = copy_side_files(source.side_dir, tmp) if source.side_dir is not None else []
-        source_manifest = None
-        if source.side_dir is not None and (Path(source.side_dir) / MANIFEST_FILE).is_file():
-            source_manifest = json.loads((Path(source.side_dir) / MANIFEST_FILE).read_text())
-        manifest = {
-            "factorllm_ds_version": __version__,
-            "command": "export",
-            "format": fmt,
-            "architecture": _architecture(tmp),
-            "source": source.description,
-            "moe": {"base_model_type": facts.base_type, "num_experts": facts.num_experts, "top_k": facts.top_k,
-                    "routing": facts.routing, "combine_scale": facts.scale},
-            "notes": notes,
-            "copied_files": side,
-            "bytes_written": writer.bytes_written,
-            "seconds": round(time.time() - started, 3),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "source_manifest": source_manifest,
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _write_manifest(tmp, source, facts, fmt, notes, side, writer.bytes_written, time.time() - started)
     return out
+
+
+def _write_manifest(folder: Path, source: ExportSource, facts: MoEFacts, fmt: str, notes: list[str],
+                    copied: list[str], bytes_written: int, seconds: float) -> None:
+    source_manifest = None
+    if source.side_dir is not None and (Path(source.side_dir) / MANIFEST_FILE).is_file():
+        source_manifest = json.loads((Path(source.side_dir) / MANIFEST_FILE).read_text())
+    manifest = {
+        "factorllm_ds_version": __version__,
+        "command": "export",
+        "format": fmt,
+        "architecture": _architecture(folder),
+        "source": source.description,
+        "moe": {"base_model_type": facts.base_type, "num_experts": facts.num_experts, "top_k": facts.top_k,
+                "routing": facts.routing, "combine_scale": facts.scale},
+        "notes": notes,
+        "copied_files": copied,
+        "bytes_written": bytes_written,
+        "seconds": round(seconds, 3),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "source_manifest": source_manifest,
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
 def _architecture(folder: Path) -> str:
@@ -625,8 +650,10 @@ class ExportConfig:
     def source(self) -> ExportSource:
         if self.model is not None:
             return FolderSource(self.model)
+        import importlib
+
         try:
-            from factorllm_ds import ds_checkpoint
+            ds_checkpoint = importlib.import_module("factorllm_ds.ds_checkpoint")
         except ModuleNotFoundError as err:
             if err.name != "factorllm_ds.ds_checkpoint":
                 raise

@@ -1,0 +1,331 @@
+"""eval: windowed perplexity, per-layer expert usage and a greedy sample, for a dense or FactorLLM folder.
+
+Perplexity: the text files are joined (blank line between files), tokenized with the model
+folder's tokenizer (no special tokens added) and cut into non-overlapping windows of
+``--seq-len`` tokens; the tail shorter than a window is dropped. Each window is scored on
+its own (no context carried over), over its ``seq_len - 1`` next-token predictions, and
+``ppl = exp(total NLL / predicted tokens)``.
+
+Expert usage: every MoE block counts, per expert, the tokens routed to it during the
+perplexity passes (all ``seq_len`` positions of every window, so each layer's counts sum
+to ``windows * seq_len * k``); ``shares`` divides by that sum.
+
+Router overrides (``--router``), for analysis of a FactorLLM model:
+``learned`` the model's router; ``random`` k experts drawn uniformly per token (seeded);
+``oracle`` per token, the k experts whose outputs are closest to their share k/E of the
+teacher ``t``, the PA prior of METHOD.md section 3. Here the teacher is the sum of all the
+model's *current* experts (the ``self`` prior), not the frozen original FFN: the two agree
+until the experts are trained, and only the former is available from a folder alone.
+The oracle computes every expert on every token, so it is slow and says nothing about speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from factorllm_ds.config import arg, fail_if, from_namespace
+from factorllm_ds.errors import UserError
+from factorllm_ds.hf_io import read_config
+
+ROUTERS = ("learned", "oracle", "random")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalConfig:
+    """factorllm-ds eval: perplexity, expert usage and a greedy sample of a dense or FactorLLM model."""
+
+    model: Path = arg("model folder: a FactorLLM folder or a dense Hugging Face model", default=None, required=True)
+    data: list[Path] = arg("text files: .txt, or .jsonl with a 'text' field per line", default=None,
+                           required=True)
+    seq_len: int = arg("tokens per perplexity window (non-overlapping windows of the joined text)", default=512)
+    max_windows: int | None = arg("score at most this many windows (default: all)", default=None)
+    batch_size: int = arg("windows per forward pass", default=4)
+    top_k: int | None = arg("FactorLLM only: experts per token at evaluation (default: the model's k); a 'hard' "
+                            "model with the default scale uses E/k for the new k", default=None)
+    router: str = arg("FactorLLM only: who picks the experts: learned router, oracle (the k experts closest to "
+                      "their share of the sum of all current experts; slow, every expert runs) or random (seeded)",
+                      choices=ROUTERS, default="learned")
+    seed: int = arg("seed of --router random", default=0)
+    dtype: str = arg("dtype the model runs in", choices=DTYPE_CHOICES, default="float32")
+    device: str = arg("device: cpu, cuda, cuda:1, ... or auto (cuda when available)", default="auto")
+    report: Path | None = arg("write the full JSON report here", default=None)
+    plot: Path | None = arg("FactorLLM only: save a layers x experts usage heatmap (PNG; needs matplotlib)",
+                            default=None)
+    prompt: str = arg("prompt of the greedy generated sample", default="Once upon a time")
+    sample_tokens: int = arg("new tokens in the greedy sample (0: no sample)", default=32)
+
+    def validate(self, model_config: dict) -> bool:
+        """Check every flag against the model folder; returns whether the model is a FactorLLM MoE."""
+        is_moe = model_config.get("model_type") == "factorllm"
+        problems = []
+        for path in self.data or []:
+            if not Path(path).is_file():
+                problems.append(f"--data {path}: no such file")
+        if self.seq_len < 2:
+            problems.append(f"--seq-len {self.seq_len}: must be >= 2 (one window predicts seq_len - 1 tokens)")
+        if self.max_windows is not None and self.max_windows < 1:
+            problems.append(f"--max-windows {self.max_windows}: must be >= 1")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.sample_tokens < 0:
+            problems.append(f"--sample-tokens {self.sample_tokens}: must be >= 0")
+        if self.plot is not None and importlib.util.find_spec("matplotlib") is None:
+            problems.append("--plot needs matplotlib: pip install 'factorllm-ds[plot]' (or matplotlib)")
+        if is_moe:
+            num_experts = int(model_config.get("num_experts", 0))
+            if self.top_k is not None and not 1 <= self.top_k <= num_experts:
+                problems.append(f"--top-k {self.top_k}: must be between 1 and the model's {num_experts} experts")
+        else:
+            kind = model_config.get("model_type")
+            for flag, value, default in (("--top-k", self.top_k, None), ("--router", self.router, "learned"),
+                                         ("--plot", self.plot, None)):
+                if value != default:
+                    problems.append(f"{flag} applies to FactorLLM models only; --model {self.model} is a dense "
+                                    f"{kind!r} model (no experts)")
+        fail_if(problems, "eval: bad arguments")
+        return is_moe
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces other modules call
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name!r}: not a device ({err}); use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # transformers raises many kinds for a missing / broken tokenizer
+        raise UserError(f"--model {model_dir}: no usable tokenizer in the folder ({type(err).__name__}: {err}). "
+                        "Copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) "
+                        "into it.") from err
+
+
+def read_texts(paths: list[Path]) -> str:
+    from factorllm_ds.calibration import read_text
+
+    return "\n\n".join(read_text(p, "--data") for p in paths)
+
+
+def token_windows(token_ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows [N, seq_len] of a token stream; the short tail is dropped."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    num = ids.numel() // seq_len
+    if max_windows is not None:
+        num = min(num, max_windows)
+    return ids[: num * seq_len].view(num, seq_len)
+
+
+@torch.no_grad()
+def window_nll(model, token_windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+    """(summed next-token NLL, predicted tokens) of ``model`` over windows [N, L], each scored alone."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    starts = range(0, token_windows.shape[0], batch_size)
+    for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
+        ids = token_windows[start:start + batch_size].to(device)
+        logits = model(input_ids=ids).logits
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                              reduction="sum")
+        total += nll.item()
+        count += ids[:, 1:].numel()
+    return total, count
+
+
+def perplexity(model, token_windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over windows [N, L] (a tensor or a list of equal-length token lists)."""
+    windows = torch.as_tensor(token_windows, dtype=torch.long)
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got shape {tuple(windows.shape)}")
+    total, count = window_nll(model, windows, batch_size)
+    return math.exp(total / count)
+
+
+@contextmanager
+def count_expert_usage(model):
+    """Count routed tokens per layer and expert while the body runs; yields a dict filled on exit
+    with ``counts`` [layers][experts] (ints)."""
+    blocks = model.moe_blocks()
+    for block in blocks:
+        block.usage_counts = torch.zeros(block.num_experts, dtype=torch.long)
+    result: dict = {}
+    try:
+        yield result
+    finally:
+        result["counts"] = [block.usage_counts.tolist() for block in blocks]
+        for block in blocks:
+            block.usage_counts = None
+
+
+def usage_report(counts: list[list[int]], top_k: int, tokens: int) -> dict:
+    """Counts and shares per layer; each layer's counts sum to ``tokens * top_k``, shares to 1."""
+    shares = []
+    for row in counts:
+        total = sum(row)
+        shares.append([c / total if total else 0.0 for c in row])
+    return {"tokens": tokens, "top_k": top_k, "counts": counts, "shares": shares,
+            "max_share": max((max(r) for r in shares), default=0.0),
+            "min_share": min((min(r) for r in shares), default=0.0)}
+
+
+def plot_usage(shares: list[list[float]], path: Path, title: str) -> Path:
+    """A layers x experts heatmap of routing shares, saved as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise UserError("--plot needs matplotlib: pip install 'factorllm-ds[plot]' (or matplotlib)") from err
+    data = torch.tensor(shares)
+    num_layers, num_experts = data.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * num_experts + 2), max(3.0, 0.25 * num_layers + 1.5)))
+    im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(num_experts))
+    ax.set_yticks(range(0, num_layers, max(1, num_layers // 16)))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of routed tokens")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt")
+    ids = enc["input_ids"].to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=enc["attention_mask"].to(device), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    new = out[0, ids.shape[1]:]
+    return {"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True),
+            "new_tokens": int(new.numel())}
+
+
+def load_eval_model(model_dir: Path, is_moe: bool, dtype: torch.dtype, device: torch.device):
+    from factorllm_ds.modeling import load_dense, load_moe
+
+    model = load_moe(model_dir, dtype) if is_moe else load_dense(model_dir, dtype, flag="--model")
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Run the whole evaluation and return the report (also written to ``cfg.report`` if set)."""
+    from factorllm_ds.modeling import DTYPES
+
+    started = time.time()
+    is_moe = cfg.validate(read_config(cfg.model, "--model"))
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    text = read_texts(cfg.data)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    windows = token_windows(ids, cfg.seq_len, cfg.max_windows)
+    if windows.shape[0] == 0:
+        raise UserError(f"--data {' '.join(map(str, cfg.data))}: {len(ids)} tokens, shorter than one window of "
+                        f"--seq-len {cfg.seq_len}. Pass more text or a smaller --seq-len.")
+    model = load_eval_model(cfg.model, is_moe, DTYPES[cfg.dtype], device)
+
+    report: dict = {"model": str(cfg.model), "kind": "factorllm" if is_moe else model.config.model_type,
+                    "data": [str(p) for p in cfg.data], "seq_len": cfg.seq_len, "windows": int(windows.shape[0]),
+                    "text_tokens": len(ids), "dtype": cfg.dtype, "device": str(device)}
+    if is_moe:
+        if cfg.top_k is not None:
+            model.set_top_k(cfg.top_k)
+        model.set_router_override(cfg.router, seed=cfg.seed)
+        block = model.moe_blocks()[0]
+        report["moe"] = {"num_experts": block.num_experts, "top_k": block.top_k, "routing": block.routing,
+                         "combine_scale": block.scale, "router": cfg.router,
+                         "seed": cfg.seed if cfg.router == "random" else None,
+                         "oracle_teacher": "sum of all current experts" if cfg.router == "oracle" else None}
+        with count_expert_usage(model) as usage:
+            total, count = window_nll(model, windows, cfg.batch_size, progress)
+        report["expert_usage"] = usage_report(usage["counts"], block.top_k, windows.numel())
+    else:
+        total, count = window_nll(model, windows, cfg.batch_size, progress)
+    report.update(nll_per_token=total / count, perplexity=math.exp(total / count), tokens_scored=count)
+    if is_moe and cfg.plot is not None:
+        title = (f"{Path(cfg.model).name}: expert usage, k={block.top_k}/{block.num_experts}, router {cfg.router}, "
+                 f"{windows.numel()} tokens")
+        report["plot"] = str(plot_usage(report["expert_usage"]["shares"], cfg.plot, title))
+    if cfg.sample_tokens > 0:
+        report["sample"] = greedy_sample(model, tokenizer, cfg.prompt, cfg.sample_tokens)
+    report["seconds"] = round(time.time() - started, 3)
+    report["settings"] = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+                          for k, v in asdict(cfg).items()}
+    if cfg.report is not None:
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.report).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = [f"perplexity {report['perplexity']:.4g} over {report['windows']} windows x {report['seq_len']} tokens "
+             f"({report['tokens_scored']} predicted tokens)"]
+    if "moe" in report:
+        m, u = report["moe"], report["expert_usage"]
+        lines.append(f"experts: k={m['top_k']}/{m['num_experts']}, routing {m['routing']}, "
+                     f"scale {m['combine_scale']:g}, router {m['router']}; usage share per expert "
+                     f"{u['min_share']:.3f} .. {u['max_share']:.3f} (uniform {1 / m['num_experts']:.3f})")
+    if "sample" in report:
+        lines.append(f"sample: {report['sample']['prompt']!r} -> {report['sample']['completion']!r}")
+    if "plot" in report:
+        lines.append(f"usage heatmap: {report['plot']}")
+    return lines
+
+
+def _eval_command(ns) -> int:
+    cfg = from_namespace(EvalConfig, ns)
+    report = evaluate(cfg)
+    for line in summary_lines(report):
+        print(line)
+    if cfg.report is not None:
+        print(f"report: {cfg.report}")
+    return 0
+
+
+def _bench_speed_command(ns) -> int:
+    from factorllm_ds.speed import run_bench_speed_command
+
+    return run_bench_speed_command(ns)
+
+
+CLI_COMMANDS = {
+    "eval": ("factorllm_ds.evaluate:EvalConfig", _eval_command,
+             "perplexity, expert usage and a sample of a dense or FactorLLM model"),
+    "bench-speed": ("factorllm_ds.speed:SpeedConfig", _bench_speed_command,
+                    "prefill / decode tokens/s of a FactorLLM model vs its dense source, with the Amdahl limit"),
+}

@@ -1,0 +1,256 @@
+"""bench-speed: prefill and decode tokens/s of a FactorLLM model vs its dense source, in one process.
+
+Both models see the same random token batch. Each phase is timed ``--reps`` times after
+``--warmup`` untimed runs, the variants interleaved within every repetition (dense, dense
+without FFN, MoE) so that clock or thermal drift hits all of them alike; the median is kept.
+
+- prefill: one forward pass over ``[batch, seq_len]`` tokens, no cache.
+- decode: after an untimed prefill of the same batch (with a KV cache), ``--decode-tokens``
+  single-token steps; the tokens fed are fixed in advance (not the argmax), so both models
+  do identical work apart from the FFN.
+
+FFN share f of the dense model's time, by ablation: the same dense model is timed with every
+decoder layer's MLP swapped for a module returning zeros, and ``f = 1 - t(no FFN) / t(dense)``.
+That measures what the FFNs actually cost in this run (kernels, memory traffic, launch
+overhead), with none of the per-module synchronization a hook-based timer would add on a GPU.
+
+With k of E equal experts, only k/E of the FFN's work remains, so Amdahl's law bounds the
+speedup: ``limit = 1 / ((1 - f) + f * k / E)``. ``speedup / limit`` says how much of that
+bound the sparse dispatch realises (routing, gather/scatter and small matmuls cost extra).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from factorllm_ds.config import arg, fail_if, from_namespace
+from factorllm_ds.evaluate import DTYPE_CHOICES, resolve_device
+from factorllm_ds.hf_io import read_config
+
+
+@dataclass
+class SpeedConfig:
+    """factorllm-ds bench-speed: MoE vs dense throughput (prefill and decode), FFN share, Amdahl limit."""
+
+    model: Path = arg("FactorLLM folder (the MoE)", default=None, required=True)
+    dense: Path = arg("the dense folder it was converted from", default=None, required=True)
+    batch: int = arg("sequences per batch", default=8)
+    seq_len: int = arg("prompt tokens per sequence (prefill length)", default=256)
+    decode_tokens: int = arg("single-token decode steps after the prefill (0: skip decode)", default=32)
+    top_k: int | None = arg("experts per token (default: the model's k)", default=None)
+    dtype: str = arg("dtype both models run in", choices=DTYPE_CHOICES, default="float32")
+    device: str = arg("device: cpu, cuda, cuda:N or auto (cuda when available)", default="auto")
+    reps: int = arg("timed repetitions per variant (the median is reported)", default=5)
+    warmup: int = arg("untimed warm-up runs per variant", default=1)
+    threads: int | None = arg("torch CPU threads (default: torch's choice)", default=None)
+    seed: int = arg("seed of the random token batch", default=0)
+    report: Path | None = arg("write the JSON result here", default=None)
+
+    def validate(self, moe_config: dict, dense_config: dict) -> None:
+        problems = []
+        if moe_config.get("model_type") != "factorllm":
+            problems.append(f"--model {self.model}: not a FactorLLM folder (model_type "
+                            f"{moe_config.get('model_type')!r}); pass the converted MoE folder")
+        else:
+            num_experts = int(moe_config.get("num_experts", 0))
+            if self.top_k is not None and not 1 <= self.top_k <= num_experts:
+                problems.append(f"--top-k {self.top_k}: must be between 1 and the model's {num_experts} experts")
+            if dense_config.get("model_type") == "factorllm":
+                problems.append(f"--dense {self.dense}: is a FactorLLM folder; pass the dense model")
+            elif moe_config.get("text_config", {}).get("model_type") != dense_config.get("model_type") or \
+                    moe_config.get("vocab_size") != dense_config.get("vocab_size"):
+                problems.append(f"--dense {self.dense} ({dense_config.get('model_type')}, vocab "
+                                f"{dense_config.get('vocab_size')}) does not match the MoE's base model")
+        for flag, value, low in (("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1),
+                                 ("--decode-tokens", self.decode_tokens, 0), ("--reps", self.reps, 1),
+                                 ("--warmup", self.warmup, 0)):
+            if value < low:
+                problems.append(f"{flag} {value}: must be >= {low}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads}: must be >= 1")
+        fail_if(problems, "bench-speed: bad arguments")
+
+
+class ZeroFFN(nn.Module):
+    """Stands in for an MLP when timing the model without FFNs: the residual add gets zeros."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+@contextmanager
+def ffn_removed(model):
+    """Temporarily replace every decoder layer's ``mlp`` with :class:`ZeroFFN`."""
+    layers = model.model.layers
+    saved = [layer.mlp for layer in layers]
+    try:
+        for layer in layers:
+            layer.mlp = ZeroFFN()
+        yield model
+    finally:
+        for layer, mlp in zip(layers, saved):
+            layer.mlp = mlp
+
+
+def amdahl_limit(ffn_share: float, top_k: int, num_experts: int) -> float:
+    """Best possible speedup when the FFN part (share f of the time) shrinks to k/E of its work."""
+    return 1.0 / ((1.0 - ffn_share) + ffn_share * top_k / num_experts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") and out.cache is not None else getattr(out, "past_key_values", None)
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def run_prefill(model, ids: torch.Tensor) -> float:
+    """Seconds for one forward pass over ``ids`` (no cache)."""
+    device = ids.device
+    _sync(device)
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def run_decode(model, ids: torch.Tensor, step_ids: torch.Tensor) -> float:
+    """Seconds for ``step_ids.shape[1]`` single-token steps after an (untimed) cached prefill of ``ids``."""
+    device = ids.device
+    cache_kw = _cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True)
+    cache = _cache_of(out)
+    length = ids.shape[1]
+    _sync(device)
+    start = time.perf_counter()
+    for t in range(step_ids.shape[1]):
+        position = torch.full((ids.shape[0], 1), length + t, dtype=torch.long, device=device)
+        out = model(input_ids=step_ids[:, t:t + 1], position_ids=position, use_cache=True, **{cache_kw: cache})
+        cache = _cache_of(out)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_variants(variants: dict, reps: int, warmup: int) -> dict[str, list[float]]:
+    """Median-ready timings: every variant once per repetition, interleaved."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    return times
+
+
+def _phase_result(times: dict[str, list[float]], tokens: int, top_k: int, num_experts: int) -> dict:
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ffn_share = min(max(1.0 - med["dense_no_ffn"] / med["dense"], 0.0), 1.0)
+    speedup = med["dense"] / med["moe"]
+    limit = amdahl_limit(ffn_share, top_k, num_experts)
+    return {
+        "tokens": tokens,
+        "dense_tokens_per_s": tokens / med["dense"],
+        "moe_tokens_per_s": tokens / med["moe"],
+        "dense_no_ffn_tokens_per_s": tokens / med["dense_no_ffn"],
+        "median_seconds": med,
+        "all_seconds": times,
+        "ffn_share": ffn_share,
+        "speedup": speedup,
+        "amdahl_limit": limit,
+        "speedup_over_limit": speedup / limit,
+    }
+
+
+def bench_speed(cfg: SpeedConfig) -> dict:
+    from factorllm_ds.modeling import DTYPES, load_dense, load_moe
+
+    moe_config, dense_config = read_config(cfg.model, "--model"), read_config(cfg.dense, "--dense")
+    cfg.validate(moe_config, dense_config)
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    dtype = DTYPES[cfg.dtype]
+    moe = load_moe(cfg.model, dtype).to(device)
+    dense = load_dense(cfg.dense, dtype).to(device)
+    if cfg.top_k is not None:
+        moe.set_top_k(cfg.top_k)
+    block = moe.moe_blocks()[0]
+    k, num_experts = block.top_k, block.num_experts
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vocab = dense.config.vocab_size
+    ids = torch.randint(0, vocab, (cfg.batch, cfg.seq_len), generator=gen).to(device)
+    step_ids = torch.randint(0, vocab, (cfg.batch, cfg.decode_tokens), generator=gen).to(device)
+
+    def without_ffn(fn):
+        def run():
+            with ffn_removed(dense):
+                return fn(dense)
+        return run
+
+    result = {"model": str(cfg.model), "dense": str(cfg.dense), "top_k": k, "num_experts": num_experts,
+              "routing": block.routing, "batch": cfg.batch, "seq_len": cfg.seq_len,
+              "decode_tokens": cfg.decode_tokens, "dtype": cfg.dtype, "device": str(device),
+              "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": cfg.reps,
+              "ffn_share_method": "ablation: 1 - t(dense, MLPs return zeros) / t(dense)"}
+    prefill = _time_variants({"dense": lambda: run_prefill(dense, ids),
+                              "dense_no_ffn": without_ffn(lambda m: run_prefill(m, ids)),
+                              "moe": lambda: run_prefill(moe, ids)}, cfg.reps, cfg.warmup)
+    result["prefill"] = _phase_result(prefill, cfg.batch * cfg.seq_len, k, num_experts)
+    if cfg.decode_tokens > 0:
+        decode = _time_variants({"dense": lambda: run_decode(dense, ids, step_ids),
+                                 "dense_no_ffn": without_ffn(lambda m: run_decode(m, ids, step_ids)),
+                                 "moe": lambda: run_decode(moe, ids, step_ids)}, cfg.reps, cfg.warmup)
+        result["decode"] = _phase_result(decode, cfg.batch * cfg.decode_tokens, k, num_experts)
+    if cfg.report is not None:
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.report).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    threads = f" ({result['threads']} threads)" if result["threads"] else ""
+    lines = [f"k/E = {result['top_k']}/{result['num_experts']}, batch {result['batch']} x {result['seq_len']} tokens, "
+             f"{result['dtype']} on {result['device']}{threads}",
+             f"{'phase':8} {'dense tok/s':>12} {'moe tok/s':>12} {'FFN share':>10} {'speedup':>8} {'limit':>7} "
+             f"{'ratio':>6}"]
+    for phase in ("prefill", "decode"):
+        if phase in result:
+            r = result[phase]
+            lines.append(f"{phase:8} {r['dense_tokens_per_s']:12.1f} {r['moe_tokens_per_s']:12.1f} "
+                         f"{r['ffn_share']:10.3f} {r['speedup']:8.3f} {r['amdahl_limit']:7.3f} "
+                         f"{r['speedup_over_limit']:6.3f}")
+    return lines
+
+
+def run_bench_speed_command(ns) -> int:
+    cfg = from_namespace(SpeedConfig, ns)
+    result = bench_speed(cfg)
+    for line in summary_lines(result):
+        print(line)
+    if cfg.report is not None:
+        print(f"report: {cfg.report}")
+    return 0
+
+
+__all__ = ["SpeedConfig", "bench_speed", "amdahl_limit", "ffn_removed", "run_prefill", "run_decode",
+           "summary_lines"]
