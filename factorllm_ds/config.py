@@ -45,7 +45,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.metadata.get("required") or (
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        help_text = f.metadata["help"] + ("" if required or default in (None, False) else f" (default: {default})")
+        help_text = f.metadata["help"] + ("" if required or default is None or default is False else f" (default: {default})")
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
