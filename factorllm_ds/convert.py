@@ -1,7 +1,8 @@
 """convert: a dense HF checkpoint folder -> a FactorLLM MoE folder, streamed layer by layer.
 
-At any time the process holds one layer's tensors (plus, for ``coactivation``, the
-calibration hidden states): tensors are read one by one through ``safe_open`` and written
+At any time the process holds one layer's MLP (plus, for ``coactivation``, the
+calibration hidden states): tensors outside the MLP are copied file to file unchanged, and
+each layer's gate/up/down are read into three reused buffers and written expert by expert
 straight into pre-planned shards. The output appears at ``--out`` only when complete.
 """
 
@@ -152,8 +153,19 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
         bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
 
         def copy(name: str) -> None:
-            writer.write(name, reader.get(name))
+            writer.copy_from(reader, name)  # unchanged bytes, file to file
             bar.update(reader.infos[name].nbytes)
+
+        # Every layer's MLP has the same shapes: read them into the same three buffers, so that
+        # no 3 x [I, H] blocks are freed and reallocated per layer (glibc would keep them).
+        mlp_buffers: dict[str, torch.Tensor] = {}
+
+        def read_mlp(name: str, part: str) -> torch.Tensor:
+            info = reader.infos[name]
+            buf = mlp_buffers.get(part)
+            if buf is None or tuple(buf.shape) != info.shape or buf.dtype != info.dtype:
+                buf = mlp_buffers[part] = torch.empty(info.shape, dtype=info.dtype)
+            return reader.get(name, out=buf)
 
         copy("model.embed_tokens.weight")
         if calib is not None:
@@ -162,7 +174,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
             for info in plan:
                 if keys.layer_of(info.name) == layer and ".mlp." not in info.name:
                     copy(info.name)
-            gate, up, down = (reader.get(keys.dense_mlp_key(p, layer)) for p in ("gate", "up", "down"))
+            gate, up, down = (read_mlp(keys.dense_mlp_key(p, layer), p) for p in ("gate", "up", "down"))
             if calib is not None:
                 calib.run_layer(layer)
             perm = make_partition(cfg, layer, gate, up, down, calib)
@@ -171,10 +183,12 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
             writer.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
             if cfg.resolved_router_bias():
                 writer.write(keys.ROUTER_BIAS.format(layer=layer), torch.zeros(cfg.num_experts, dtype=gate.dtype))
-            for e, (g, u, d) in enumerate(split.expert_slices(gate, up, down, perm, cfg.num_experts)):
+            for e in range(cfg.num_experts):  # one expert's slices at a time: the layer is held once, not twice
+                g, u, d = split.expert_slice(gate, up, down, perm, cfg.num_experts, e)
                 writer.write(keys.expert_key("gate", layer, e), g)
                 writer.write(keys.expert_key("up", layer, e), u)
                 writer.write(keys.expert_key("down", layer, e), d)
+                del g, u, d
             bar.update(gate.nbytes + up.nbytes + down.nbytes)
             del gate, up, down
         for name in keys.GLOBAL_PASSTHROUGH[1:]:

@@ -99,16 +99,29 @@ def coactivation_partition(activations_TI: torch.Tensor, num_experts: int, seed:
     return labels_to_partition(balanced_kmeans(features, num_experts, seed), num_experts)
 
 
+def expert_slice(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor, perm: torch.Tensor,
+                 num_experts: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert ``expert``'s (gate [I/E, H], up [I/E, H], down [H, I/E]), contiguous; exact, no arithmetic.
+
+    When the expert's neurons are one consecutive range (the ``contiguous`` split), gate and up
+    are row views of the inputs rather than copies (clone them before changing them in place).
+    """
+    size = perm.numel() // num_experts
+    idx = perm[expert * size:(expert + 1) * size]
+    first = int(idx[0]) if size else 0
+    if perm.device.type != "meta" and torch.equal(idx, torch.arange(first, first + size, dtype=idx.dtype, device=idx.device)):
+        return (gate_IH.narrow(0, first, size).contiguous(), up_IH.narrow(0, first, size).contiguous(),
+                down_HI.narrow(1, first, size).contiguous())
+    # Columns of down: gather with the index broadcast over rows picks exactly down[:, idx], and
+    # runs about 4x faster than index_select(1, idx) on CPU (bf16, TinyLlama shapes).
+    return (gate_IH.index_select(0, idx).contiguous(), up_IH.index_select(0, idx).contiguous(),
+            torch.gather(down_HI, 1, idx.to(down_HI.device).expand(down_HI.shape[0], -1)))
+
+
 def expert_slices(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor,
                   perm: torch.Tensor, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(gate [I/E, H], up [I/E, H], down [H, I/E]) for each expert; exact copies, no arithmetic."""
-    size = perm.numel() // num_experts
-    out = []
-    for e in range(num_experts):
-        idx = perm[e * size:(e + 1) * size]
-        out.append((gate_IH.index_select(0, idx).contiguous(), up_IH.index_select(0, idx).contiguous(),
-                    down_HI.index_select(1, idx).contiguous()))
-    return out
+    """(gate [I/E, H], up [I/E, H], down [H, I/E]) for each expert: :func:`expert_slice` for all E."""
+    return [expert_slice(gate_IH, up_IH, down_HI, perm, num_experts, e) for e in range(num_experts)]
 
 
 def merge_experts(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

@@ -1,0 +1,95 @@
+"""Tiny random dense models and converted MoE folders, for tests in any file.
+
+Plain functions (no pytest) so that fixtures, other test modules and ad-hoc scripts can
+build the same models: ``import tiny`` (conftest puts tests/ on ``sys.path``), then
+``tiny.build_dense(dir, "llama")`` or ``tiny.build_tiny_moe(dir, dense_dir)``.
+
+Every dense model is saved with ``max_shard_size="100KB"``, so it is split over several
+safetensors shards with an index, and carries a real 32,000-piece LLaMA tokenizer
+(vocab size 32,000 to match).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+VOCAB = 32000
+HIDDEN = 64
+FAMILIES = ("llama", "mistral", "qwen2")
+
+# Per family: what makes it a distinct test case (FFN width, depth, tied embeddings, dtype).
+SPECS: dict[str, dict] = {
+    "llama": dict(intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=False, dtype=torch.float32),
+    "mistral": dict(intermediate_size=256, num_hidden_layers=3, tie_word_embeddings=False, dtype=torch.float32),
+    "qwen2": dict(intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=True, dtype=torch.bfloat16),
+}
+
+
+def dense_config(family: str, **overrides):
+    """A transformers config of ``family`` with the tiny shape (overrides win)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    spec = {k: v for k, v in SPECS[family].items() if k != "dtype"}
+    kw = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None, **spec)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tokenizer_dir() -> Path:
+    from factorllm_ds.assets import llama_tokenizer_dir
+
+    return llama_tokenizer_dir()
+
+
+def copy_tokenizer(dst: Path) -> None:
+    for f in tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / f.name)
+
+
+def build_dense(out_dir: Path, family: str = "llama", *, seed: int = 0, dtype: torch.dtype | None = None,
+                max_shard_size: str = "100KB", tokenizer: bool = True, **overrides) -> Path:
+    """Save a random dense ``family`` model (several shards + index) to ``out_dir``; returns it."""
+    from transformers import AutoModelForCausalLM
+
+    config = dense_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model = model.to(dtype or SPECS[family]["dtype"]).eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if tokenizer:
+        copy_tokenizer(out_dir)
+    return out_dir
+
+
+def convert_tiny(dense_dir: Path, out_dir: Path, **settings) -> Path:
+    """Run the converter in-process (no progress bar); ``settings`` are ConvertConfig fields."""
+    from factorllm_ds.config import ConvertConfig
+    from factorllm_ds.convert import convert
+
+    return convert(ConvertConfig(model=Path(dense_dir), out=Path(out_dir), **settings), progress=False)
+
+
+def build_tiny_moe(out_dir: Path, dense_dir: Path, *, num_experts: int = 4, top_k: int = 2,
+                   routing: str = "hard", **settings) -> Path:
+    """The standard tiny FactorLLM checkpoint: ``dense_dir`` split into E=4 experts, k=2, hard routing."""
+    return convert_tiny(dense_dir, out_dir, num_experts=num_experts, top_k=top_k, routing=routing, **settings)
+
+
+def write_calibration_text(path: Path, chars: int = 20_000) -> Path:
+    """The opening of *Botchan* (real English text, a cached PyPI asset) as a calibration file."""
+    from factorllm_ds.assets import botchan_text
+
+    text = botchan_text().read_text(encoding="utf-8")[:chars]
+    Path(path).write_text(text, encoding="utf-8")
+    return Path(path)
