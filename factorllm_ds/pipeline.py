@@ -66,7 +66,7 @@ def _launch_command(cfg: DemoConfig) -> list[str]:
             "-m", "factorllm_ds"]
 
 
-def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path) -> None:
+def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None) -> None:
     from factorllm_ds.train import CHECKPOINT_DIR, RUN_MANIFEST
 
     steps = max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
@@ -81,7 +81,7 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path) -> None:
             "--steps", str(steps), "--micro-batch-size", str(cfg.micro_batch_size), "--global-batch-size",
             str(cfg.global_batch_size), "--ep-size", str(cfg.ep_size), "--lr", str(cfg.lr),
             "--warmup-steps", str(max(1, steps // 10)), "--save-every", str(max(1, steps // 4)),
-            "--eval-every", str(max(1, steps // 4))] + (["--resume"] if resume else [])
+            "--eval-every", str(max(1, steps // 4))] + (["--resume"] if resume else []) + list(extra or [])
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     cmd = _launch_command(cfg) + args
