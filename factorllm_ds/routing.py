@@ -83,7 +83,11 @@ class FactorLLMGate(nn.Module):
         bias = None if self.router.bias is None else self.router.bias.float()
         logits_TE = F.linear(x_TH.float(), self.router.weight.float(), bias)
         idx_TK, weights_TK = route(logits_TE, self.k, self.routing, self.scale)
-        self.last_probs = F.softmax(logits_TE, dim=-1)
+        # The auxiliary losses train the router only (METHOD §2: experts learn from the LM loss),
+        # so their probabilities see a detached input: no gradient into earlier layers' experts.
+        aux_logits_TE = logits_TE if not x_TH.requires_grad else F.linear(x_TH.detach().float(),
+                                                                          self.router.weight.float(), bias)
+        self.last_probs = F.softmax(aux_logits_TE, dim=-1)
         self.last_indices = idx_TK
         # Position of each (token, route) in its expert's buffer; capacity = the largest load
         # over the expert-parallel group, so nothing is dropped (drop_tokens=False semantics).

@@ -139,7 +139,7 @@ def validate(cfg: TrainConfig, ds: dict, world: int) -> dict:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         problems.append("--ds-config uses ZeRO stage 3, which DeepSpeed's MoE does not support; use stage 1 or 2 "
-                        "(with \"offload_optimizer\" for very large models), e.g. ds_configs/zero2_offload.json")
+                        "(with \"offload_optimizer\" for very large models), e.g. ds_configs/zero2_offload_bf16.json")
     max_pos = model_config.get("text_config", {}).get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         problems.append(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
@@ -240,10 +240,13 @@ def setup(cfg: TrainConfig) -> Run:
     info = distributed.detect()
     ds = load_ds_config(cfg)
     validate(cfg, ds, info.world_size)
+    # The folder's config.json names remote code (auto_map): without trust_remote_code=False
+    # transformers stops at an interactive prompt to load a tokenizer that needs none.
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
+    # Before the process group: too little text is a user error, reported without any rendezvous.
+    packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
     info = distributed.init(cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     if cfg.steps is None:
@@ -481,11 +484,24 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _run_cli(ns) -> int:
+    import sys
+    import traceback
+
     from factorllm_ds.config import from_namespace
-    from factorllm_ds.distributed import hard_exit
+    from factorllm_ds.distributed import hard_exit, started
 
     cfg = from_namespace(TrainConfig, ns)
-    train(cfg)
+    try:
+        train(cfg)
+    except BaseException as err:
+        if not started():
+            raise  # no process group yet: the CLI reports it and exits normally
+        # A normal interpreter exit could abort in gloo's teardown or, under mpirun, hang the job.
+        if isinstance(err, UserError):
+            print(f"factorllm-ds train: error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        hard_exit(2 if isinstance(err, UserError) else 130 if isinstance(err, KeyboardInterrupt) else 1)
     hard_exit(0)
 
 
