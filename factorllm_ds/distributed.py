@@ -50,9 +50,12 @@ def detect() -> DistInfo:
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
         local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("MPI_LOCALNRANKS", world)))
         return DistInfo(rank, world, local, local_world, "mpi")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # Only srun-started tasks carry SLURM_STEP_ID: the batch script itself also sees SLURM_PROCID=0 and
+    # the job's SLURM_NTASKS, and would wait forever for ranks nobody started.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or env["SLURM_NTASKS"]
         return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                        int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]), "slurm")
+                        int(per_node.split("(")[0].split(",")[0]), "slurm")  # e.g. "8(x2)" or "8,4"
     return DistInfo(0, 1, 0, 1, "single")
 
 
@@ -80,12 +83,25 @@ def init(timeout_s: int) -> DistInfo:
     if on_cpu() and "OMP_NUM_THREADS" not in os.environ:
         # Several ranks on one host each grabbing every core run several times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info.local_world_size)))
+    if info.launcher == "mpi" and "MASTER_ADDR" in os.environ:
+        # DeepSpeed's MPI discovery would replace a MASTER_ADDR the user exported (mpirun -x) with
+        # `hostname -I` of rank 0: with all rank variables set it is skipped.
+        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+        os.environ.setdefault("MASTER_PORT", "29500")
+    # distributed_port: DeepSpeed's MPI discovery sets MASTER_PORT to it (29500 unless MASTER_PORT says otherwise).
     deepspeed.init_distributed(auto_mpi_discovery=info.launcher == "mpi",
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    # DeepSpeed creates its expert and data-parallel groups with torch's default timeout (30 min
+    # gloo, 10 min NCCL), not the one above: make --dist-timeout the default for every later group.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
     if not on_cpu():
         from deepspeed.accelerator import get_accelerator
 
-        get_accelerator().set_device(info.local_rank)
+        # srun --gpus-per-task=1 leaves each task one visible GPU: its local rank is not a device id.
+        get_accelerator().set_device(info.local_rank % max(1, get_accelerator().device_count()))
     setup_logging(info.rank)
     return info
 
@@ -105,7 +121,26 @@ def setup_logging(rank: int) -> None:
 
 
 def hard_exit(code: int) -> None:
-    """End a worker deliberately: torch 2.13's gloo teardown can abort a rank at exit."""
+    """End a worker deliberately: torch 2.13's gloo teardown can abort a rank at exit.
+
+    Under mpirun the MPI runtime must hear how the rank ended: MPI_Finalize after success
+    (an exit without it makes mpirun fail the job), MPI_Abort after a failure (so the other
+    ranks are ended rather than left waiting in a collective).
+    """
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        if code == 0:
+            mpi.Finalize()
+        else:
+            mpi.COMM_WORLD.Abort(code)
     os._exit(code)
+
+
+def started() -> bool:
+    """Whether this process joined a process group or an MPI job (then it must end via hard_exit)."""
+    import torch.distributed as dist
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    return (dist.is_available() and dist.is_initialized()) or (mpi is not None and mpi.Is_initialized())
