@@ -80,8 +80,8 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[s
     args = ["train", "--model", str(moe), "--data", str(data), "--out", str(run), "--seq-len", str(cfg.seq_len),
             "--steps", str(steps), "--micro-batch-size", str(cfg.micro_batch_size), "--global-batch-size",
             str(cfg.global_batch_size), "--ep-size", str(cfg.ep_size), "--lr", str(cfg.lr),
-            "--warmup-steps", str(max(1, steps // 10)), "--save-every", str(max(1, steps // 4)),
-            "--eval-every", str(max(1, steps // 4))] + (["--resume"] if resume else []) + list(extra or [])
+            "--warmup-steps", str(max(1, steps // 10)), "--save-every", str(max(1, steps // 2)),
+            "--eval-every", str(max(1, steps // 2)), "--eval-batches", "2"] + (["--resume"] if resume else []) + list(extra or [])
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     cmd = _launch_command(cfg) + args
