@@ -49,6 +49,9 @@ class TrainConfig:
     global_batch_size: int | None = arg("sequences per optimizer step over all ranks (default micro x world); "
                                         "gradient accumulation makes up the difference", default=None)
     lr: float = arg("peak learning rate (Adam)", default=4e-5)
+    router_lr: float | None = arg("peak learning rate of the routers (default: --lr, as in the paper). The router "
+                                  "is tiny and in hard mode learns only from the PA loss: a larger value lets it "
+                                  "follow the prior within a short run", default=None)
     min_lr_ratio: float = arg("cosine decay ends at lr x this", default=0.001)
     warmup_steps: int = arg("linear warm-up steps", default=500)
     weight_decay: float = arg("Adam weight decay", default=1e-5)
@@ -204,9 +207,14 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 def build_optimizer(cfg: TrainConfig, model, total_steps: int):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "factorllm",
-               "weight_decay": cfg.weight_decay}]
-    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    router_lr = cfg.lr if cfg.router_lr is None else cfg.router_lr
+    groups = [{"params": [p for n, p in trainable if ".gate.router." not in n], "name": "experts",
+               "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+              {"params": [p for n, p in trainable if ".gate.router." in n], "name": "routers",
+               "weight_decay": cfg.weight_decay, "lr": router_lr}]
+    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    groups = [g for g in groups if g["params"]]  # the split leaves the expert group's dense part empty
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr)
     else:
@@ -440,6 +448,12 @@ class MetricsLog:
                 self.tb.close()
 
 
+def expert_lr(engine) -> float:
+    """Current learning rate of the experts (the routers' may differ: --router-lr)."""
+    groups = engine.optimizer.param_groups
+    return next((g["lr"] for g in groups if g.get("moe")), groups[0]["lr"])
+
+
 def loop(run: Run) -> dict:
     from tqdm.auto import tqdm
 
@@ -457,7 +471,7 @@ def loop(run: Run) -> dict:
         final = run.step == run.total_steps or steps_here == cfg.stop_after
         if run.step % cfg.log_every == 0 or final:
             reduced = reduce_metrics(totals, run.world)
-            row = {"step": run.step, "tokens": run.step * tokens_per_step, "lr": run.engine.get_lr()[0],
+            row = {"step": run.step, "tokens": run.step * tokens_per_step, "lr": expert_lr(run.engine),
                    **{k: v for k, v in reduced.items() if k != "expert_counts"},
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
             if (cfg.eval_every and run.step % cfg.eval_every == 0) or final:
