@@ -39,12 +39,14 @@ class DemoConfig:
     num_experts: int = arg("E", default=4)
     top_k: int = arg("k", default=2)
     split: str = arg("partition method", choices=("contiguous", "random", "kmeans", "coactivation"),
-                     default="kmeans")
+                     default="contiguous")
+    combine_scale: float = arg("s, the hard-routing combine scale (paper: E/k; 1 measured better, bench/RESULTS.md)",
+                               default=1.0)
     tokens: int = arg("training tokens", default=49152)
     seq_len: int = arg("training sequence length", default=256)
     micro_batch_size: int = arg("sequences per rank per forward", default=2)
     global_batch_size: int = arg("sequences per optimizer step", default=8)
-    lr: float = arg("peak learning rate", default=2e-4)
+    lr: float = arg("peak learning rate (1e-3 measured best for short CPU runs, bench/RESULTS.md)", default=1e-3)
     nproc: int = arg("training processes", default=2)
     ep_size: int = arg("expert-parallel size", default=2)
     launcher: str = arg("how the training processes start", choices=("deepspeed", "torchrun"), default="deepspeed")
@@ -127,7 +129,7 @@ def demo(cfg: DemoConfig) -> dict:
     if not (moe / MANIFEST_FILE).is_file():
         calib = {"calib_data": data} if cfg.split == "coactivation" else {}
         convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
-                              overwrite=True, **calib))
+                              combine_scale=cfg.combine_scale, overwrite=True, **calib))
     else:
         print(f"convert: {moe} exists; skipping", file=sys.stderr)
 

@@ -1,0 +1,494 @@
+"""plan: per-GPU memory of a FactorLLM training run, and the ep_size / ZeRO / offload that fit.
+
+Every number is a closed-form count of what one rank holds (docs/cluster.md writes the
+formulas out); nothing is loaded, so 70B plans take a second. Shapes come from a built-in
+name, a dense or converted folder, or a config.json. On CPU ("GPU memory" = process RSS)
+the runtime baseline is a constant measured on this project's CPU runs (tests/test_plan.py
+checks the whole estimate against measured peak RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from factorllm_ds.config import arg, fail_if
+from factorllm_ds.errors import UserError
+
+GiB = 2**30
+MiB = 2**20
+
+# Hugging Face config.json fields of the models people ask about (no download needed).
+BUILTIN_MODELS: dict[str, dict] = {
+    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                       max_position_embeddings=4096, tie_word_embeddings=False),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+# DeepSpeed's default "reduce_bucket_size" (elements): ZeRO-1 and -2 allocate one such gradient bucket
+# (two with overlap_comm) when the backward pass starts.
+DEFAULT_REDUCE_BUCKET = 500_000_000
+# GPU: CUDA context + NCCL communicators + caching-allocator slack. An allowance, not a measurement
+# (no GPU was available when this was written); override with --runtime-memory.
+GPU_RUNTIME_BYTES = 3 * GiB
+# CPU: RSS of a training rank before its model exists (python, torch, deepspeed, transformers,
+# datasets, the 32k tokenizer, gloo) plus glibc heap slack, measured with tiny models on
+# torch 2.13 / deepspeed 0.19.8; see docs/cluster.md "Calibration".
+CPU_RUNTIME_BYTES = 540 * MiB
+# Routed slots per expert relative to a perfectly even split: capacity = max load (no drops).
+DEFAULT_CAPACITY_FACTOR = 1.5
+
+
+@dataclass
+class PlanConfig:
+    """factorllm-ds plan: per-GPU memory of a training run and the ep_size / ZeRO stage / offload that fit."""
+
+    model: str = arg("built-in name (llama2-13b, llama3-8b, llama3-70b, smollm2-135m), a dense or converted "
+                     "model folder, or a config.json", default=None, required=True)
+    gpus: int = arg("number of GPUs (ranks) in the job", default=None, required=True)
+    gpu_memory: str = arg("memory per GPU, e.g. 80GB or 40GiB (GB = GiB here, as GPU vendors count); "
+                          "with --device cpu: memory per process", default="80GB")
+    ep_size: int | None = arg("expert-parallel size to plan for (default: try every divisor of E and --gpus)",
+                              default=None)
+    zero: int | None = arg("ZeRO stage 1 or 2 (default: try both)", default=None)
+    offload: bool | None = arg("optimizer state in host memory (ZeRO-Offload, stage 2); default: try "
+                               "without, then with", default=None)
+    seq_len: int = arg("tokens per training sequence", default=1024)
+    micro_batch_size: int = arg("sequences per rank per forward", default=1)
+    prior: str = arg("PA teacher: frozen (a frozen copy of the local experts), self (none kept), none",
+                     choices=("frozen", "self", "none"), default="frozen")
+    dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
+    num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
+    top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)
+    device: str = arg("gpu, or cpu: plan process memory of a CPU (gloo) run, adding the measured CPU runtime "
+                      "baseline", choices=("gpu", "cpu"), default="gpu")
+    capacity_factor: float = arg("expected max expert load / mean load (sets the MoE dispatch activations)",
+                                 default=DEFAULT_CAPACITY_FACTOR)
+    reduce_bucket_size: int = arg("DeepSpeed zero_optimization.reduce_bucket_size (elements)",
+                                  default=DEFAULT_REDUCE_BUCKET)
+    overlap_comm: bool | None = arg("DeepSpeed zero_optimization.overlap_comm (two gradient buckets); default: "
+                                    "as in ds_configs/ (on for bf16, off for fp32)", default=None)
+    gpus_per_node: int | None = arg("GPUs per node, for the host memory of --offload (default min(--gpus, 8))",
+                                    default=None)
+    host_memory: str | None = arg("host memory per node, e.g. 1TB: an offload plan fits only if its optimizer "
+                                  "state fits there too (default: not checked)", default=None)
+    runtime_memory: str | None = arg("fixed per-process overhead (CUDA context, NCCL, allocator slack); "
+                                     "default 3GiB on GPU, 540MiB on CPU", default=None)
+    json: bool = arg("print the plan as JSON", default=False)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Parameter counts of a FactorLLM model; experts are all E of every layer."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    num_experts: int
+    top_k: int
+    routing: str
+    shared_params: int  # embeddings, attention, norms, lm_head: frozen, on every rank
+    router_params: int  # all layers; trained, data-parallel over every rank
+    expert_params: int  # all layers, all experts (= the dense FFNs)
+    max_positions: int | None
+    converted: bool = False  # a FactorLLM folder: E and k are fixed
+
+    @property
+    def total_params(self) -> int:
+        return self.shared_params + self.router_params + self.expert_params
+
+
+def read_model_config(model: str) -> tuple[str, dict]:
+    """(display name, config dict) from a built-in name, a folder, or a config.json path."""
+    if model.lower() in BUILTIN_MODELS:
+        return model.lower(), dict(BUILTIN_MODELS[model.lower()])
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model {model}: not a built-in name ({', '.join(BUILTIN_MODELS)}) and no config.json "
+                        "there. Pass a model folder, its config.json, or a built-in name.")
+    try:
+        return model, json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--model {path}: cannot read it as JSON ({err})") from err
+
+
+def shape_of(cfg: PlanConfig) -> Shape:
+    """Count parameters from the config alone (dense_infos_from_config: the converter's own tensor list)."""
+    import torch
+
+    from factorllm_ds.convert import dense_infos_from_config
+
+    name, config = read_model_config(cfg.model)
+    if config.get("model_type") == "factorllm":
+        dense = dict(config["text_config"])
+        num_experts, top_k = config["num_experts"], config["num_experts_per_tok"]
+        routing, bias = config.get("routing", "hard"), bool(config.get("router_bias", True))
+    else:
+        dense = config
+        num_experts, top_k = cfg.num_experts or 4, cfg.top_k or 2
+        routing, bias = "hard", True
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if k not in dense]
+    if missing:
+        raise UserError(f"--model {name}: config lacks {', '.join(missing)}; is it a LLaMA-family config?")
+    inter, hidden = dense["intermediate_size"], dense["hidden_size"]
+    infos = dense_infos_from_config(dense, torch.float32)
+    numel = {n: math.prod(i.shape) for n, i in infos.items()}
+    expert = sum(v for n, v in numel.items() if ".mlp." in n)
+    shared = sum(v for n, v in numel.items() if ".mlp." not in n)
+    layers = dense["num_hidden_layers"]
+    return Shape(name=name, layers=layers, hidden=hidden, intermediate=inter, vocab=dense["vocab_size"],
+                 num_experts=num_experts, top_k=top_k, routing=routing, shared_params=shared,
+                 router_params=layers * num_experts * (hidden + int(bias)), expert_params=expert,
+                 max_positions=dense.get("max_position_embeddings"), converted=config.get("model_type") == "factorllm")
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class Choice:
+    ep_size: int
+    zero: int
+    offload: bool
+
+    def label(self) -> str:
+        return f"ep={self.ep_size} zero={self.zero}{' offload' if self.offload else ''}"
+
+
+COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "gradients", "optimizer", "optimizer_step", "activations",
+              "runtime")
+
+
+@dataclass
+class Estimate:
+    choice: Choice
+    parts: dict[str, int]  # bytes per process, keys = COMPONENTS
+    host_offload: int  # bytes of host memory per process for offloaded optimizer state
+    host_load: int = 0  # bytes of host memory per process while it reads its weights (before the GPU copy)
+    pa_transient: int = 0  # the part of pa_teacher that exists only while a layer's PA target is computed
+    fits: bool = False
+
+    @property
+    def total(self) -> int:
+        """The peak: all that persists + the larger of the forward/backward and optimizer-step transients."""
+        p = self.parts
+        forward_backward = p["activations"] + self.pa_transient
+        return sum(p.values()) - forward_backward - p["optimizer_step"] + max(forward_backward, p["optimizer_step"])
+
+
+def activation_bytes(shape: Shape, cfg: PlanConfig) -> int:
+    """Tensors autograd keeps from forward to backward on one rank, plus the loss's logits.
+
+    Frozen linears keep no input (no weight gradient is needed), so per token and layer:
+    two RMSNorm inputs in fp32 (8H), SDPA's q, k, v, out (4H, k/v expanded to H), the router's
+    fp32 input when training in bf16 (4H), and per routed slot (k x capacity_factor per token)
+    each expert's input and four I/E-wide intermediates; softmax routing also keeps the k
+    gathered expert outputs. The loss holds 12 bytes per logit at its peak (fp32 log-softmax
+    output, its gradient, the gradient of the logits; +2 for the bf16 logits' gradient).
+    """
+    b = DTYPE_BYTES[cfg.dtype]
+    tokens = cfg.micro_batch_size * cfg.seq_len
+    h, inter_e = shape.hidden, shape.intermediate // shape.num_experts
+    slots = shape.top_k * cfg.capacity_factor
+    per_layer = 8 * h + 4 * h * b + (4 * h if b < 4 else 0) + slots * (h + 4 * inter_e) * b
+    if shape.routing == "softmax":
+        per_layer += shape.top_k * h * b
+    logits = shape.vocab * (12 + (2 if b < 4 else 0))
+    return int(tokens * (shape.layers * per_layer + logits + 4 * h))
+
+
+def pa_transient_bytes(shape: Shape, cfg: PlanConfig) -> int:
+    """The PA target of one layer, computed under no_grad: every expert on every token.
+
+    The local experts (and their frozen copies) run on the tokens of the whole expert group,
+    so each rank's intermediates add up to 3 x T x I values, and the [parts, E, T, H] outputs
+    exist twice (before and after the all-to-all back).
+    """
+    if cfg.prior == "none":
+        return 0
+    b = DTYPE_BYTES[cfg.dtype]
+    tokens = cfg.micro_batch_size * cfg.seq_len
+    parts = 2 if cfg.prior == "frozen" else 1
+    return int(tokens * b * (3 * shape.intermediate * parts + 2 * parts * shape.num_experts * shape.hidden))
+
+
+def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
+    """Bytes one rank holds at its peak (the rank that also writes the shared checkpoint on CPU)."""
+    b = DTYPE_BYTES[cfg.dtype]
+    world, ep = cfg.gpus, choice.ep_size
+    experts_local = shape.expert_params // ep
+    trainable_local = experts_local + shape.router_params
+    # ZeRO partitions expert state over the expert-data-parallel group (world / ep ranks that hold
+    # the same experts) and router state over all ranks.
+    partition = experts_local / (world // ep) + shape.router_params / world
+    overlap = cfg.overlap_comm if cfg.overlap_comm is not None else cfg.dtype == "bf16"
+    # The gradient reduce buckets are torch.empty: a GPU reserves them whole, a CPU process only
+    # touches as much as the gradients fill.
+    bucket = min(cfg.reduce_bucket_size, trainable_local) if cfg.device == "cpu" else cfg.reduce_bucket_size
+    buckets = bucket * b * (2 if overlap else 1)
+    optimizer = 12 * partition  # fp32 master copy + Adam exp_avg, exp_avg_sq
+    step = 8 * partition  # during the step: the partition's gradients in fp32 + one Adam temporary
+    host = 0
+    if choice.offload:
+        grads = buckets  # gradients stream through the buckets to fp32 buffers in host memory
+        host = int(optimizer + step)
+        optimizer = step = 0
+    elif choice.zero == 1:
+        # Every rank keeps full gradients until the step, then copies its partition out. On CPU
+        # the bucket reuses the pages of the gradients it absorbs.
+        grads = (0 if cfg.device == "cpu" else buckets) + trainable_local * b + partition * b
+    else:
+        grads = buckets + partition * b  # the bucket + only this rank's gradient partition
+    runtime = (parse_memory(cfg.runtime_memory, "--runtime-memory") if cfg.runtime_memory is not None
+               else CPU_RUNTIME_BYTES if cfg.device == "cpu" else GPU_RUNTIME_BYTES)
+    if cfg.device == "cpu":
+        # Saving a checkpoint clones (to host memory, which is the device here) the shared weights
+        # on the writer rank and every rank's optimizer partition; glibc keeps the heap it grew.
+        runtime += max(shape.shared_params * b, optimizer)
+    teacher = experts_local * b if cfg.prior == "frozen" else 0
+    parts = {
+        "frozen_weights": shape.shared_params * b,
+        "experts": trainable_local * b,
+        "pa_teacher": teacher + pa_transient_bytes(shape, cfg),
+        "gradients": int(grads),
+        "optimizer": int(optimizer),
+        "optimizer_step": int(step),
+        "activations": activation_bytes(shape, cfg),
+        "runtime": int(runtime),
+    }
+    # Each rank reads the shared weights, its experts and (frozen prior) their teacher copy into host
+    # memory before DeepSpeed moves the model to its GPU.
+    load = b * (shape.shared_params + trainable_local + (experts_local if cfg.prior == "frozen" else 0))
+    return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient_bytes(shape, cfg))
+
+
+def parse_memory(text: str, flag: str) -> int:
+    """'80GB', '80GiB', '512MB' -> bytes; GB and MB count in powers of two (as GPU memory is sold)."""
+    t = text.strip().upper().replace("IB", "B")
+    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1, "T": 2**40, "G": 2**30, "M": 2**20}
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise UserError(f"{flag} {text!r}: expected a size like 80GB, 40GiB or 512MB")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    shape: Shape
+    budget: int
+    estimates: list[Estimate]
+    recommended: Estimate | None
+    smallest: Estimate
+    hints: list[str]
+
+
+def host_per_node(e: Estimate, cfg: PlanConfig) -> int:
+    """Host memory of one node's ranks at their peak: loading the weights, or the offloaded optimizer."""
+    return max(e.host_offload, e.host_load) * (cfg.gpus_per_node or min(cfg.gpus, 8))
+
+
+def candidate_choices(shape: Shape, cfg: PlanConfig) -> list[Choice]:
+    eps = [cfg.ep_size] if cfg.ep_size else [d for d in range(1, shape.num_experts + 1)
+                                             if shape.num_experts % d == 0 and cfg.gpus % d == 0]
+    zeros = [cfg.zero] if cfg.zero else [1, 2]
+    offloads = [cfg.offload] if cfg.offload is not None else [False] if cfg.device == "cpu" else [False, True]
+    # ZeRO-Offload moves the optimizer of a stage-2 partition to the host; stage 1 is not planned with it.
+    return [Choice(ep, z, off) for off in offloads for ep in eps for z in zeros if not (off and z == 1)]
+
+
+def validate(cfg: PlanConfig, shape: Shape) -> None:
+    """Every problem with the flags, reported together."""
+    problems = []
+    if shape.converted:
+        for flag, letter, given, own in (("--num-experts", "E", cfg.num_experts, shape.num_experts),
+                                         ("--top-k", "k", cfg.top_k, shape.top_k)):
+            if given not in (None, own):
+                problems.append(f"{flag} {given}: {shape.name} is converted with {letter}={own}; drop the flag "
+                                "(or plan from the dense model)")
+    if shape.num_experts < 1 or shape.intermediate % shape.num_experts:
+        problems.append(f"--num-experts {shape.num_experts} must divide the FFN intermediate size {shape.intermediate}")
+    elif not 1 <= shape.top_k <= shape.num_experts:
+        problems.append(f"--top-k {shape.top_k} must be between 1 and E={shape.num_experts}")
+    if cfg.gpus is None or cfg.gpus < 1:
+        problems.append(f"--gpus {cfg.gpus}: must be >= 1")
+    if cfg.ep_size is not None and shape.num_experts >= 1:
+        if cfg.ep_size < 1 or shape.num_experts % cfg.ep_size:
+            problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({shape.num_experts})")
+        elif cfg.gpus and cfg.gpus % cfg.ep_size:
+            problems.append(f"--ep-size {cfg.ep_size} must divide --gpus {cfg.gpus}")
+    if cfg.zero is not None and cfg.zero not in (1, 2):
+        problems.append(f"--zero {cfg.zero}: DeepSpeed MoE runs with ZeRO stage 1 or 2 (stage 3 is not supported "
+                        "for native MoE); use --offload for the largest models")
+    if cfg.zero == 1 and cfg.offload:
+        problems.append("--offload with --zero 1: plan ZeRO-Offload with --zero 2")
+    if cfg.seq_len < 2 or cfg.micro_batch_size < 1:
+        problems.append("--seq-len must be >= 2 and --micro-batch-size >= 1")
+    if shape.max_positions and cfg.seq_len > shape.max_positions:
+        problems.append(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                        f"({shape.max_positions})")
+    if cfg.capacity_factor < 1:
+        problems.append(f"--capacity-factor {cfg.capacity_factor}: must be >= 1 (max load >= mean load)")
+    if cfg.device == "cpu" and cfg.offload:
+        problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
+    if cfg.device == "cpu" and cfg.dtype == "bf16":
+        problems.append("--device cpu with --dtype bf16: CPU runs are calibrated in fp32; pass --dtype fp32")
+    fail_if(problems, "plan: bad arguments")
+
+
+def make_plan(cfg: PlanConfig) -> Plan:
+    shape = shape_of(cfg)
+    validate(cfg, shape)
+    budget = parse_memory(cfg.gpu_memory, "--gpu-memory")
+    estimates = [estimate(shape, cfg, c) for c in candidate_choices(shape, cfg)]
+    if not estimates:
+        raise UserError(f"--gpus {cfg.gpus}: no ep_size divides both E={shape.num_experts} and the GPU count")
+    host_budget = parse_memory(cfg.host_memory, "--host-memory") if cfg.host_memory else None
+    for e in estimates:
+        e.fits = e.total <= budget and (host_budget is None or host_per_node(e, cfg) <= host_budget)
+    # Preference among those that fit: no offload (it is slow), then the smallest ep_size (least
+    # all-to-all traffic), then ZeRO-2 over ZeRO-1 (same traffic, less memory).
+    fitting = sorted((e for e in estimates if e.fits),
+                     key=lambda e: (e.choice.offload, e.choice.ep_size, -e.choice.zero))
+    smallest = min(estimates, key=lambda e: (not e.fits, e.total))
+    return Plan(shape, budget, estimates, fitting[0] if fitting else None, smallest,
+                hints(shape, cfg, smallest, budget))
+
+
+def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[str]:
+    """What would make the smallest configuration fit, when it does not."""
+    if best.total <= budget:
+        return []
+    over = best.total - budget
+    out = []
+    if cfg.prior == "frozen":
+        saved = best.parts["pa_teacher"] - estimate(shape, PlanConfig(**{**asdict(cfg), "prior": "self"}),
+                                                    best.choice).parts["pa_teacher"]
+        out.append(f"--prior self keeps no frozen expert copy: saves {saved / GiB:.1f} GiB")
+    if best.parts["activations"] > over:
+        out.append(f"a shorter --seq-len or --micro-batch-size: activations are {best.parts['activations'] / GiB:.1f}"
+                   " GiB")
+    if not cfg.offload and not best.choice.offload:
+        out.append("--offload moves the optimizer state to host memory")
+    for gpus in (2 * cfg.gpus, 4 * cfg.gpus, 8 * cfg.gpus):
+        trial = PlanConfig(**{**asdict(cfg), "gpus": gpus, "ep_size": None})
+        if min(estimate(shape, trial, c).total for c in candidate_choices(shape, trial)) <= budget:
+            out.append(f"--gpus {gpus} would fit")
+            break
+    if best.choice.ep_size == shape.num_experts:
+        out.append(f"more experts (--num-experts {2 * shape.num_experts}"
+                   f"{', converting the dense model again' if shape.converted else ''}) allow ep_size above "
+                   f"E={shape.num_experts}")
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+
+HEADERS = {"frozen_weights": "frozen", "experts": "experts", "pa_teacher": "teacher", "gradients": "grads",
+           "optimizer": "optim", "optimizer_step": "step", "activations": "activ", "runtime": "runtime"}
+
+
+def ds_config_for(choice: Choice, cfg: PlanConfig) -> str:
+    if choice.offload:
+        return "ds_configs/zero2_offload_bf16.json"
+    return f"ds_configs/zero{choice.zero}{'_bf16' if cfg.dtype == 'bf16' else ''}.json"
+
+
+def report(plan: Plan, cfg: PlanConfig) -> str:
+    s = plan.shape
+    unit = "process" if cfg.device == "cpu" else "GPU"
+    lines = [f"model {s.name}: {s.total_params / 1e9:.2f}B params ({s.shared_params / 1e9:.2f}B shared, "
+             f"{s.expert_params / 1e9:.2f}B in experts), {s.layers} layers, E={s.num_experts}, k={s.top_k}, "
+             f"{s.routing} routing",
+             f"run: {cfg.gpus} ranks, {cfg.dtype}, seq_len {cfg.seq_len} x micro-batch {cfg.micro_batch_size}, "
+             f"prior {cfg.prior}; budget {plan.budget / GiB:.1f} GiB per {unit}",
+             "",
+             f"{'GiB per ' + unit:<22}" + "".join(f"{h:>9}" for h in HEADERS.values()) + f"{'total':>9}  fits"]
+    for e in plan.estimates:
+        row = f"{e.choice.label():<22}" + "".join(f"{e.parts[k] / GiB:9.2f}" for k in HEADERS)
+        row += f"{e.total / GiB:9.2f}  {'yes' if e.fits else 'no'}"
+        if cfg.device == "gpu":
+            row += f"  host {host_per_node(e, cfg) / GiB:.0f}/node"
+        lines.append(row)
+    if cfg.device == "gpu":
+        lines.append(f"host/node: host memory of the {cfg.gpus_per_node or min(cfg.gpus, 8)} ranks of a node while "
+                     "they load their weights, or hold the offloaded optimizer state"
+                     + ("" if cfg.host_memory else "; not checked without --host-memory"))
+    lines.append("")
+    if plan.recommended:
+        r = plan.recommended
+        lines.append(f"recommended: --ep-size {r.choice.ep_size}, ZeRO-{r.choice.zero}"
+                     f"{' with optimizer offload' if r.choice.offload else ''} (--ds-config {ds_config_for(r.choice, cfg)})"
+                     f": {r.total / GiB:.1f} of {plan.budget / GiB:.1f} GiB per {unit}")
+    return "\n".join(lines)
+
+
+def no_fit_message(plan: Plan, cfg: PlanConfig) -> str:
+    best = plan.smallest
+    unit = "process" if cfg.device == "cpu" else "GPU"
+    if best.total <= plan.budget:  # only the host memory of offload was short
+        msg = (f"nothing fits: {best.choice.label()} needs {best.total / GiB:.1f} GiB per {unit} but "
+               f"{host_per_node(best, cfg) / GiB:.0f} GiB of host memory per node, above --host-memory "
+               f"{cfg.host_memory}; without offload the smallest requirement is "
+               f"{min(e.total for e in plan.estimates if not e.choice.offload) / GiB:.1f} GiB per {unit}"
+               if any(not e.choice.offload for e in plan.estimates) else
+               f"nothing fits: {best.choice.label()} needs {host_per_node(best, cfg) / GiB:.0f} GiB of host memory "
+               f"per node, above --host-memory {cfg.host_memory}")
+    else:
+        msg = (f"nothing fits: the smallest requirement is {best.total / GiB:.1f} GiB per {unit} "
+               f"({best.choice.label()}), above the {plan.budget / GiB:.1f} GiB of --gpu-memory {cfg.gpu_memory}")
+    if plan.hints:
+        msg += "\n  options: " + "; ".join(plan.hints)
+    return msg
+
+
+def as_json(plan: Plan) -> dict:
+    return {"model": asdict(plan.shape), "budget_bytes": plan.budget,
+            "estimates": [{**asdict(e.choice), "parts": e.parts, "total": e.total, "fits": e.fits,
+                           "host_offload": e.host_offload, "host_load": e.host_load} for e in plan.estimates],
+            "recommended": asdict(plan.recommended.choice) if plan.recommended else None,
+            "smallest": {**asdict(plan.smallest.choice), "total": plan.smallest.total},
+            "hints": plan.hints}
+
+
+def _run_cli(ns) -> int:
+    from factorllm_ds.config import from_namespace
+
+    cfg = from_namespace(PlanConfig, ns)
+    plan = make_plan(cfg)
+    print(json.dumps(as_json(plan), indent=2) if cfg.json else report(plan, cfg))
+    if plan.recommended is None:
+        print(f"factorllm-ds plan: {no_fit_message(plan, cfg)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+CLI_COMMANDS = {"plan": ("factorllm_ds.plan:PlanConfig", _run_cli,
+                         "per-GPU memory of a training run; recommends ep_size / ZeRO stage / offload")}

