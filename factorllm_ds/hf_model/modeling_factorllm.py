@@ -27,6 +27,10 @@ except ImportError:  # pragma: no cover
     from configuration_factorllm import FactorLLMConfig
 
 
+# transformers 5.x renamed past_key_values to cache (argument and output field); use whichever it has.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def route(logits_TE: torch.Tensor, k: int, routing: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing: returns (expert ids [T, k], combine weights [T, k] in fp32).
 
@@ -198,12 +202,11 @@ class FactorLLMForCausalLM(FactorLLMPreTrainedModel, GenerationMixin):
         # transformers renamed past_key_values to cache in 5.x; accept both spellings.
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        cache_kw = {"cache": cache} if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else {"past_key_values": cache}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **cache_kw,
+            **{_CACHE_FIELD: cache},
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -217,11 +220,10 @@ class FactorLLMForCausalLM(FactorLLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
-        cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{cache_field: outputs.get(cache_field)},
+            **{_CACHE_FIELD: outputs.get(_CACHE_FIELD)},
         )
