@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,9 +183,6 @@ class CheckpointReader:
             raise UserError(f"{self.flag} {path}: truncated safetensors file (tensor {name} ends at byte {end}, "
                             f"the file holds {start + got}). Download it again.")
         return tensor
-
-    def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return {name: self.get(name) for name in names}
 
     @property
     def total_bytes(self) -> int:
