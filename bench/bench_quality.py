@@ -33,7 +33,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--train-args", default="", help="extra `factorllm-ds train` flags, e.g. '--prior self'")
-    p.add_argument("--convert-args", default="", help="extra convert settings as key=value, e.g. combine_scale=1")
+    p.add_argument("--convert-args", default="",
+                   help="extra convert settings as key=value, e.g. 'combine_scale=1 prior_target=subset router_init=prior'")
     p.add_argument("--tag", default="", help="name suffix for this variant's cache entries")
     p.add_argument("--work", type=Path, default=None, help="default: <cache>/bench_quality")
     return p.parse_args()
@@ -75,7 +76,8 @@ def main() -> None:
                 continue
             moe, run, exported = work / name / "moe", work / name / "run", work / name / "export"
             if not (moe / "factorllm_manifest.json").is_file():
-                calib = {"calib_data": kjv} if split == "coactivation" else {}
+                needs_calib = split == "coactivation" or extra_convert.get("router_init") == "prior"
+                calib = {"calib_data": kjv} if needs_calib else {}
                 convert(ConvertConfig(model=dense, out=moe, num_experts=e, top_k=k, split=split, overwrite=True,
                                       **calib, **extra_convert), progress=False)
             demo = DemoConfig(tokens=args.tokens, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,

@@ -17,6 +17,8 @@ from factorllm_ds.keys import SUPPORTED_FAMILIES
 from factorllm_ds.split import SPLIT_METHODS
 
 ROUTING_MODES = ("hard", "softmax")
+PRIOR_TARGETS = ("share", "subset")  # as modeling_factorllm.PRIOR_TARGETS (shipped code imports nothing from here)
+ROUTER_INITS = ("normal", "prior")
 
 
 def arg(help: str, choices: tuple | None = None, flag: str | None = None, **kw) -> Any:
@@ -100,6 +102,11 @@ class MoEShape:
                             "model could not be exported; drop --router-bias")
         return problems
 
+    def resolved_scale(self) -> float:
+        if self.combine_scale is not None:
+            return float(self.combine_scale)
+        return self.num_experts / self.top_k if self.routing == "hard" else float(self.num_experts)
+
     def resolved_router_bias(self) -> bool:
         return self.routing == "hard" if self.router_bias is None else self.router_bias
 
@@ -112,13 +119,23 @@ class ConvertConfig(MoEShape):
     out: Path = arg("output folder for the MoE checkpoint (must not exist, unless --overwrite)", default=None,
                     required=True)
     split: str = arg("how neurons are grouped into experts", choices=SPLIT_METHODS, default="contiguous")
-    calib_data: Path | None = arg("calibration text (.txt or .jsonl with a 'text' field) for --split coactivation",
-                                  default=None)
-    calib_tokens: int = arg("calibration tokens for --split coactivation", default=4096)
+    prior_target: str = arg("what the PA prior (and the oracle router) picks: share (paper: the k experts each "
+                            "closest to their share t*k/E of the dense output t) or subset (the k experts whose "
+                            "combined output is closest to t); stored in config.json, `train` follows it",
+                            choices=PRIOR_TARGETS, default="share")
+    router_init: str = arg("normal: N(0, 0.02), bias 0 (paper); prior: fitted on --calib-data to predict the PA "
+                           "prior of the dense FFN, so training starts with routes close to the prior's",
+                           choices=ROUTER_INITS, default="normal")
+    calib_data: Path | None = arg("calibration text (.txt or .jsonl with a 'text' field) for --split coactivation "
+                                  "and --router-init prior", default=None)
+    calib_tokens: int = arg("calibration tokens for --split coactivation / --router-init prior", default=4096)
     calib_seq_len: int = arg("calibration sequence length", default=512)
     seed: int = arg("seed for the random split, k-means initialisation and router initialisation", default=0)
     max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default="2GB")
     overwrite: bool = arg("replace --out if it exists", default=False)
+
+    def needs_calibration(self) -> bool:
+        return self.split == "coactivation" or self.router_init == "prior"
 
     def validate(self, dense_config: dict) -> None:
         problems = []
@@ -130,9 +147,10 @@ class ConvertConfig(MoEShape):
             problems.append(f"--model {self.model}: unsupported architecture {arch} (model_type {model_type!r}). "
                             f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)")
         problems += self.moe_problems(dense_config.get("intermediate_size"))
-        if self.split == "coactivation":
+        if self.needs_calibration():
             if self.calib_data is None:
-                problems.append("--split coactivation needs calibration text: pass --calib-data FILE (.txt/.jsonl)")
+                what = "--split coactivation" if self.split == "coactivation" else "--router-init prior"
+                problems.append(f"{what} needs calibration text: pass --calib-data FILE (.txt/.jsonl)")
             elif not Path(self.calib_data).is_file():
                 problems.append(f"--calib-data {self.calib_data}: no such file")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:

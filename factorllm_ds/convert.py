@@ -105,6 +105,25 @@ def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> tor
     return split.coactivation_partition(calib.mlp_activations(), cfg.num_experts, seed)
 
 
+def initial_router(cfg: ConvertConfig, gate, down, perm, calib, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The router of one layer: N(0, 0.02) (paper), or fitted to the dense FFN's PA prior on calibration text."""
+    bias = torch.zeros(cfg.num_experts) if cfg.resolved_router_bias() else None
+    if cfg.router_init == "normal":
+        return torch.empty(cfg.num_experts, gate.shape[1]).normal_(0.0, 0.02, generator=gen), bias
+    from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight
+    from factorllm_ds.routing import fit_router
+
+    acts_NI = calib.mlp_activations()
+    size = perm.numel() // cfg.num_experts
+    groups = perm.view(cfg.num_experts, size)
+    down_f = down.float()
+    outs_ENH = torch.stack([acts_NI[:, idx] @ down_f[:, idx].T for idx in groups])
+    prior_idx = prior_topk(outs_ENH, outs_ENH.sum(dim=0), cfg.top_k, cfg.prior_target,
+                           prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k))
+    x_NH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1])
+    return fit_router(x_NH, prior_idx, cfg.num_experts, bias is not None)
+
+
 def moe_config(dense_config: dict, cfg: ConvertConfig):
     from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 
@@ -120,6 +139,7 @@ def moe_config(dense_config: dict, cfg: ConvertConfig):
         combine_scale=cfg.combine_scale,
         router_bias=cfg.resolved_router_bias(),
         partition_method=cfg.split,
+        prior_target=cfg.prior_target,
     )
     moe.architectures = ["FactorLLMForCausalLM"]
     moe.auto_map = dict(AUTO_MAP)
@@ -140,7 +160,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
         raise UserError(f"--model {cfg.model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
                         "tensors); it is incomplete or not a SwiGLU LLaMA-family model.")
     calib = None
-    if cfg.split == "coactivation":
+    if cfg.needs_calibration():
         from factorllm_ds.calibration import CalibrationRunner
 
         calib = CalibrationRunner(reader, dense_config, cfg)
@@ -179,10 +199,10 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                 calib.run_layer(layer)
             perm = make_partition(cfg, layer, gate, up, down, calib)
             partitions[f"layers.{layer}"] = perm.to(torch.int32)
-            router = torch.empty(cfg.num_experts, gate.shape[1]).normal_(0.0, 0.02, generator=gen)
+            router, bias = initial_router(cfg, gate, down, perm, calib, gen)
             writer.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
-            if cfg.resolved_router_bias():
-                writer.write(keys.ROUTER_BIAS.format(layer=layer), torch.zeros(cfg.num_experts, dtype=gate.dtype))
+            if bias is not None:
+                writer.write(keys.ROUTER_BIAS.format(layer=layer), bias.to(gate.dtype))
             for e in range(cfg.num_experts):  # one expert's slices at a time: the layer is held once, not twice
                 g, u, d = split.expert_slice(gate, up, down, perm, cfg.num_experts, e)
                 writer.write(keys.expert_key("gate", layer, e), g)

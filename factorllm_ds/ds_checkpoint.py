@@ -69,6 +69,10 @@ class DeepSpeedRunSource(ExportSource):
         self.model_dir = Path(manifest["model"])
         self.description = f"--run {run_dir} (tag {tag})"
         self.config = read_config(self.model_dir, "the run's --model")
+        # The oracle router of the export picks experts as the run's PA prior did.
+        prior_target = manifest.get("settings", {}).get("prior_target")
+        if prior_target:
+            self.config["prior_target"] = prior_target
         self.side_dir = self.model_dir
         partition = self.model_dir / PARTITION_FILE
         self.partition_file = partition if partition.is_file() else None

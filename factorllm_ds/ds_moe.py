@@ -20,7 +20,7 @@ from transformers import AutoModel
 from factorllm_ds import keys
 from factorllm_ds.hf_io import CheckpointReader
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
-from factorllm_ds.hf_model.modeling_factorllm import FactorLLMExpert
+from factorllm_ds.hf_model.modeling_factorllm import FactorLLMExpert, prior_weight
 from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_agreement, prior_topk,
                                   switch_balance_loss)
 
@@ -35,6 +35,7 @@ class LossWeights:
     prior: str = "frozen"  # frozen | self | none
     tau: float = 1.0
     balance_kind: str = "paper"  # paper | switch
+    prior_target: str = "share"  # share | subset (see prior_topk)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class DeepSpeedMoEBlock(nn.Module):
         self.ep_size = ep_size
         self.hidden_size = text.hidden_size
         self.weights = weights
+        self.prior_weight = prior_weight(config.routing, config.scale, self.k)
         expert = FactorLLMExpert(text.hidden_size, config.expert_intermediate_size, text.hidden_act)
         self.moe = MoE(hidden_size=text.hidden_size, expert=expert, num_experts=config.num_experts,
                        ep_size=ep_size, k=config.num_experts_per_tok, drop_tokens=False, use_rts=False,
@@ -127,7 +129,7 @@ class DeepSpeedMoEBlock(nn.Module):
         prior_idx = None
         if self.weights.prior != "none" and self.training:
             outs_ETH, target_TH = self.all_expert_outputs(x_TH)
-            prior_idx = prior_topk(outs_ETH, target_TH, self.k)
+            prior_idx = prior_topk(outs_ETH, target_TH, self.k, self.weights.prior_target, self.prior_weight)
         out, _, exp_counts = self.moe(hidden_states)
         probs_TE = self.gate.last_probs
         zero = probs_TE.new_zeros(())

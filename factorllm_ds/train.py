@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from factorllm_ds.config import arg, fail_if
+from factorllm_ds.config import PRIOR_TARGETS, arg, fail_if
 from factorllm_ds.errors import UserError
 
 log = logging.getLogger("factorllm_ds")
@@ -67,6 +67,10 @@ class TrainConfig:
     prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
                      "none disables the PA loss", choices=("frozen", "self", "none"), default="frozen")
     prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
+    prior_target: str | None = arg("what the PA prior picks: share (paper: the k experts each closest to their "
+                                   "share t*k/E of the teacher output t) or subset (the k experts whose combined "
+                                   "output is closest to t). Default: the model's config (set by convert)",
+                                   choices=PRIOR_TARGETS, default=None)
     train_router_only: bool = arg("freeze the experts too (router-only training)", default=False)
     seed: int = arg("seed for data order", default=0)
     eval_data: list[str] | None = arg("held-out text; default: the last --eval-fraction of --data", default=None)
@@ -135,6 +139,8 @@ def validate(cfg: TrainConfig, ds: dict, world: int) -> dict:
         raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
                         f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
     num_experts = model_config["num_experts"]
+    if cfg.prior_target is None:
+        cfg.prior_target = model_config.get("prior_target", "share")
     if cfg.ep_size < 1 or num_experts % cfg.ep_size:
         problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({num_experts})")
     if cfg.ep_size >= 1 and world % cfg.ep_size:
@@ -263,7 +269,8 @@ def setup(cfg: TrainConfig) -> Run:
         new = max(0, cfg.steps // 10)
         log.warning("--warmup-steps %d >= --steps %d: using %d warm-up steps", cfg.warmup_steps, cfg.steps, new)
         cfg.warmup_steps = new
-    weights = LossWeights(cfg.pa_weight, cfg.balance_weight, cfg.prior, cfg.prior_tau, cfg.balance_kind)
+    weights = LossWeights(cfg.pa_weight, cfg.balance_weight, cfg.prior, cfg.prior_tau, cfg.balance_kind,
+                          cfg.prior_target)
     model = build_train_model(cfg.model, cfg.ep_size, weights, ep_rank_of(cfg.ep_size))
     # DeepSpeed keeps fp32 masters only in bf16/fp16 mode; otherwise the weights must be fp32
     # themselves, or Adam's small updates vanish in bf16 rounding.

@@ -22,7 +22,7 @@ import tiny
 from factorllm_ds.convert import load_partition
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
-from factorllm_ds.hf_model.modeling_factorllm import FactorLLMForCausalLM, FactorLLMSparseMoeBlock
+from factorllm_ds.hf_model.modeling_factorllm import FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk
 from factorllm_ds.modeling import all_experts_mode, load_dense, load_moe
 
 TEXT = "In the beginning God created the heaven and the earth."
@@ -210,6 +210,24 @@ def test_oracle_override_picks_the_experts_closest_to_their_share(routing):
     assert rel(got, want) <= 1e-5
     learned = F.softmax(block.router(x_TH), -1).topk(2, dim=-1).indices
     assert (chosen_TK.sort(-1).values != learned.sort(-1).values).any(-1).float().mean() > 0.2
+
+
+def test_oracle_override_with_subset_target_picks_the_best_pair():
+    block = make_block("hard", 2)
+    # Scale 1: at the default E/k = 2 (E = 4, k = 2) a pair and its complement tie exactly,
+    # ||2(E_a + E_b) - t|| = ||(E_a + E_b) - (E_c + E_d)||.
+    block.router_override, block.prior_target, block.scale = "oracle", "subset", 1.0
+    x_TH = tokens().view(-1, H)
+    with torch.no_grad():
+        got = block(x_TH)
+        out_ETH = torch.stack([expert(x_TH) for expert in block.experts])
+        pairs = [(a, b) for a in range(E) for b in range(a + 1, E)]
+        err_TP = torch.stack([(out_ETH[a] + out_ETH[b] - out_ETH.sum(0)).pow(2).sum(-1) for a, b in pairs], 1)
+        chosen_TK = torch.tensor(pairs)[err_TP.argmin(-1)]
+        want = naive_moe(block, x_TH, chosen_TK)
+        share = prior_topk(out_ETH, out_ETH.sum(0), 2)
+    assert rel(got, want) <= 1e-5
+    assert (chosen_TK.sort(-1).values != share.sort(-1).values).any(-1).float().mean() > 0.1  # the targets differ
 
 
 def test_random_override_is_seeded_and_uniform():

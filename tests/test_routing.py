@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from factorllm_ds.ds_moe import LossWeights, build_train_model
-from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_agreement, prior_distribution,
-                                  prior_topk, route, switch_balance_loss)
+from factorllm_ds.routing import (FactorLLMGate, balance_loss, fit_router, pa_loss, prior_agreement,
+                                  prior_distribution, prior_topk, route, switch_balance_loss)
 
 # q = softmax(M / tau) for E=4, k=2, tau=1: e / (2e + 2) on the prior's experts, 1 / (2e + 2) elsewhere.
 Q_ON, Q_OFF = 0.36552928931500245, 0.13447071068499755
@@ -126,6 +126,66 @@ def test_prior_topk_picks_experts_closest_to_their_share_of_the_target() -> None
     assert idx[0, 0] == 1 and idx[1, 0] == 0  # the closest first
     # The share matters: against t itself token 1 would have picked experts 2 and 0.
     assert sorted(prior_topk(out_ETH, target_TH * 2, k=2)[1].tolist()) == [0, 2]
+
+
+def subset_error(out_ETH, target_TH, idx_TK, weight):
+    chosen_TH = out_ETH[idx_TK.T, torch.arange(out_ETH.shape[1])].sum(dim=0)  # [k, T, H] -> [T, H]
+    return (weight * chosen_TH - target_TH).pow(2).sum(dim=-1)
+
+
+@pytest.mark.parametrize("num_experts,k,weight", [(4, 2, 1.0), (4, 1, 1.0), (8, 2, 4.0), (6, 3, 2.0)])
+def test_prior_topk_subset_is_the_best_k_subset_by_brute_force(num_experts, k, weight) -> None:
+    gen = torch.Generator().manual_seed(0)
+    out_ETH = torch.randn(num_experts, 50, 6, generator=gen)
+    target_TH = out_ETH.sum(dim=0) + 0.3 * torch.randn(50, 6, generator=gen)
+    idx = prior_topk(out_ETH, target_TH, k, target="subset", weight=weight)
+    assert idx.shape == (50, k) and (idx.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts
+    got = subset_error(out_ETH, target_TH, idx, weight)
+    import itertools
+    best = torch.stack([subset_error(out_ETH, target_TH, torch.tensor(s).expand(50, k), weight)
+                        for s in itertools.combinations(range(num_experts), k)]).min(dim=0).values
+    assert torch.allclose(got, best, rtol=1e-5, atol=1e-5)
+    share = prior_topk(out_ETH, target_TH, k, target="share")
+    assert (subset_error(out_ETH, target_TH, share, weight) >= got - 1e-5).all()
+
+
+def test_prior_topk_subset_greedy_beyond_512_subsets() -> None:
+    # C(16, 4) = 1820 subsets: greedy. Planted answer: the target is exactly 4 experts' sum.
+    gen = torch.Generator().manual_seed(1)
+    out_ETH = torch.randn(16, 40, 32, generator=gen)
+    planted = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(40)])  # [T, 4]
+    target_TH = out_ETH[planted.T, torch.arange(40)].sum(dim=0)
+    idx = prior_topk(out_ETH, target_TH, 4, target="subset")
+    assert torch.equal(idx.sort(-1).values, planted.sort(-1).values)
+
+
+def test_prior_topk_unknown_target_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown prior target 'closest'"):
+        prior_topk(torch.zeros(4, 2, 3), torch.zeros(2, 3), 2, target="closest")
+
+
+def test_prior_targets_match_the_shipped_model_code() -> None:
+    from factorllm_ds.config import PRIOR_TARGETS
+    from factorllm_ds.hf_model import modeling_factorllm
+
+    assert PRIOR_TARGETS == modeling_factorllm.PRIOR_TARGETS
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fit_router_learns_a_linearly_predictable_prior(bias) -> None:
+    # The prior's choice is a linear function of x (plus an offset when there is a bias):
+    # the fitted router must agree with it on held-out tokens far above chance (0.5 for E=4, k=2).
+    gen = torch.Generator().manual_seed(2)
+    x_NH = torch.randn(3000, 16, generator=gen) * torch.logspace(-2, 1, 16)  # very different feature scales
+    x_NH = x_NH + (5.0 if bias else 0.0)
+    true_w = torch.randn(4, 16, generator=gen) / torch.logspace(-2, 1, 16)
+    prior_idx = ((x_NH - (5.0 if bias else 0.0)) @ true_w.T).topk(2, dim=-1).indices
+    weight, b = fit_router(x_NH[:2000], prior_idx[:2000], 4, bias=bias)
+    assert weight.shape == (4, 16) and (b is None) == (not bias)
+    logits = x_NH[2000:] @ weight.T + (b if bias else 0.0)
+    assert prior_agreement(F.softmax(logits, -1), prior_idx[2000:]) > 0.85
+    untrained = torch.randn(4, 16, generator=gen) * 0.02
+    assert prior_agreement(F.softmax(x_NH[2000:] @ untrained.T, -1), prior_idx[2000:]) < 0.7
 
 
 # ----------------------------------------------------------------------------- route

@@ -51,6 +51,7 @@ RUN_SPECS: dict[str, tuple[str, int, dict]] = {
     "ep1_sgd": ("python", 1, dict(text="varied", steps=6, ep_size=1, lr=0.5, ds_config="zero2.json",
                                   micro_batch_size=2, extra=("--optimizer", "sgd", "--grad-clip", "0"))),
     "prior_self": ("torchrun", 2, dict(text="varied", steps=3, ep_size=2, extra=("--prior", "self"))),
+    "prior_subset": ("torchrun", 2, dict(text="varied", steps=3, ep_size=2, extra=("--prior-target", "subset"))),
     "bf16": ("torchrun", 2, dict(text="varied", steps=3, ep_size=2, ds_config="zero2_bf16.json")),
 }
 
@@ -211,6 +212,22 @@ def test_prior_self_and_frozen_both_train(runs: Runs) -> None:
     assert frozen["settings"]["prior"] == "frozen"
     # Step 1 sees the same batch and the same (initial) experts: the two teachers agree there.
     assert rows[0]["pa"] == pytest.approx(du.read_metrics(runs("ep2_adamw"))[0]["pa"], rel=1e-4)
+
+
+@pytest.mark.dist
+def test_prior_target_subset_trains_and_reaches_the_export(runs: Runs) -> None:
+    from factorllm_ds.ds_checkpoint import DeepSpeedRunSource
+
+    out = runs("prior_subset")
+    assert json.loads((out / "run.json").read_text())["settings"]["prior_target"] == "subset"
+    rows = du.read_metrics(out)
+    assert len(rows) == 3 and all(row["pa"] > 0 for row in rows)
+    # The default comes from the converted model's config (share, the paper's).
+    share = runs("ep2_adamw")
+    assert json.loads((share / "run.json").read_text())["settings"]["prior_target"] == "share"
+    # Same batch, same initial experts at step 1: only the prior's choice differs, so the PA term does.
+    assert rows[0]["pa"] != pytest.approx(du.read_metrics(share)[0]["pa"], rel=1e-3)
+    assert DeepSpeedRunSource(out).config["prior_target"] == "subset"
 
 
 @pytest.mark.dist

@@ -28,6 +28,7 @@ class FactorLLMConfig(PretrainedConfig):
         router_bias: bool = True,
         partition_method: str = "contiguous",
         router_override: str = "learned",
+        prior_target: str = "share",
         **kwargs,
     ):
         """
@@ -45,6 +46,9 @@ class FactorLLMConfig(PretrainedConfig):
             router_override: ``learned`` | ``oracle`` | ``random``: evaluation-time
                 choice of who picks the experts (oracle = the experts closest to their
                 share of the dense output, the PA prior).
+            prior_target: what the PA prior (and the oracle router) picks: ``share`` (the
+                paper: the k experts each closest to their share t*k/E of the teacher
+                output t) or ``subset`` (the k experts whose scaled sum is closest to t).
         """
         if isinstance(text_config, dict):
             text_config = dict(text_config)
@@ -61,6 +65,7 @@ class FactorLLMConfig(PretrainedConfig):
         self.router_bias = router_bias
         self.partition_method = partition_method
         self.router_override = router_override
+        self.prior_target = prior_target
         if text_config is not None:
             kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
             for name in ("vocab_size", "hidden_size", "num_hidden_layers"):

@@ -14,6 +14,8 @@ Only the selected experts run on each token (sparse dispatch).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,15 +51,50 @@ def route(logits_TE: torch.Tensor, k: int, routing: str, scale: float) -> tuple[
     return top_idx_TK, weights_TK
 
 
-def prior_topk(expert_out_ETH: torch.Tensor, target_TH: torch.Tensor, k: int) -> torch.Tensor:
-    """The PA prior's choice: the k experts whose output is closest to their share t*k/E.
+PRIOR_TARGETS = ("share", "subset")
+_MAX_SUBSETS = 512  # exact search over all k-subsets up to this many, greedy beyond
 
-    Returns expert ids [T, k]. ``expert_out_ETH`` holds every expert's output per token.
+
+def prior_topk(expert_out_ETH: torch.Tensor, target_TH: torch.Tensor, k: int, target: str = "share",
+               weight: float = 1.0) -> torch.Tensor:
+    """The PA prior's choice of k experts per token: expert ids [T, k].
+
+    ``expert_out_ETH`` holds every expert's output per token, ``target_TH`` the teacher t.
+    ``share`` (the paper): the k experts whose own output is closest to their share t*k/E.
+    ``subset``: the k experts whose combination, as the model computes it (each selected
+    output times ``weight``, the combine scale), is closest to t:
+    argmin_S ||weight * sum_{i in S} E_i - t||^2 over all k-subsets S (greedy when there
+    are more than 512 subsets).
     """
     num_experts = expert_out_ETH.shape[0]
-    share_TH = target_TH.float() * (k / num_experts)
-    dist_TE = (expert_out_ETH.float() - share_TH.unsqueeze(0)).pow(2).mean(dim=-1).transpose(0, 1)
-    return torch.topk(-dist_TE, k, dim=-1).indices
+    out_ETH, t_TH = expert_out_ETH.float(), target_TH.float()
+    if target == "share":
+        dist_TE = (out_ETH - t_TH.unsqueeze(0) * (k / num_experts)).pow(2).mean(dim=-1).transpose(0, 1)
+        return torch.topk(-dist_TE, k, dim=-1).indices
+    if target != "subset":
+        raise ValueError(f"unknown prior target {target!r}; expected one of {PRIOR_TARGETS}")
+    # ||w sum_S E_i - t||^2 = w^2 sum_{i,j in S} <E_i,E_j> - 2w sum_{i in S} <E_i,t> + const
+    gram_TEE = torch.einsum("ith,jth->tij", out_ETH, out_ETH) * weight * weight
+    cross_TE = torch.einsum("eth,th->te", out_ETH, t_TH) * (2 * weight)
+    subsets = list(itertools.combinations(range(num_experts), k))
+    if len(subsets) <= _MAX_SUBSETS:
+        idx_SK = torch.tensor(subsets, device=out_ETH.device)
+        mask_SE = torch.zeros(len(subsets), num_experts, device=out_ETH.device).scatter_(1, idx_SK, 1.0)
+        quad_TS = torch.einsum("se,tef,sf->ts", mask_SE, gram_TEE, mask_SE)
+        best_T = (quad_TS - cross_TE @ mask_SE.T).argmin(dim=-1)
+        return idx_SK[best_T]
+    chosen_TE = torch.zeros(out_ETH.shape[1], num_experts, device=out_ETH.device)
+    for _ in range(k):  # add the expert that lowers the error most, given those already chosen
+        gain_TE = torch.diagonal(gram_TEE, dim1=1, dim2=2) + 2 * torch.einsum("tef,tf->te", gram_TEE, chosen_TE) \
+            - cross_TE
+        chosen_TE.scatter_(1, gain_TE.masked_fill(chosen_TE.bool(), float("inf")).argmin(dim=-1, keepdim=True), 1.0)
+    return torch.topk(chosen_TE, k, dim=-1).indices
+
+
+def prior_weight(routing: str, scale: float, k: int) -> float:
+    """The weight each selected expert's output gets, as the ``subset`` prior assumes it:
+    the combine scale for ``hard`` routing, its mean share scale/k for ``softmax``."""
+    return scale if routing == "hard" else scale / k
 
 
 class FactorLLMExpert(nn.Module):
@@ -85,6 +122,7 @@ class FactorLLMSparseMoeBlock(nn.Module):
         self.routing = config.routing
         self.scale = config.scale
         self.router_override = config.router_override
+        self.prior_target = getattr(config, "prior_target", "share")
         self.router = nn.Linear(text.hidden_size, config.num_experts, bias=config.router_bias)
         self.experts = nn.ModuleList(
             FactorLLMExpert(text.hidden_size, config.expert_intermediate_size, text.hidden_act)
@@ -104,7 +142,8 @@ class FactorLLMSparseMoeBlock(nn.Module):
             idx_TK = torch.topk(scores_TE, self.top_k, dim=-1).indices
         elif self.router_override == "oracle":
             out_ETH = torch.stack([expert(x_TH) for expert in self.experts])
-            idx_TK = prior_topk(out_ETH, out_ETH.sum(dim=0), self.top_k)
+            idx_TK = prior_topk(out_ETH, out_ETH.sum(dim=0), self.top_k, self.prior_target,
+                                prior_weight(self.routing, self.scale, self.top_k))
         else:
             raise ValueError(f"unknown router_override {self.router_override!r}")
         if self.routing == "hard":
