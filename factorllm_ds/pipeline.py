@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factorllm_ds.config import arg
@@ -38,8 +38,10 @@ class DemoConfig:
     work: Path | None = arg("work folder for every stage (default: <cache>/demo)", default=None)
     num_experts: int = arg("E", default=4)
     top_k: int = arg("k", default=2)
-    split: str = arg("partition method", choices=("contiguous", "random", "kmeans", "coactivation"),
-                     default="contiguous")
+    split: str = arg("partition method (coactivation on --data measured best, bench/RESULTS.md)",
+                     choices=("contiguous", "random", "kmeans", "coactivation"), default="coactivation")
+    prior_target: str = arg("PA prior target (subset measured better than the paper's share, bench/RESULTS.md)",
+                            choices=("share", "subset"), default="subset")
     combine_scale: float = arg("s, the hard-routing combine scale (paper: E/k; 1 measured better, bench/RESULTS.md)",
                                default=1.0)
     tokens: int = arg("training tokens", default=49152)
@@ -53,6 +55,32 @@ class DemoConfig:
     eval_windows: int = arg("held-out windows of --eval-seq-len tokens", default=16)
     eval_seq_len: int = arg("tokens per evaluation window", default=256)
     fresh: bool = arg("delete --work first and redo every stage", default=False)
+
+
+SETTINGS_FILE = "demo_settings.json"
+DEMO_OUTPUTS = {"moe", "run", "export", "reports", "usage.png", "summary.json", SETTINGS_FILE}
+
+
+def _reset_if_settings_changed(work: Path, cfg: DemoConfig) -> None:
+    """Stages resume from what --work holds, but only if it was made with the same settings."""
+    wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("fresh", "work")}
+    recorded = work / SETTINGS_FILE
+    if recorded.is_file() and json.loads(recorded.read_text()) != wanted:
+        old = json.loads(recorded.read_text())
+        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        print(f"demo: {work} was made with other settings ({', '.join(changed)}); starting over",
+              file=sys.stderr)
+        shutil.rmtree(work)
+    elif work.is_dir() and not recorded.is_file() and any(work.iterdir()):
+        foreign = sorted(p.name for p in work.iterdir() if p.name not in DEMO_OUTPUTS and not p.name.startswith("."))
+        if foreign:
+            raise UserError(f"--work {work} holds files that no demo wrote ({', '.join(foreign[:3])}); "
+                            "pass an empty or new folder")
+        print(f"demo: {work} has no {SETTINGS_FILE} (an older version made it); starting over", file=sys.stderr)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not recorded.is_file():
+        recorded.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
 def _stage(name: str) -> None:
@@ -115,6 +143,7 @@ def demo(cfg: DemoConfig) -> dict:
     work = Path(cfg.work or _default_work())
     if cfg.fresh and work.exists():
         shutil.rmtree(work)
+    _reset_if_settings_changed(work, cfg)
     work.mkdir(parents=True, exist_ok=True)
     _stage("1/5 fetch")
     dense = Path(cfg.model) if cfg.model else assets.smollm2_model_dir()
@@ -129,7 +158,8 @@ def demo(cfg: DemoConfig) -> dict:
     if not (moe / MANIFEST_FILE).is_file():
         calib = {"calib_data": data} if cfg.split == "coactivation" else {}
         convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
-                              combine_scale=cfg.combine_scale, overwrite=True, **calib))
+                              combine_scale=cfg.combine_scale, prior_target=cfg.prior_target, overwrite=True,
+                              **calib))
     else:
         print(f"convert: {moe} exists; skipping", file=sys.stderr)
 

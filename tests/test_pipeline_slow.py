@@ -23,8 +23,7 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     cmd = [sys.executable, "-m", "factorllm_ds", "demo", "--work", str(work), "--tokens", "8192", "--seq-len", "128",
-           "--global-batch-size", "8", "--micro-batch-size", "2", "--eval-windows", "6", "--eval-seq-len", "128",
-           "--split", "contiguous"]
+           "--global-batch-size", "8", "--micro-batch-size", "2", "--eval-windows", "6", "--eval-seq-len", "128"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "held-out perplexity" in proc.stdout
