@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ def parse() -> argparse.Namespace:
                    help="extra convert settings as key=value, e.g. 'combine_scale=1 prior_target=subset router_init=prior'")
     p.add_argument("--tag", default="", help="name suffix for this variant's cache entries")
     p.add_argument("--work", type=Path, default=None, help="default: <cache>/bench_quality")
+    p.add_argument("--keep", action="store_true",
+                   help="keep each run's converted model and DeepSpeed checkpoints (several GB a run); by default "
+                        "only the metrics, reports and the exported model stay")
     return p.parse_args()
 
 
@@ -48,6 +52,7 @@ def main() -> None:
     from factorllm_ds.evaluate import EvalConfig, evaluate
     from factorllm_ds.export import ExportConfig, run_export
     from factorllm_ds.pipeline import DemoConfig, train_stage
+    from factorllm_ds.train import CHECKPOINT_DIR
 
     work = args.work or assets.cache_dir() / "bench_quality"
     work.mkdir(parents=True, exist_ok=True)
@@ -98,6 +103,9 @@ def main() -> None:
             row["trained_over_dense"] = row["trained"] / dense_ppl
             row["trained_over_oracle"] = row["trained"] / row["trained_oracle"]
             result_file.write_text(json.dumps(row, indent=2) + "\n")
+            if not args.keep:
+                shutil.rmtree(run / CHECKPOINT_DIR, ignore_errors=True)
+                shutil.rmtree(moe, ignore_errors=True)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print_table(rows)
