@@ -122,6 +122,16 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[s
                         f"last checkpoint in {run}")
 
 
+def _drop_older_checkpoints(run: Path) -> None:
+    """Keep the last checkpoint (to continue training from), not the intermediate ones (GBs each)."""
+    from factorllm_ds.ds_checkpoint import list_tags
+    from factorllm_ds.train import CHECKPOINT_DIR
+
+    tags = list_tags(run / CHECKPOINT_DIR)
+    for tag in tags[:-1]:
+        shutil.rmtree(run / CHECKPOINT_DIR / tag)
+
+
 def _eval(model: Path, data: Path, report: Path, cfg: DemoConfig, **kw) -> dict:
     from factorllm_ds.evaluate import EvalConfig, evaluate
 
@@ -171,6 +181,7 @@ def demo(cfg: DemoConfig) -> dict:
     exported = work / "export"
     if not (exported / "config.json").is_file():
         run_export(ExportConfig(run=run, out=exported, format="factorllm", overwrite=True), progress=False)
+        _drop_older_checkpoints(run)
     else:
         print(f"export: {exported} exists; skipping", file=sys.stderr)
 
