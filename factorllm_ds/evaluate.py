@@ -12,8 +12,9 @@ to ``windows * seq_len * k``); ``shares`` divides by that sum.
 
 Router overrides (``--router``), for analysis of a FactorLLM model:
 ``learned`` the model's router; ``random`` k experts drawn uniformly per token (seeded);
-``oracle`` per token, the k experts whose outputs are closest to their share k/E of the
-teacher ``t``, the PA prior of METHOD.md section 3. Here the teacher is the sum of all the
+``oracle`` per token, the PA prior's choice of METHOD.md section 3 under the model's
+``prior_target`` (``share``: the k experts whose outputs are closest to their share k/E of the
+teacher ``t``; ``subset``: the k experts whose combined output is closest to t). Here the teacher is the sum of all the
 model's *current* experts (the ``self`` prior), not the frozen original FFN: the two agree
 until the experts are trained, and only the former is available from a folder alone.
 The oracle computes every expert on every token, so it is slow and says nothing about speed.
@@ -52,8 +53,9 @@ class EvalConfig:
     batch_size: int = arg("windows per forward pass", default=4)
     top_k: int | None = arg("FactorLLM only: experts per token at evaluation (default: the model's k); a 'hard' "
                             "model with the default scale uses E/k for the new k", default=None)
-    router: str = arg("FactorLLM only: who picks the experts: learned router, oracle (the k experts closest to "
-                      "their share of the sum of all current experts; slow, every expert runs) or random (seeded)",
+    router: str = arg("FactorLLM only: who picks the experts: learned router, oracle (the PA prior's pick against "
+                      "the sum of all current experts, per the model's prior_target; slow, every expert runs) or "
+                      "random (seeded)",
                       choices=ROUTERS, default="learned")
     seed: int = arg("seed of --router random", default=0)
     dtype: str = arg("dtype the model runs in", choices=DTYPE_CHOICES, default="float32")
@@ -273,7 +275,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         report["moe"] = {"num_experts": block.num_experts, "top_k": block.top_k, "routing": block.routing,
                          "combine_scale": block.scale, "router": cfg.router,
                          "seed": cfg.seed if cfg.router == "random" else None,
-                         "oracle_teacher": "sum of all current experts" if cfg.router == "oracle" else None}
+                         "oracle_teacher": "sum of all current experts" if cfg.router == "oracle" else None,
+                         "oracle_target": block.prior_target if cfg.router == "oracle" else None}
         with count_expert_usage(model) as usage:
             total, count = window_nll(model, windows, cfg.batch_size, progress)
         report["expert_usage"] = usage_report(usage["counts"], block.top_k, windows.numel())
