@@ -34,8 +34,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--train-args", default="", help="extra `factorllm-ds train` flags, e.g. '--prior self'")
-    p.add_argument("--convert-args", default="",
-                   help="extra convert settings as key=value, e.g. 'combine_scale=1 prior_target=subset router_init=prior'")
+    p.add_argument("--convert-args", default="", help="extra convert settings as key=value, e.g. "
+                   "'combine_scale=1 prior_target=subset router_init=prior'")
     p.add_argument("--tag", default="", help="name suffix for this variant's cache entries")
     p.add_argument("--work", type=Path, default=None, help="default: <cache>/bench_quality")
     p.add_argument("--keep", action="store_true",

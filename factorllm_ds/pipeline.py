@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from factorllm_ds.config import arg
+from factorllm_ds.config import PRIOR_TARGETS, arg
 from factorllm_ds.errors import UserError
 
 
@@ -41,7 +41,7 @@ class DemoConfig:
     split: str = arg("partition method (coactivation on --data measured best, bench/RESULTS.md)",
                      choices=("contiguous", "random", "kmeans", "coactivation"), default="coactivation")
     prior_target: str = arg("PA prior target (subset measured better than the paper's share, bench/RESULTS.md)",
-                            choices=("share", "subset"), default="subset")
+                            choices=PRIOR_TARGETS, default="subset")
     combine_scale: float = arg("s, the hard-routing combine scale (paper: E/k; 1 measured better, bench/RESULTS.md)",
                                default=1.0)
     tokens: int = arg("training tokens", default=49152)
