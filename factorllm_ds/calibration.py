@@ -61,6 +61,7 @@ class CalibrationRunner:
         self.rotary = getattr(module, prefix + "RotaryEmbedding")(config=self.config)
         self.hidden = None
         self.mlp_input = None
+        self._activations = None
 
     def start(self) -> None:
         embed = self.reader.get("model.embed_tokens.weight").float()
@@ -71,7 +72,7 @@ class CalibrationRunner:
 
     @torch.no_grad()
     def run_layer(self, layer: int) -> None:
-        """Advance the hidden states through dense layer ``layer``, keeping the MLP input."""
+        """Advance the hidden states through dense layer ``layer``, keeping the MLP input and activations."""
         with torch.device("meta"):
             block = self.layer_cls(self.config, layer)
         prefix = keys.LAYER.format(layer=layer)
@@ -80,17 +81,18 @@ class CalibrationRunner:
         block.load_state_dict(state, strict=True, assign=True)
         block.eval()
         captured = {}
-        hook = block.mlp.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+        hooks = [block.mlp.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0])),
+                 # down_proj's input is act(W_gate x) * (W_up x): kept, not computed a second time
+                 block.mlp.down_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("h", args[0]))]
         self.hidden = block(self.hidden, attention_mask=None, position_ids=self.position_ids,
                             position_embeddings=self.position_embeddings)
         if isinstance(self.hidden, tuple):
             self.hidden = self.hidden[0]
-        hook.remove()
-        self.mlp = block.mlp
+        for hook in hooks:
+            hook.remove()
         self.mlp_input = captured["x"]
+        self._activations = captured["h"]
 
-    @torch.no_grad()
     def mlp_activations(self) -> torch.Tensor:
-        """act(W_gate x) * (W_up x) of the current layer: [tokens, I]."""
-        x = self.mlp_input.reshape(-1, self.mlp_input.shape[-1])
-        return self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)
+        """act(W_gate x) * (W_up x) of the current layer, as its forward computed it: [tokens, I]."""
+        return self._activations.reshape(-1, self._activations.shape[-1])
