@@ -17,6 +17,7 @@ from factorllm_ds.keys import SUPPORTED_FAMILIES
 from factorllm_ds.split import SPLIT_METHODS
 
 ROUTING_MODES = ("hard", "softmax")
+PRIOR_TEACHERS = ("frozen", "self", "none")
 PRIOR_TARGETS = ("share", "subset")  # as modeling_factorllm.PRIOR_TARGETS (shipped code imports nothing from here)
 ROUTER_INITS = ("normal", "prior")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -212,8 +213,6 @@ def plot_usage(shares: list[list[float]], path: Path, title: str) -> Path:
     ax.set_ylabel("layer")
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(0, num_layers, max(1, num_layers // 16)))
-    import textwrap
-
     # Narrow figures (few experts) would cut a long title: wrap it to the figure's width.
     ax.set_title("\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 9))), fontsize=9)
     fig.colorbar(im, ax=ax, label="share of routed tokens")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from factorllm_ds.config import PRIOR_TARGETS, arg
+from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
 
 
@@ -39,7 +40,7 @@ class DemoConfig:
     num_experts: int = arg("E", default=4)
     top_k: int = arg("k", default=2)
     split: str = arg("partition method (coactivation on --data measured best, bench/RESULTS.md)",
-                     choices=("contiguous", "random", "kmeans", "coactivation"), default="coactivation")
+                     choices=SPLIT_METHODS, default="coactivation")
     prior_target: str = arg("PA prior target (subset measured better than the paper's share, bench/RESULTS.md)",
                             choices=PRIOR_TARGETS, default="subset")
     combine_scale: float = arg("s, the hard-routing combine scale (paper: E/k; 1 measured better, bench/RESULTS.md)",
@@ -65,13 +66,13 @@ def _reset_if_settings_changed(work: Path, cfg: DemoConfig) -> None:
     """Stages resume from what --work holds, but only if it was made with the same settings."""
     wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("fresh", "work")}
     recorded = work / SETTINGS_FILE
-    if recorded.is_file() and json.loads(recorded.read_text()) != wanted:
-        old = json.loads(recorded.read_text())
+    old = json.loads(recorded.read_text()) if recorded.is_file() else None
+    if old is not None and old != wanted:
         changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
         print(f"demo: {work} was made with other settings ({', '.join(changed)}); starting over",
               file=sys.stderr)
         shutil.rmtree(work)
-    elif work.is_dir() and not recorded.is_file() and any(work.iterdir()):
+    elif old is None and work.is_dir() and any(work.iterdir()):
         foreign = sorted(p.name for p in work.iterdir() if p.name not in DEMO_OUTPUTS and not p.name.startswith("."))
         if foreign:
             raise UserError(f"--work {work} holds files that no demo wrote ({', '.join(foreign[:3])}); "
@@ -153,8 +154,7 @@ def demo(cfg: DemoConfig) -> dict:
     work = Path(cfg.work or _default_work())
     if cfg.fresh and work.exists():
         shutil.rmtree(work)
-    _reset_if_settings_changed(work, cfg)
-    work.mkdir(parents=True, exist_ok=True)
+    _reset_if_settings_changed(work, cfg)  # also creates work
     _stage("1/5 fetch")
     dense = Path(cfg.model) if cfg.model else assets.smollm2_model_dir()
     data = Path(cfg.data) if cfg.data else assets.kjv_text()

@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from factorllm_ds.config import arg, fail_if
+from factorllm_ds.config import PRIOR_TEACHERS, arg, fail_if
 from factorllm_ds.errors import UserError
 
 GiB = 2**30
@@ -69,7 +69,7 @@ class PlanConfig:
     seq_len: int = arg("tokens per training sequence", default=1024)
     micro_batch_size: int = arg("sequences per rank per forward", default=1)
     prior: str = arg("PA teacher: frozen (a frozen copy of the local experts), self (none kept), none",
-                     choices=("frozen", "self", "none"), default="frozen")
+                     choices=PRIOR_TEACHERS, default="frozen")
     dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
     num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
     top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)
@@ -267,10 +267,11 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
         # on the writer rank and every rank's optimizer partition; glibc keeps the heap it grew.
         runtime += max(shape.shared_params * b, optimizer)
     teacher = experts_local * b if cfg.prior == "frozen" else 0
+    pa_transient = pa_transient_bytes(shape, cfg)
     parts = {
         "frozen_weights": shape.shared_params * b,
         "experts": trainable_local * b,
-        "pa_teacher": teacher + pa_transient_bytes(shape, cfg),
+        "pa_teacher": teacher + pa_transient,
         "gradients": int(grads),
         "optimizer": int(optimizer),
         "optimizer_step": int(step),
@@ -280,7 +281,7 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     # Each rank reads the shared weights, its experts and (frozen prior) their teacher copy into host
     # memory before DeepSpeed moves the model to its GPU.
     load = b * (shape.shared_params + trainable_local + (experts_local if cfg.prior == "frozen" else 0))
-    return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient_bytes(shape, cfg))
+    return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient)
 
 
 def parse_memory(text: str, flag: str) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from factorllm_ds.config import PRIOR_TARGETS, arg, fail_if
+from factorllm_ds.config import PRIOR_TARGETS, PRIOR_TEACHERS, arg, fail_if
 from factorllm_ds.errors import UserError
 
 log = logging.getLogger("factorllm_ds")
@@ -65,7 +65,7 @@ class TrainConfig:
     balance_kind: str = arg("paper: mean sum top-k p; switch: Switch/GShard l_aux", choices=("paper", "switch"),
                             default="paper")
     prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
-                     "none disables the PA loss", choices=("frozen", "self", "none"), default="frozen")
+                     "none disables the PA loss", choices=PRIOR_TEACHERS, default="frozen")
     prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
     prior_target: str | None = arg("what the PA prior picks: share (paper: the k experts each closest to their "
                                    "share t*k/E of the teacher output t) or subset (the k experts whose combined "
