@@ -58,13 +58,13 @@ def main() -> None:
     args = parse()
     from factorllm_ds import assets
     from factorllm_ds.config import ConvertConfig
-    from factorllm_ds.convert import convert
+    from factorllm_ds.convert import MANIFEST_FILE, convert
 
     data = args.data or assets.kjv_text()
     model = args.model
     if model is None:
         model = assets.cache_dir() / "bench_train_moe"
-        if not (model / "factorllm_manifest.json").is_file():
+        if not (model / MANIFEST_FILE).is_file():
             convert(ConvertConfig(model=assets.smollm2_model_dir(), out=model, num_experts=4, top_k=2,
                                   overwrite=True), progress=False)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
