@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from factorllm_ds.convert import dense_infos_from_config
+from factorllm_ds.keys import dense_infos_from_config
 from factorllm_ds.hf_io import DTYPE_NAMES, INDEX_FILE, TensorInfo
 from factorllm_ds.keys import layer_of
 

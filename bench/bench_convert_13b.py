@@ -34,7 +34,7 @@ import psutil
 import torch
 
 from factorllm_ds.assets import llama_tokenizer_dir
-from factorllm_ds.convert import dense_infos_from_config
+from factorllm_ds.keys import dense_infos_from_config
 from factorllm_ds.hf_io import CheckpointReader, StreamingSafetensorsWriter
 from factorllm_ds.plan import BUILTIN_MODELS
 

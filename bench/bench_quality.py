@@ -52,7 +52,7 @@ def main() -> None:
     from factorllm_ds.evaluate import EvalConfig, evaluate
     from factorllm_ds.export import ExportConfig, run_export
     from factorllm_ds.pipeline import DemoConfig, train_stage
-    from factorllm_ds.train import CHECKPOINT_DIR
+    from factorllm_ds.layout import CHECKPOINT_DIR
 
     work = args.work or assets.cache_dir() / "bench_quality"
     work.mkdir(parents=True, exist_ok=True)

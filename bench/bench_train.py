@@ -58,7 +58,8 @@ def main() -> None:
     args = parse()
     from factorllm_ds import assets
     from factorllm_ds.config import ConvertConfig
-    from factorllm_ds.convert import MANIFEST_FILE, convert
+    from factorllm_ds.convert import convert
+    from factorllm_ds.layout import MANIFEST_FILE
 
     data = args.data or assets.kjv_text()
     model = args.model

@@ -20,15 +20,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from factorllm_ds import __version__, keys, split
+from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (CheckpointReader, StreamingSafetensorsWriter, TensorInfo, atomic_output_dir,
                                 copy_side_files, read_config)
 from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
-
-PARTITION_FILE = "factorllm_partition.safetensors"
-MANIFEST_FILE = "factorllm_manifest.json"
-
 
 def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertConfig) -> list[TensorInfo]:
     """Every output tensor (name, shape, dtype), in the order the converter writes them."""
@@ -62,35 +59,6 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
             plan.append(TensorInfo(keys.expert_key("down", layer, e), (hidden, size), down.dtype))
     plan += [dense[n] for n in keys.GLOBAL_PASSTHROUGH[1:] if n in dense]
     return plan
-
-
-def dense_infos_from_config(config: dict, dtype: torch.dtype) -> dict[str, TensorInfo]:
-    """The tensor list a dense checkpoint of this config has; lets 70B plans run without files."""
-    h, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or h // heads
-    vocab = config["vocab_size"]
-    qkv_bias = config.get("model_type") == "qwen2" or config.get("attention_bias", False)
-    infos = [TensorInfo("model.embed_tokens.weight", (vocab, h), dtype)]
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        infos += [TensorInfo(p + "input_layernorm.weight", (h,), dtype),
-                  TensorInfo(p + "post_attention_layernorm.weight", (h,), dtype),
-                  TensorInfo(p + "self_attn.q_proj.weight", (heads * head_dim, h), dtype),
-                  TensorInfo(p + "self_attn.k_proj.weight", (kv_heads * head_dim, h), dtype),
-                  TensorInfo(p + "self_attn.v_proj.weight", (kv_heads * head_dim, h), dtype),
-                  TensorInfo(p + "self_attn.o_proj.weight", (h, heads * head_dim), dtype),
-                  TensorInfo(p + "mlp.gate_proj.weight", (inter, h), dtype),
-                  TensorInfo(p + "mlp.up_proj.weight", (inter, h), dtype),
-                  TensorInfo(p + "mlp.down_proj.weight", (h, inter), dtype)]
-        if qkv_bias:
-            infos += [TensorInfo(p + f"self_attn.{x}_proj.bias", (n * head_dim,), dtype)
-                      for x, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
-    infos.append(TensorInfo("model.norm.weight", (h,), dtype))
-    if not config.get("tie_word_embeddings", False):
-        infos.append(TensorInfo("lm_head.weight", (vocab, h), dtype))
-    return {i.name: i for i in infos}
 
 
 def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> torch.Tensor:
@@ -239,12 +207,3 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return Path(cfg.out)
 
-
-def load_partition(moe_dir: Path) -> dict[int, torch.Tensor]:
-    """Layer -> neuron permutation recorded by convert (expert e owns perm[e*I/E:(e+1)*I/E])."""
-    from safetensors.torch import load_file
-
-    path = Path(moe_dir) / PARTITION_FILE
-    if not path.is_file():
-        raise UserError(f"{moe_dir}: no {PARTITION_FILE}; was this folder made by `factorllm-ds convert`?")
-    return {int(k.split(".")[1]): v.long() for k, v in load_file(str(path)).items()}

@@ -19,7 +19,7 @@ Formats (``--format``):
   s * p_i): the dense export drops the router and the combine scale.
 
 Tensors come from an :class:`ExportSource` (a FactorLLM HF folder here; a DeepSpeed run in
-``factorllm_ds.ds_checkpoint``). A source yields the non-expert tensors by name and one
+``factorllm_ds.sources``). A source yields the non-expert tensors by name and one
 layer's experts at a time, so at most one layer's experts are in memory; every output
 tensor is written the moment it exists, into shards planned up front, and the folder
 appears at ``--out`` only when complete.
@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 
 from factorllm_ds import __version__, keys, split
 from factorllm_ds.config import arg, fail_if, parse_size
-from factorllm_ds.convert import MANIFEST_FILE, PARTITION_FILE
 from factorllm_ds.errors import UserError
+from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE, load_partition
+from factorllm_ds.sources import ExportSource, FolderSource, open_source
 from factorllm_ds.hf_io import (CheckpointReader, StreamingSafetensorsWriter, TensorInfo, atomic_output_dir,
                                 copy_side_files, read_config)
 
@@ -76,73 +77,6 @@ def classify_moe_key(name: str) -> tuple[str, int | None]:
 
 # ---------------------------------------------------------------------------------------------
 # Sources
-
-
-class ExportSource:
-    """Where an export reads a FactorLLM model from. Subclasses fill in the attributes and methods.
-
-    Attributes:
-        description: names the source in messages and the manifest, e.g. ``--model /x``.
-        config: the FactorLLM ``config.json`` as a dict (``model_type: factorllm``,
-            ``text_config`` with the base family's ``model_type``, ``num_experts``, ...).
-        side_dir: a folder whose tokenizer / generation files are copied, or None.
-        partition_file: the ``factorllm_partition.safetensors`` written by convert, or None.
-
-    Tensor names are the FactorLLM HF names (``keys.py``): ``model.layers.{L}.mlp.router.weight``,
-    ``model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight``, and the base model's own.
-    """
-
-    description: str = "?"
-    config: dict
-    side_dir: Path | None = None
-    partition_file: Path | None = None
-
-    def names(self) -> list[str]:
-        """Every tensor name of the model, experts included."""
-        raise NotImplementedError
-
-    def info(self, name: str) -> TensorInfo:
-        """Shape and dtype of one tensor (no data read)."""
-        raise NotImplementedError
-
-    def shared_tensor(self, name: str) -> torch.Tensor:
-        """One non-expert tensor (embeddings, attention, norms, routers, lm_head)."""
-        raise NotImplementedError
-
-    def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Layer ``layer``'s experts in global expert order: (gate [I/E, H], up [I/E, H], down [H, I/E])."""
-        raise NotImplementedError
-
-
-class FolderSource(ExportSource):
-    """A FactorLLM Hugging Face folder (made by convert, or by a previous export)."""
-
-    def __init__(self, moe_dir: Path, flag: str = "--model"):
-        self.moe_dir = Path(moe_dir)
-        self.description = f"{flag} {self.moe_dir}"
-        self.config = read_config(self.moe_dir, flag)
-        if self.config.get("model_type") != "factorllm":
-            raise UserError(f"{flag} {self.moe_dir}: not a FactorLLM checkpoint (model_type "
-                            f"{self.config.get('model_type')!r}). Convert a dense model first: "
-                            "factorllm-ds convert --model DENSE --out MOE_DIR")
-        self.reader = CheckpointReader(self.moe_dir, flag)
-        self.side_dir = self.moe_dir
-        partition = self.moe_dir / PARTITION_FILE
-        self.partition_file = partition if partition.is_file() else None
-
-    def names(self) -> list[str]:
-        return self.reader.names()
-
-    def info(self, name: str) -> TensorInfo:
-        return self.reader.infos[name]
-
-    def shared_tensor(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
-
-    def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        num_experts = int(self.config["num_experts"])
-        return [tuple(self.reader.get(keys.expert_key(p, layer, e)) for p in ("gate", "up", "down"))
-                for e in range(num_experts)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +220,7 @@ class _Target:
         self.moe_type = MOE_TARGETS.get(facts.base_type) if fmt == "mixtral" else None
         self.partitions: dict[int, torch.Tensor] | None = None
         if fmt == "dense" and source.partition_file is not None:
-            self.partitions = load_partition_file(source.partition_file)
+            self.partitions = load_partition(source.partition_file)
 
     # -- names --------------------------------------------------------------------------------
     def mlp_plan(self, layer: int) -> list[TensorInfo]:
@@ -454,17 +388,10 @@ def moe_config(facts: MoEFacts, moe_type: str, expert_size: int):
     return config
 
 
-def load_partition_file(path: Path) -> dict[int, torch.Tensor]:
-    """Layer -> neuron permutation (expert e owns perm[e*I/E:(e+1)*I/E]), as convert wrote it."""
-    from safetensors.torch import load_file
-
-    return {int(k.split(".")[1]): v.long() for k, v in load_file(str(path)).items()}
-
-
 def _partition_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
     if source.partition_file is None:
         return []
-    parts = load_partition_file(source.partition_file)
+    parts = load_partition(source.partition_file)
     problems = []
     for layer in range(facts.num_layers):
         perm = parts.get(layer)
@@ -648,19 +575,7 @@ class ExportConfig:
         fail_if(problems, "export: bad arguments")
 
     def source(self) -> ExportSource:
-        if self.model is not None:
-            return FolderSource(self.model)
-        import importlib
-
-        try:
-            ds_checkpoint = importlib.import_module("factorllm_ds.ds_checkpoint")
-        except ModuleNotFoundError as err:
-            if err.name != "factorllm_ds.ds_checkpoint":
-                raise
-            raise UserError("--run: reading DeepSpeed training checkpoints is not available in this version "
-                            "(factorllm_ds.ds_checkpoint is missing). Export a FactorLLM folder with --model "
-                            "instead.") from err
-        return ds_checkpoint.run_source(self.run, self.tag)
+        return open_source(self.model, self.run, self.tag)
 
 
 def run_export(cfg: ExportConfig, progress: bool = True) -> Path:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from factorllm_ds.hf_io import TensorInfo
+
 # model_type -> human name; every family here has the SwiGLU gate/up/down MLP.
 SUPPORTED_FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
@@ -67,3 +71,32 @@ def expert_key(part: str, layer: int, expert: int) -> str:
 
 def dense_mlp_key(part: str, layer: int) -> str:
     return DENSE_MLP[part].format(layer=layer)
+
+
+def dense_infos_from_config(config: dict, dtype: torch.dtype) -> dict[str, TensorInfo]:
+    """The tensor list a dense checkpoint of this config has; lets 70B plans run without files."""
+    h, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    vocab = config["vocab_size"]
+    qkv_bias = config.get("model_type") == "qwen2" or config.get("attention_bias", False)
+    infos = [TensorInfo("model.embed_tokens.weight", (vocab, h), dtype)]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        infos += [TensorInfo(p + "input_layernorm.weight", (h,), dtype),
+                  TensorInfo(p + "post_attention_layernorm.weight", (h,), dtype),
+                  TensorInfo(p + "self_attn.q_proj.weight", (heads * head_dim, h), dtype),
+                  TensorInfo(p + "self_attn.k_proj.weight", (kv_heads * head_dim, h), dtype),
+                  TensorInfo(p + "self_attn.v_proj.weight", (kv_heads * head_dim, h), dtype),
+                  TensorInfo(p + "self_attn.o_proj.weight", (h, heads * head_dim), dtype),
+                  TensorInfo(p + "mlp.gate_proj.weight", (inter, h), dtype),
+                  TensorInfo(p + "mlp.up_proj.weight", (inter, h), dtype),
+                  TensorInfo(p + "mlp.down_proj.weight", (h, inter), dtype)]
+        if qkv_bias:
+            infos += [TensorInfo(p + f"self_attn.{x}_proj.bias", (n * head_dim,), dtype)
+                      for x, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
+    infos.append(TensorInfo("model.norm.weight", (h,), dtype))
+    if not config.get("tie_word_embeddings", False):
+        infos.append(TensorInfo("lm_head.weight", (vocab, h), dtype))
+    return {i.name: i for i in infos}

@@ -20,6 +20,7 @@ from pathlib import Path
 from factorllm_ds.config import PRIOR_TARGETS, arg
 from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
+from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
 
 
 def _default_work() -> Path:
@@ -98,14 +99,11 @@ def _launch_command(cfg: DemoConfig) -> list[str]:
 
 
 def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None) -> None:
-    from factorllm_ds.train import CHECKPOINT_DIR, RUN_MANIFEST
-
     steps = max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
-    latest = run / CHECKPOINT_DIR / "latest"
-    if latest.is_file() and latest.read_text().strip() == f"step{steps}":
+    if latest_tag(run) == checkpoint_tag(steps):
         print(f"train: {run} already at step {steps}; skipping", file=sys.stderr)
         return
-    resume = (run / RUN_MANIFEST).is_file() and latest.is_file()
+    resume = is_run_dir(run)
     if run.exists() and not resume:
         shutil.rmtree(run)  # an attempt that never checkpointed: start clean
     args = ["train", "--model", str(moe), "--data", str(data), "--out", str(run), "--seq-len", str(cfg.seq_len),
@@ -125,10 +123,7 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[s
 
 def _drop_older_checkpoints(run: Path) -> None:
     """Keep the last checkpoint (to continue training from), not the intermediate ones (GBs each)."""
-    from factorllm_ds.ds_checkpoint import list_tags
-    from factorllm_ds.train import CHECKPOINT_DIR
-
-    tags = list_tags(run / CHECKPOINT_DIR)
+    tags = list_tags(run)
     for tag in tags[:-1]:
         shutil.rmtree(run / CHECKPOINT_DIR / tag)
 
@@ -146,7 +141,7 @@ def _eval(model: Path, data: Path, report: Path, cfg: DemoConfig, **kw) -> dict:
 def demo(cfg: DemoConfig) -> dict:
     from factorllm_ds import assets
     from factorllm_ds.config import ConvertConfig
-    from factorllm_ds.convert import MANIFEST_FILE, convert
+    from factorllm_ds.convert import convert
     from factorllm_ds.export import ExportConfig, run_export
     from factorllm_ds.speed import SpeedConfig, bench_speed
 

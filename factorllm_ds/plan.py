@@ -133,10 +133,10 @@ def read_model_config(model: str) -> tuple[str, dict]:
 
 
 def shape_of(cfg: PlanConfig) -> Shape:
-    """Count parameters from the config alone (dense_infos_from_config: the converter's own tensor list)."""
+    """Count parameters from the config alone (keys.dense_infos_from_config: the converter's own tensor list)."""
     import torch
 
-    from factorllm_ds.convert import dense_infos_from_config
+    from factorllm_ds.keys import dense_infos_from_config
 
     name, config = read_model_config(cfg.model)
     if config.get("model_type") == "factorllm":

@@ -19,11 +19,11 @@ import torch
 
 from factorllm_ds.config import PRIOR_TARGETS, PRIOR_TEACHERS, arg, fail_if
 from factorllm_ds.errors import UserError
+from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
+                                 checkpoint_tag, latest_tag)
 
 log = logging.getLogger("factorllm_ds")
 
-RUN_MANIFEST = "run.json"
-CHECKPOINT_DIR = "checkpoints"
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
                      "steps_per_print": 10**9, "wall_clock_breakdown": False}
 # DeepSpeed JSON keys that duplicate a factorllm-ds flag: the flag is the one source of truth.
@@ -178,7 +178,7 @@ def run_dir_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
         if out.exists() and any(out.iterdir()):
             return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"]
         return []
-    if not manifest.is_file() or not (out / CHECKPOINT_DIR / "latest").is_file():
+    if not manifest.is_file() or latest_tag(out) is None:
         return [f"--resume: no checkpoint in --out {out}; start without --resume"]
     previous = json.loads(manifest.read_text())
     if previous.get("model_fingerprint") != model_fingerprint(model_config):
@@ -408,7 +408,7 @@ def save(run: Run) -> None:
     cfg = run.cfg
     client = {"step": run.step, "samples": run.step * cfg.global_batch_size,
               "tokens": run.step * cfg.global_batch_size * cfg.seq_len}
-    run.engine.save_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=f"step{run.step}", client_state=client)
+    run.engine.save_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=checkpoint_tag(run.step), client_state=client)
 
 
 class MetricsLog:
@@ -420,16 +420,16 @@ class MetricsLog:
         self.enabled = enabled
         if not enabled:
             return
-        new = not (out / "metrics.csv").exists()
-        self.csv_file = open(out / "metrics.csv", "a", newline="")
+        new = not (out / METRICS_FILE).exists()
+        self.csv_file = open(out / METRICS_FILE, "a", newline="")
         self.csv = csv.DictWriter(self.csv_file, fieldnames=self.FIELDS)
         if new:
             self.csv.writeheader()
-        self.load_file = open(out / "expert_load.jsonl", "a")
+        self.load_file = open(out / EXPERT_LOAD_FILE, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = SummaryWriter(str(out / TENSORBOARD_DIR))
         except ImportError:
             log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
             self.tb = None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-from factorllm_ds.convert import load_partition
+from factorllm_ds.layout import load_partition
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk

@@ -35,9 +35,9 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
     assert ppl["trained"] < ppl["trained (paper code: random router)"], ppl
     assert Path(summary["usage_plot"]).is_file()
     assert (work / "export" / "config.json").is_file()
-    from factorllm_ds.ds_checkpoint import list_tags
+    from factorllm_ds.layout import list_tags
 
-    assert len(list_tags(work / "run" / "checkpoints")) == 1  # intermediate checkpoints dropped after export
+    assert len(list_tags(work / "run")) == 1  # intermediate checkpoints dropped after export
     # Running it again resumes: every stage is found complete and skipped.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -14,6 +14,7 @@ from factorllm_ds import convert as convert_mod
 from factorllm_ds import keys, split
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.hf_io import TensorInfo, StreamingSafetensorsWriter
+from factorllm_ds.layout import MANIFEST_FILE, load_partition
 
 GEN = torch.Generator
 
@@ -185,7 +186,7 @@ LLAMA3_70B_PARAMS = (2 * 128256 * 8192
 
 
 def test_llama3_70b_dense_plan_has_the_known_size():
-    infos = convert_mod.dense_infos_from_config(LLAMA3_70B, torch.bfloat16)
+    infos = keys.dense_infos_from_config(LLAMA3_70B, torch.bfloat16)
     assert len(infos) == 2 + 80 * 9 + 1
     assert sum(i.nbytes for i in infos.values()) == 2 * LLAMA3_70B_PARAMS
     assert 70.5e9 < LLAMA3_70B_PARAMS < 70.6e9  # 70.55B, the published size
@@ -193,7 +194,7 @@ def test_llama3_70b_dense_plan_has_the_known_size():
 
 @pytest.mark.parametrize("experts,routing", [(4, "hard"), (8, "hard"), (8, "softmax")])
 def test_llama3_70b_moe_plan_conserves_bytes(experts, routing):
-    dense = convert_mod.dense_infos_from_config(LLAMA3_70B, torch.bfloat16)
+    dense = keys.dense_infos_from_config(LLAMA3_70B, torch.bfloat16)
     cfg = ConvertConfig(model=Path("llama-3-70b"), out=Path("moe"), num_experts=experts, top_k=2, routing=routing)
     plan = convert_mod.moe_tensor_plan(dense, 80, cfg)
     names = [i.name for i in plan]
@@ -256,7 +257,7 @@ class _MetaReader:
 
     def __init__(self, model_dir, flag="--model"):
         config = json.loads((Path(model_dir) / "config.json").read_text())
-        self.infos = convert_mod.dense_infos_from_config(config, torch.bfloat16)
+        self.infos = keys.dense_infos_from_config(config, torch.bfloat16)
         self.reads: list[str] = []
 
     @property
@@ -309,9 +310,9 @@ def test_llama3_70b_convert_dry_run_on_meta(tmp_path, monkeypatch):
     config = json.loads((out / "config.json").read_text())
     assert (config["num_experts"], config["expert_intermediate_size"], config["num_hidden_layers"]) == (8, 3584, 80)
     assert config["text_config"]["intermediate_size"] == 28672
-    manifest = json.loads((out / convert_mod.MANIFEST_FILE).read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["bytes_written"] == writer.bytes_written
-    partition = convert_mod.load_partition(out)
+    partition = load_partition(out)
     assert sorted(partition) == list(range(80))
     assert all(is_permutation(p, 28672) for p in partition.values())
     assert not torch.equal(partition[0], partition[1])  # the random split differs per layer

@@ -216,7 +216,7 @@ def test_prior_self_and_frozen_both_train(runs: Runs) -> None:
 
 @pytest.mark.dist
 def test_prior_target_subset_trains_and_reaches_the_export(runs: Runs) -> None:
-    from factorllm_ds.ds_checkpoint import DeepSpeedRunSource
+    from factorllm_ds.sources import DeepSpeedRunSource
 
     out = runs("prior_subset")
     assert json.loads((out / "run.json").read_text())["settings"]["prior_target"] == "subset"

@@ -1,10 +1,12 @@
-"""Read a DeepSpeed MoE training run as an export source, at any ep_size and world size.
+"""Where export (and eval) read a FactorLLM model from: a converted folder or a DeepSpeed training run.
 
 A run's ``checkpoints/TAG/`` holds ``mp_rank_00_model_states.pt`` (non-expert weights and
 routers, rank 0's copy) and one ``layer_{L}_expert_{G}_mp_rank_00_model_states.pt`` per
 MoE layer L and *global* expert id G, whatever ep_size wrote them. DeepSpeed's
-``zero_to_fp32`` does not understand the expert files; this reader does, one layer at a
-time (the big non-expert file is memory-mapped, not loaded).
+``zero_to_fp32`` does not understand the expert files; :class:`DeepSpeedRunSource` does, one
+layer at a time (the big non-expert file is memory-mapped, not loaded).
+
+This module reads files only through the artifact layout (``layout.py``); it imports no stage.
 """
 
 from __future__ import annotations
@@ -16,13 +18,78 @@ from pathlib import Path
 import torch
 
 from factorllm_ds import keys
-from factorllm_ds.convert import PARTITION_FILE
 from factorllm_ds.errors import UserError
-from factorllm_ds.export import ExportSource
-from factorllm_ds.hf_io import TensorInfo, read_config
+from factorllm_ds.hf_io import CheckpointReader, TensorInfo, read_config
+from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_FILE, MODEL_STATES, PARTITION_FILE, RUN_MANIFEST, latest_tag,
+                                 list_tags)
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+class ExportSource:
+    """Where an export reads a FactorLLM model from. Subclasses fill in the attributes and methods.
+
+    Attributes:
+        description: names the source in messages and the manifest, e.g. ``--model /x``.
+        config: the FactorLLM ``config.json`` as a dict (``model_type: factorllm``,
+            ``text_config`` with the base family's ``model_type``, ``num_experts``, ...).
+        side_dir: a folder whose tokenizer / generation files are copied, or None.
+        partition_file: the ``factorllm_partition.safetensors`` written by convert, or None.
+
+    Tensor names are the FactorLLM HF names (``keys.py``): ``model.layers.{L}.mlp.router.weight``,
+    ``model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight``, and the base model's own.
+    """
+
+    description: str = "?"
+    config: dict
+    side_dir: Path | None = None
+    partition_file: Path | None = None
+
+    def names(self) -> list[str]:
+        """Every tensor name of the model, experts included."""
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype of one tensor (no data read)."""
+        raise NotImplementedError
+
+    def shared_tensor(self, name: str) -> torch.Tensor:
+        """One non-expert tensor (embeddings, attention, norms, routers, lm_head)."""
+        raise NotImplementedError
+
+    def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Layer ``layer``'s experts in global expert order: (gate [I/E, H], up [I/E, H], down [H, I/E])."""
+        raise NotImplementedError
+
+
+class FolderSource(ExportSource):
+    """A FactorLLM Hugging Face folder (made by convert, or by a previous export)."""
+
+    def __init__(self, moe_dir: Path, flag: str = "--model"):
+        self.moe_dir = Path(moe_dir)
+        self.description = f"{flag} {self.moe_dir}"
+        self.config = read_config(self.moe_dir, flag)
+        if self.config.get("model_type") != "factorllm":
+            raise UserError(f"{flag} {self.moe_dir}: not a FactorLLM checkpoint (model_type "
+                            f"{self.config.get('model_type')!r}). Convert a dense model first: "
+                            "factorllm-ds convert --model DENSE --out MOE_DIR")
+        self.reader = CheckpointReader(self.moe_dir, flag)
+        self.side_dir = self.moe_dir
+        partition = self.moe_dir / PARTITION_FILE
+        self.partition_file = partition if partition.is_file() else None
+
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.reader.infos[name]
+
+    def shared_tensor(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        num_experts = int(self.config["num_experts"])
+        return [tuple(self.reader.get(keys.expert_key(p, layer, e)) for p in ("gate", "up", "down"))
+                for e in range(num_experts)]
+
+
 DS_EXPERT_KEY = "model.layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{expert}.{part}_proj.weight"
 _DS_ROUTER = re.compile(r"(model\.layers\.\d+\.mlp\.)moe\.deepspeed_moe\.gate\.router\.(weight|bias)")
 
@@ -40,28 +107,20 @@ def _load(path: Path, what: str) -> dict:
                         "truncated; use another --tag or re-save the run.") from err
 
 
-def list_tags(ckpt_root: Path) -> list[str]:
-    return sorted((p.name for p in ckpt_root.iterdir() if (p / MODEL_STATES).is_file()),
-                  key=lambda t: (len(t), t)) if ckpt_root.is_dir() else []
-
-
 class DeepSpeedRunSource(ExportSource):
     def __init__(self, run_dir: Path, tag: str | None = None):
-        from factorllm_ds.train import CHECKPOINT_DIR, RUN_MANIFEST
-
         run_dir = Path(run_dir)
         manifest_path = run_dir / RUN_MANIFEST
         if not manifest_path.is_file():
             raise UserError(f"--run {run_dir}: no {RUN_MANIFEST}; is this a `factorllm-ds train` --out folder?")
         manifest = json.loads(manifest_path.read_text())
         root = run_dir / CHECKPOINT_DIR
-        tags = list_tags(root)
+        tags = list_tags(run_dir)
         if not tags:
             raise UserError(f"--run {run_dir}: no checkpoint saved yet (nothing in {root}); train with --save-every "
                             "or wait for the end of the run")
         if tag is None:
-            latest = root / "latest"
-            tag = latest.read_text().strip() if latest.is_file() else tags[-1]
+            tag = latest_tag(run_dir) or tags[-1]
         if tag not in tags:
             raise UserError(f"--tag {tag}: no such checkpoint in {root}; available: {', '.join(tags)}")
         self.ckpt_dir = root / tag
@@ -123,5 +182,6 @@ class DeepSpeedRunSource(ExportSource):
         return out
 
 
-def run_source(run_dir: Path, tag: str | None = None) -> DeepSpeedRunSource:
-    return DeepSpeedRunSource(run_dir, tag)
+def open_source(model: Path | None, run: Path | None, tag: str | None = None) -> ExportSource:
+    """The source a command names: ``--model`` (a converted folder) or ``--run`` (a training run)."""
+    return FolderSource(model) if model is not None else DeepSpeedRunSource(run, tag)
