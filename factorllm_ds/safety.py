@@ -1,0 +1,557 @@
+"""Reliability guards every stage shares: nothing lost, nothing run, nothing silent.
+
+Nothing lost
+    :func:`check_output` refuses an ``--out`` whose replacement would delete the user's data
+    (a folder this tool did not write, one that holds or lies inside an input);
+    :func:`remove_stale_temps` clears the half-written temp folders of dead processes, and only
+    those; :class:`RunLock` keeps a second job out of a folder that one job is writing;
+    :func:`write_checksums` / :func:`verify_checksums` / :func:`newest_intact` find the newest
+    checkpoint that was written completely.
+Nothing run
+    :func:`safe_torch_load` unpickles a ``.pt`` file with ``weights_only=True``: tensors,
+    containers and the few DeepSpeed types named here, never arbitrary code.
+Nothing silent
+    :func:`check_finite` and :func:`finite_float` stop NaN/Inf where they enter;
+    :class:`Preemption` turns SIGTERM/SIGUSR1/SIGINT into "save, then exit with a known code".
+
+Every refusal is a :class:`~factorllm_ds.errors.UserError` that names the flag or file, the
+reason and the fix. This module imports only the standard library and ``errors``; torch is
+imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from factorllm_ds.errors import UserError
+
+log = logging.getLogger("factorllm_ds")
+
+__all__ = [
+    "check_output", "temp_dir_for", "remove_stale_temps", "RunLock",
+    "CHECKSUM_FILE", "hash_files", "write_checksums", "verify_checksums", "newest_intact",
+    "MODEL_STATE_GLOBALS", "OPTIM_STATE_GLOBALS", "safe_torch_load",
+    "check_finite", "finite_float", "parse_finite_float",
+    "Preemption", "agree", "REQUEUE_EXIT_CODES",
+]
+
+
+# ============================================================================ output folders
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies below it (both already resolved)."""
+    return inner == outer or outer in inner.parents
+
+
+def _replace_problems(out: Path, flag: str, inputs: Mapping[str, Path],
+                      own_markers: Sequence[str]) -> list[str]:
+    """Why replacing the existing ``out`` would lose data the tool does not own (empty: it is safe)."""
+    problems = []
+    if out.is_symlink():
+        problems.append(f"it is a symbolic link (to {os.readlink(out)}); remove the link yourself or pick another path")
+    elif not out.is_dir():
+        problems.append("it is a file, not a folder this tool wrote; move it away or pick another path")
+    else:
+        try:
+            entries = list(out.iterdir())
+        except OSError as err:
+            entries = None
+            problems.append(f"its contents cannot be listed ({err.strerror}); pick another path")
+        # An empty folder holds nothing to lose (e.g. made by `mkdir` or a job script).
+        if entries and not any((out / marker).is_file() for marker in own_markers):
+            problems.append(f"it holds none of {', '.join(own_markers)}, so factorllm-ds did not write it and "
+                            "will not delete it; pick another path, or empty or remove it yourself")
+    real_out = _resolved(out)
+    for flag, path in inputs.items():
+        real_in = _resolved(path)
+        if _is_within(real_in, real_out):
+            where = "is" if real_in == real_out else "holds"
+            problems.append(f"it {where} the input {flag} {path}: replacing it would delete the input; "
+                            f"pick an {flag} outside every input")
+        elif _is_within(real_out, real_in):
+            problems.append(f"it lies inside the input {flag} {path}: replacing it would delete part of the input; "
+                            f"pick an {flag} outside every input")
+    return problems
+
+
+def _parent_problems(out: Path) -> list[str]:
+    """Why ``out`` cannot be created: an ancestor that is a file, or an unwritable folder."""
+    ancestor = Path(os.path.abspath(Path(out).expanduser())).parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():  # a dangling link: exists() is False but mkdir would fail
+            return [f"its parent {ancestor} is a broken symbolic link; fix the link or pick another path"]
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return [f"its parent {ancestor} is a file, not a folder; pick another path"]
+    # The output and its temp folder are made next to each other, in the parent (or below the
+    # nearest existing ancestor, which mkdir then fills in).
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"the folder {ancestor} is not writable by this user; pick another path or fix its permissions"]
+    return []
+
+
+def check_output(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Path],
+                 own_markers: Sequence[str]) -> None:
+    """Raise one :class:`UserError` listing every reason writing ``out`` is unsafe; return if it is safe.
+
+    ``inputs`` maps each input's flag to its path (``{"--model": cfg.model}``); ``own_markers``
+    are the file names only this tool's outputs hold at their top level (``("factorllm_manifest.json",)``
+    for convert/export, ``("run.json",)`` for train). ``out`` must not exist unless ``overwrite``;
+    with ``overwrite`` it may be replaced only when it is an empty folder or a folder holding a
+    marker, when it holds no input and when it lies inside none (a *new* folder inside an input
+    is fine: nothing is replaced). Its nearest existing ancestor must be a writable folder.
+    Call it before any work starts; it changes nothing on disk.
+    """
+    out = Path(out)
+    problems = []
+    if out.exists() or out.is_symlink():
+        replace = _replace_problems(out, flag, inputs, own_markers)
+        if not overwrite:
+            fix = ("pick another path, or pass --overwrite to replace it" if not replace else
+                   "pick another path (--overwrite would be refused too: " + "; ".join(replace) + ")")
+            problems.append(f"it already exists; {fix}")
+        else:
+            problems += [f"--overwrite refused: {p}" for p in replace]
+    problems += _parent_problems(out)
+    if problems:
+        bullet = "\n  - ".join(problems)
+        raise UserError(f"{flag} {out}: cannot write the output there:\n  - {bullet}")
+
+
+# ============================================================================ temp folders
+
+# atomic_output_dir builds OUT in the hidden sibling ".OUT.tmp-PID@HOST" and renames it at the end.
+# The host is part of the name because an output folder on a shared file system can be written from
+# several nodes, where a PID says nothing. (".OUT.tmp-PID", without a host, is the older form: such
+# folders are taken to be this host's.)
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:@(?P<host>[^@/]+))?$")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_").replace("@", "_") or "localhost"
+
+
+def temp_dir_for(out: Path, pid: int | None = None) -> Path:
+    """The hidden sibling folder in which ``out`` is built by process ``pid`` (default: this one)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.tmp-{os.getpid() if pid is None else pid}@{_host()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a real process id: never treat the folder as abandoned
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
+    """Delete the temp folders in ``parent`` left by processes of this host that no longer run.
+
+    Only folders named like :func:`temp_dir_for` (for output ``name`` if given) are considered;
+    a live process's folder, another host's folder, a file or a link is never touched. Returns
+    the folders removed (each is also logged).
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    removed = []
+    host = _host()
+    for entry in sorted(parent.iterdir()):
+        match = _TEMP_RE.match(entry.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if (match["host"] or host) != host or _pid_alive(int(match["pid"])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if entry.exists():
+            log.warning("could not remove the abandoned temp folder %s; remove it by hand", entry)
+        else:
+            log.warning("removed %s, left by process %s, which no longer runs", entry, match["pid"])
+            removed.append(entry)
+    return removed
+
+
+# ============================================================================ run lock
+
+LOCK_FILE = ".factorllm.lock"
+
+
+class RunLock:
+    """Exclusive use of ``folder`` by one job, for as long as the ``with`` block runs.
+
+    ``fcntl.flock`` on ``folder/.factorllm.lock``: the kernel drops it when the process ends,
+    however it ends (crash, SIGKILL), so no stale lock ever needs removing. The file records
+    the holder (host, pid, start time, command) so that a second job's error names it. Take it
+    in one process per job (rank 0), before the work starts; it is not re-entrant (a second
+    ``RunLock`` on the same folder in the same process is refused too). The folder is created
+    if missing.
+    On a file system without flock support (Lustre mounted ``noflock``) a warning says the
+    folder is unguarded and the job runs anyway.
+    """
+
+    def __init__(self, folder: Path, flag: str = "--out"):
+        self.folder = Path(folder)
+        self.flag = flag
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                log.warning("%s %s: cannot lock %s (%s); nothing stops a second job from writing this folder",
+                            self.flag, self.folder, self.path, err.strerror)
+                return self
+            raise UserError(f"{self.flag} {self.folder}: another job is using this folder "
+                            f"({_describe_holder(holder)}). Wait for it to end or stop it, or pick another folder."
+                            ) from None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # The file stays: deleting it would let a third process lock a fresh inode while a
+        # second one waits on the old.
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        rec = json.loads(text)
+        return f"host {rec['host']}, pid {rec['pid']}, started {rec['started']}: {rec.get('command', '?')}"
+    except (ValueError, KeyError, TypeError):
+        return "holder not recorded yet"
+
+
+# ============================================================================ checksums
+
+CHECKSUM_FILE = "checksums.json"
+_ALGORITHM = "sha256"  # hashlib's sha256 uses the CPU's SHA instructions: faster than blake2b on x86 and ARM
+_CHUNK = 8 << 20
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.new(_ALGORITHM)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def hash_files(folder: Path, names: Iterable[str]) -> dict[str, dict]:
+    """``{name: {"size": bytes, "sha256": hex}}`` for the files ``names`` (relative to ``folder``).
+
+    Streams each file in 8 MiB chunks. Under DeepSpeed, let each rank hash a share of a tag
+    folder (``sorted(names)[rank::world]``), gather the dicts and let rank 0 pass the union to
+    :func:`write_checksums` as ``entries``.
+    """
+    folder = Path(folder)
+    return {name: {"size": (folder / name).stat().st_size, _ALGORITHM: _digest(folder / name)} for name in names}
+
+
+def _all_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and not p.is_symlink() and p.name != CHECKSUM_FILE
+                  and not p.name.startswith(CHECKSUM_FILE + "."))
+
+
+def write_checksums(folder: Path, files: Iterable[str] | None = None, *,
+                    entries: Mapping[str, dict] | None = None) -> Path:
+    """Record size and SHA-256 of ``files`` (default: every file below ``folder``) in ``folder/checksums.json``.
+
+    Pass ``entries`` (from :func:`hash_files`) instead when the hashing was done elsewhere. The
+    manifest is written to a temp file, fsynced and renamed, so it exists only when complete:
+    write it last, after every checkpoint file is on disk.
+    """
+    folder = Path(folder)
+    if entries is None:
+        entries = hash_files(folder, _all_files(folder) if files is None else [str(f) for f in files])
+    manifest = {"version": 1, "algorithm": _ALGORITHM, "files": dict(sorted(entries.items()))}
+    path = folder / CHECKSUM_FILE
+    tmp = folder / f"{CHECKSUM_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def verify_checksums(folder: Path, *, sizes_only: bool = False) -> list[str]:
+    """Problems with ``folder`` against its ``checksums.json``; empty when every file is intact.
+
+    Each problem names the file: missing, size differs (truncated), digest differs (changed).
+    A folder without a manifest gives exactly one problem, starting with "no checksums.json",
+    so callers can tell "never recorded" from "damaged". ``sizes_only`` skips the digests
+    (seconds instead of a full read, catches truncation but not flipped bytes).
+    """
+    folder = Path(folder)
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        return [f"no {CHECKSUM_FILE} in {folder}: the save did not finish, or was made before checksums were recorded"]
+    try:
+        manifest = json.loads(path.read_text())
+        algorithm = manifest["algorithm"]
+        files = manifest["files"]
+        hashlib.new(algorithm)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{path}: unreadable checksum manifest ({type(err).__name__}: {err})"]
+    problems = []
+    for name, want in files.items():
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+            continue
+        size = file.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{file}: {size} bytes, {want['size']} when saved (truncated or replaced)")
+        elif not sizes_only and _digest_with(file, algorithm) != want[algorithm]:
+            problems.append(f"{file}: content differs from when it was saved ({algorithm} mismatch)")
+    return problems
+
+
+def _digest_with(path: Path, algorithm: str) -> str:
+    if algorithm == _ALGORITHM:
+        return _digest(path)
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def newest_intact(tags_root: Path, tags: Sequence[str], *, sizes_only: bool = False) -> str | None:
+    """The first of ``tags`` (give them newest first) whose folder under ``tags_root`` verifies.
+
+    Each tag passed over is logged with its problems; None when none verifies.
+    """
+    for tag in tags:
+        problems = verify_checksums(Path(tags_root) / tag, sizes_only=sizes_only)
+        if not problems:
+            return tag
+        log.warning("checkpoint %s is not intact, skipping it: %s", tag, "; ".join(problems[:3])
+                    + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+    return None
+
+
+# ============================================================================ unpickling
+
+# Globals (module.qualname) that torch.load(weights_only=True) must be told about, found by
+# saving real checkpoints with DeepSpeed 0.19.8 / torch 2.13 (ZeRO-1, ZeRO-2, bf16, CPU offload,
+# EP 1 and 2) and listing torch.serialization.get_unsafe_globals_in_checkpoint of every file:
+# - mp_rank_00_model_states.pt and layer_*_expert_*_model_states.pt: none. They hold tensors,
+#   OrderedDicts, dicts, lists and scalars only (ZeRO keeps the optimizer out of them; the
+#   LambdaLR state stores its lambdas as None).
+# - *zero_pp_rank_*_optim_states.pt: the three below (+ DynamicLossScaler, which an fp16 config's
+#   loss scaler is, from DeepSpeed's source; the CPU accelerator cannot run fp16 to confirm).
+MODEL_STATE_GLOBALS: tuple[str, ...] = ()
+OPTIM_STATE_GLOBALS: tuple[str, ...] = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def _import_globals(names: Sequence[str]) -> list:
+    """The objects named; a name whose package is not installed is left out (a file needing it is refused)."""
+    import importlib
+
+    found = []
+    for dotted in names:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            log.debug("safe_torch_load: %s is not importable here; files that need it will be refused", dotted)
+    return found
+
+
+def safe_torch_load(path: Path, what: str, allow: Sequence[str] = MODEL_STATE_GLOBALS, mmap: bool = True):
+    """``torch.load`` that runs no code from the file: ``weights_only=True`` plus the globals in ``allow``.
+
+    ``what`` names the source for messages (``"--run"``). A file that needs any other global
+    raises :class:`UserError` naming it (such a file is never unpickled, whoever wrote it); an
+    unreadable file raises one that says it may be truncated. Tensors land on the CPU,
+    memory-mapped when ``mmap`` (the default).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        allowed = _import_globals(allow)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # torch 2.13 words it "WeightsUnpickler error: Unsupported global: GLOBAL module.name was not ..."
+        found = (re.search(r"GLOBAL ([\w.]+)", str(err))
+                 or re.search(r"WeightsUnpickler error: ([^\n]{1,200})", str(err)))
+        detail = f" (first: {found[1]})" if found else ""
+        raise UserError(f"{what} {path}: the file holds objects outside the allow-list of tensors, containers and "
+                        f"DeepSpeed checkpoint types{detail}. It will not be unpickled, since unpickling can run any "
+                        "code the file's author chose. Use a checkpoint written by factorllm-ds train.") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"{what} {path}: unreadable checkpoint file ({type(err).__name__}: {err}). It may be "
+                        "truncated; use another checkpoint or save it again.") from err
+
+
+# ============================================================================ finite numbers
+
+
+def check_finite(name: str, tensor, fix: str = "") -> None:
+    """Raise :class:`UserError` naming ``name`` when ``tensor`` holds NaN or ±Inf; ``fix`` says what to do."""
+    import torch
+
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int((~finite).sum()) - nan
+    first = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
+    raise UserError(f"{name}: {nan} NaN and {inf} Inf values out of {tensor.numel()} (first at index {first})."
+                    + (f" {fix}" if fix else ""))
+
+
+def finite_float(flag: str, value) -> float:
+    """``value`` (str or number) as a float; :class:`UserError` naming ``flag`` if it is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} {value!r}: not a number") from None
+    if not math.isfinite(number):
+        raise UserError(f"{flag} {value!r}: must be a finite number (not nan or inf)")
+    return number
+
+
+def parse_finite_float(text: str) -> float:
+    """argparse ``type=`` for float flags: argparse reports ``argument --lr: ...`` for nan/inf/junk."""
+    try:
+        return finite_float("", text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err).strip()) from None
+
+
+# ============================================================================ preemption
+
+# After a preemption signal the job saves a checkpoint and exits with 128 + the signal's number,
+# the status a shell reports for a process that signal ended: SIGTERM (SLURM's preemption and
+# time limit, `scancel`) -> 143, SIGUSR1 (`sbatch --signal=USR1@300`, a warning ahead of the
+# limit) -> 138, SIGINT (Ctrl-C) -> 130. A batch script requeues on REQUEUE_EXIT_CODES
+# (`[ $rc -eq 143 ] || [ $rc -eq 138 ] && scontrol requeue $SLURM_JOB_ID`, or RequeueExit=138,143
+# in slurm.conf) and not on 130: a person who presses Ctrl-C wants the job to stop. 0, 1 and 2
+# stay "done", "crashed" and "bad input".
+REQUEUE_EXIT_CODES = (128 + signal.SIGUSR1, 128 + signal.SIGTERM)
+
+
+class Preemption:
+    """Within ``with Preemption() as pre:``, SIGTERM/SIGUSR1/SIGINT only set a flag.
+
+    The training loop asks ``agree(pre.requested())`` once per step on every rank; when it is
+    True every rank saves at that same step and the job ends with ``sys.exit(pre.exit_code)``.
+    A second SIGINT raises KeyboardInterrupt at once (Ctrl-C twice: stop now, no checkpoint);
+    further SIGTERM/SIGUSR1 are ignored, since the save is already coming. The previous
+    handlers come back when the block ends. Install it in the main thread (Python delivers
+    signals only there). SLURM sends SIGKILL KillWait (default 30 s) after SIGTERM: for big
+    checkpoints ask for an earlier warning, ``sbatch --signal=USR1@300``.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, signals: Sequence[int] = SIGNALS):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                        signal.Signals(signum).name)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> Preemption:
+        for sig in self.signals:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def requested(self) -> bool:
+        """Whether this process received one of the signals (local; see :func:`agree`)."""
+        return self.received is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the first signal's number (143 SIGTERM, 138 SIGUSR1, 130 SIGINT); 0 when none came."""
+        return 0 if self.received is None else 128 + int(self.received)
+
+
+def agree(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is True on any rank (MAX all-reduce); ``flag`` itself without a process group.
+
+    A collective: every rank of ``group`` must call it at the same point (e.g. once per step).
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend(group)):
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
