@@ -7,7 +7,6 @@ the ``coactivation`` split, which needs each layer's FFN activations on real tex
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,24 +15,8 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from factorllm_ds import keys
+from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
-
-
-def read_text(path: Path, flag: str) -> str:
-    """Plain text, or the 'text' fields of a .jsonl file, joined by newlines."""
-    path = Path(path)
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".jsonl":
-        lines = []
-        for i, line in enumerate(raw.splitlines()):
-            if line.strip():
-                try:
-                    lines.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise UserError(f"{flag} {path}: line {i + 1} is not a JSON object with a 'text' field "
-                                    f"({err}).") from err
-        raw = "\n".join(lines)
-    return raw
 
 
 class CalibrationRunner:

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from factorllm_ds.errors import UserError
 from factorllm_ds.keys import SUPPORTED_FAMILIES
+from factorllm_ds.hf_model.configuration_factorllm import ROUTING_MODES, FactorLLMConfig, default_combine_scale
+from factorllm_ds.hf_model.modeling_factorllm import PRIOR_TARGETS
 from factorllm_ds.split import SPLIT_METHODS
 
-ROUTING_MODES = ("hard", "softmax")
 PRIOR_TEACHERS = ("frozen", "self", "none")
-PRIOR_TARGETS = ("share", "subset")  # as modeling_factorllm.PRIOR_TARGETS (shipped code imports nothing from here)
+BALANCE_KINDS = ("paper", "switch")
 ROUTER_INITS = ("normal", "prior")
+# The MoE shape's defaults are the shipped model config's (which may import nothing from here).
+_MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
 
 
 def arg(help: str, choices: tuple | None = None, flag: str | None = None, **kw) -> Any:
@@ -77,11 +82,12 @@ def fail_if(problems: list[str], what: str) -> None:
 class MoEShape:
     """How the dense FFN becomes experts; shared by convert and train."""
 
-    num_experts: int = arg("E: experts per MoE layer; must divide the FFN intermediate size", default=4)
-    top_k: int = arg("k: experts active per token (1 <= k <= E)", default=2)
+    num_experts: int = arg("E: experts per MoE layer; must divide the FFN intermediate size",
+                           default=_MODEL_DEFAULTS["num_experts"])
+    top_k: int = arg("k: experts active per token (1 <= k <= E)", default=_MODEL_DEFAULTS["num_experts_per_tok"])
     routing: str = arg("hard: fixed weight s on each selected expert (paper); softmax: renormalized top-k "
                        "probabilities times s (exports to Mixtral / Qwen2-MoE)", choices=ROUTING_MODES,
-                       default="hard")
+                       default=_MODEL_DEFAULTS["routing"])
     combine_scale: float | None = arg("s, the combine scale; default E/k for hard, E for softmax", default=None)
     router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: on for hard, off for "
                                    "softmax (Mixtral routers have no bias)", default=None)
@@ -96,20 +102,43 @@ class MoEShape:
                             f"{intermediate_size}; try one of {divisors[:10]}")
         if not 1 <= self.top_k <= max(self.num_experts, 1):
             problems.append(f"--top-k {self.top_k}: must be between 1 and --num-experts ({self.num_experts})")
-        if self.combine_scale is not None and self.combine_scale <= 0:
-            problems.append(f"--combine-scale {self.combine_scale}: must be > 0")
+        if self.combine_scale is not None and not (math.isfinite(self.combine_scale) and self.combine_scale > 0):
+            problems.append(f"--combine-scale {self.combine_scale}: must be a finite number > 0")
         if self.routing == "softmax" and self.router_bias:
             problems.append("--router-bias with --routing softmax: a Mixtral/Qwen2-MoE router has no bias, so the "
                             "model could not be exported; drop --router-bias")
         return problems
 
     def resolved_scale(self) -> float:
-        if self.combine_scale is not None:
-            return float(self.combine_scale)
-        return self.num_experts / self.top_k if self.routing == "hard" else float(self.num_experts)
+        return default_combine_scale(self.routing, self.num_experts, self.top_k, self.combine_scale)
 
     def resolved_router_bias(self) -> bool:
         return self.routing == "hard" if self.router_bias is None else self.router_bias
+
+
+@dataclass
+class Objective:
+    """The training objective, CE + alpha * sum L_PA + beta * sum L_bal; shared by train and the DeepSpeed model."""
+
+    pa_weight: float = arg("alpha: weight of the Prior-Approximate loss (summed over layers)", default=0.05)
+    balance_weight: float = arg("beta: weight of the balance loss (summed over layers)", default=0.01)
+    balance_kind: str = arg("paper: mean sum top-k p; switch: Switch/GShard l_aux", choices=BALANCE_KINDS,
+                            default="paper")
+    prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
+                     "none disables the PA loss", choices=PRIOR_TEACHERS, default="frozen")
+    prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
+    prior_target: str | None = arg("what the PA prior picks: share (paper: the k experts each closest to their "
+                                   "share t*k/E of the teacher output t) or subset (the k experts whose combined "
+                                   "output is closest to t). Default: the model's config (set by convert)",
+                                   choices=PRIOR_TARGETS, default=None)
+
+    def objective_problems(self) -> list[str]:
+        problems = [f"--{name.replace('_', '-')} {value}: must be a finite number >= 0"
+                    for name, value in (("pa_weight", self.pa_weight), ("balance_weight", self.balance_weight))
+                    if not (math.isfinite(value) and value >= 0)]
+        if not (math.isfinite(self.prior_tau) and self.prior_tau > 0):
+            problems.append(f"--prior-tau {self.prior_tau}: must be a finite number > 0")
+        return problems
 
 
 @dataclass
@@ -123,7 +152,7 @@ class ConvertConfig(MoEShape):
     prior_target: str = arg("what the PA prior (and the oracle router) picks: share (paper: the k experts each "
                             "closest to their share t*k/E of the dense output t) or subset (the k experts whose "
                             "combined output is closest to t); stored in config.json, `train` follows it",
-                            choices=PRIOR_TARGETS, default="share")
+                            choices=PRIOR_TARGETS, default=_MODEL_DEFAULTS["prior_target"])
     router_init: str = arg("normal: N(0, 0.02), bias 0 (paper); prior: fitted on --calib-data to predict the PA "
                            "prior of the dense FFN, so training starts with routes close to the prior's",
                            choices=ROUTER_INITS, default="normal")

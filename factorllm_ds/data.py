@@ -1,4 +1,8 @@
-"""Training data through `datasets`: load, tokenize with the model's tokenizer, pack, shard.
+"""Text for every command: one file reader, then tokenize, pack and shard for training.
+
+``--data``/``--eval-data`` (train), ``--data`` (eval) and ``--calib-data`` (convert) all read
+files through :func:`read_documents`, so they accept the same formats and fail with the same
+errors. Training may also name a Hugging Face hub dataset instead of a file.
 
 Sample order is a pure function of (seed, sample number), so every rank knows its share
 of any step without communication and a resumed run sees exactly the batches an
@@ -7,6 +11,8 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,49 +21,145 @@ import torch
 
 from factorllm_ds.errors import UserError
 
-LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+# suffix -> layout. A plain text file is one document (splitting it into lines would put an
+# EOS between lines); the other layouts hold one document per 'text' entry.
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
            ".parquet": "parquet", ".csv": "csv"}
+FORMATS_HELP = ".txt/.text/.md (plain text), .jsonl/.json (a 'text' field), .parquet/.csv (a 'text' column)"
 
 
-def load_texts(sources: list[str], flag: str) -> list[str]:
-    """Documents from local text/jsonl/json/parquet/csv files, or a hub dataset name."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    docs: list[str] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            raise UserError(f"{flag} {source}: is a folder; pass data files (.txt, .jsonl, .parquet, .csv)")
-        if path.exists():
-            builder = LOADERS.get(path.suffix.lower())
-            if builder is None:
-                raise UserError(f"{flag} {source}: unknown file type {path.suffix!r}; "
-                                f"use one of {sorted(LOADERS)}")
-            if path.stat().st_size == 0:
-                raise UserError(f"{flag} {source}: the file is empty")
-            # A plain text file is one document: splitting it into lines would put an EOS between lines.
-            extra = {"sample_by": "document"} if builder == "text" else {}
-            try:
-                ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **extra)
-            except Exception as err:
-                raise UserError(f"{flag} {source}: could not read it as {builder} ({err})") from err
-        elif "/" in source and not source.startswith((".", "/")):
-            try:
-                ds = datasets.load_dataset(source, split="train")
-            except Exception as err:
-                raise UserError(f"{flag} {source}: not a local file, and loading it as a hub dataset failed "
-                                f"({type(err).__name__}: {err}). Offline machines must pass local files.") from err
+def read_documents(path: str | Path, flag: str) -> list[str]:
+    """The non-empty documents of one local file, in file order."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; pass data files ({FORMATS_HELP})")
+    if not path.exists():
+        raise UserError(f"{flag} {path}: no such file")
+    layout = FORMATS.get(path.suffix.lower())
+    if layout is None:
+        raise UserError(f"{flag} {path}: unknown file type {path.suffix!r}; use one of {FORMATS_HELP}")
+    raw = path.read_bytes()
+    if not raw:
+        raise UserError(f"{flag} {path}: the file is empty; pass a file that holds text")
+    if layout == "parquet":
+        docs = _column_documents(raw, layout, path, flag)
+    else:
+        text = _decode(raw, path, flag)
+        if layout == "text":
+            # Universal newlines, as open() in text mode (and `datasets`' text loader) reads them.
+            docs = [text.replace("\r\n", "\n").replace("\r", "\n")]
+        elif layout == "json":
+            docs = _json_documents(text, path, flag)
         else:
-            raise UserError(f"{flag} {source}: no such file")
-        if "text" not in ds.column_names:
-            raise UserError(f"{flag} {source}: no 'text' column (columns: {ds.column_names})")
-        docs.extend(t for t in ds["text"] if t)
+            docs = _column_documents(raw, layout, path, flag)
+    docs = [doc for doc in docs if doc]
+    if not docs:
+        raise UserError(f"{flag} {path}: no text in it (every 'text' entry is empty); pass a file that holds text")
     return docs
 
 
-def tokenize_and_pack(docs: list[str], tokenizer, seq_len: int) -> np.ndarray:
-    """Concatenate tokenized documents (EOS between them) and cut [N, seq_len] windows."""
+def read_text(paths: str | Path | Sequence[str | Path], flag: str) -> str:
+    """One string for perplexity or calibration: a file's documents joined by a newline, files by a blank line."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    return "\n\n".join("\n".join(read_documents(path, flag)) for path in paths)
+
+
+def _decode(raw: bytes, path: Path, flag: str) -> str:
+    """UTF-8 text, or one error: a binary file must not turn into replacement characters."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        problem = f"a NUL byte at byte {nul}"
+    else:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problem = f"{err.reason} at byte {err.start}"
+    raise UserError(f"{flag} {path}: not UTF-8 text ({problem}), a binary file? Pass text as {FORMATS_HELP}.")
+
+
+def _json_documents(text: str, path: Path, flag: str) -> list[str | None]:
+    """The 'text' fields of JSON Lines, or of a JSON array of objects (both as `datasets` reads them)."""
+    if text.lstrip().startswith("["):
+        where = "entry"
+        try:
+            rows = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{flag} {path}: not valid JSON ({err}); pass an array of objects with a 'text' "
+                            "field, or JSON Lines.") from err
+    else:
+        where, rows = "line", []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{flag} {path}: line {i} is not valid JSON ({err}); each line must be one "
+                                    "JSON object with a 'text' field.") from err
+    docs = []
+    for i, row in rows:
+        if not isinstance(row, dict) or "text" not in row:
+            raise UserError(f"{flag} {path}: {where} {i} is not a JSON object with a 'text' field; give every "
+                            f"{where} one, e.g. {{\"text\": \"...\"}}.")
+        if row["text"] is not None and not isinstance(row["text"], str):
+            raise UserError(f"{flag} {path}: {where} {i}: 'text' is a {type(row['text']).__name__}, "
+                            "not a string.")
+        docs.append(row["text"])
+    return docs
+
+
+def _column_documents(raw: bytes, layout: str, path: Path, flag: str) -> list[str | None]:
+    """The 'text' column of a parquet or CSV file."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        if layout == "parquet":
+            table = pa.parquet.read_table(pa.BufferReader(raw))
+        else:
+            _decode(raw, path, flag)
+            # A 'text' column of digits must stay text.
+            table = pa.csv.read_csv(pa.BufferReader(raw), convert_options=pa.csv.ConvertOptions(
+                column_types={"text": pa.string()}))
+    except pa.ArrowException as err:
+        raise UserError(f"{flag} {path}: could not read it as {layout} ({err}).") from err
+    if "text" not in table.column_names:
+        raise UserError(f"{flag} {path}: no 'text' column (columns: {table.column_names}); name the column "
+                        "that holds the text 'text'.")
+    kind = table.schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{flag} {path}: the 'text' column holds {kind}, not strings.")
+    return table.column("text").to_pylist()
+
+
+def load_documents(sources: list[str], flag: str) -> list[str]:
+    """Training documents: local files (see :data:`FORMATS`) or Hugging Face hub dataset names."""
+    docs: list[str] = []
+    for source in sources:
+        if not Path(source).exists() and "/" in source and not source.startswith((".", "/")):
+            docs.extend(_hub_documents(source, flag))
+        else:
+            docs.extend(read_documents(source, flag))
+    return docs
+
+
+def _hub_documents(name: str, flag: str) -> list[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as err:
+        raise UserError(f"{flag} {name}: not a local file, and loading it as a hub dataset failed "
+                        f"({type(err).__name__}: {err}). Offline machines must pass local files.") from err
+    if "text" not in ds.column_names:
+        raise UserError(f"{flag} {name}: no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if t]
+
+
+def tokenize_and_pack(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndarray, int]:
+    """Concatenate tokenized documents (EOS after each) and cut [N, seq_len] windows; also the token count."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     batch = 256
@@ -79,13 +181,13 @@ class PackedData:
 
 def prepare(data: list[str], eval_data: list[str] | None, tokenizer, seq_len: int,
             eval_fraction: float) -> PackedData:
-    train, total = tokenize_and_pack(load_texts(data, "--data"), tokenizer, seq_len)
+    train, total = tokenize_and_pack(load_documents(data, "--data"), tokenizer, seq_len)
     if len(train) == 0:
         raise UserError(f"--data {' '.join(data)}: {total} tokens, fewer than one --seq-len {seq_len} window. "
                         "Give more text or a smaller --seq-len.")
     held = None
     if eval_data:
-        held, total_eval = tokenize_and_pack(load_texts(eval_data, "--eval-data"), tokenizer, seq_len)
+        held, total_eval = tokenize_and_pack(load_documents(eval_data, "--eval-data"), tokenizer, seq_len)
         if len(held) == 0:
             raise UserError(f"--eval-data: {total_eval} tokens, fewer than one --seq-len {seq_len} window")
     elif eval_fraction > 0 and len(train) >= 2:

@@ -7,6 +7,7 @@ local id), so host memory per rank does not grow with the experts other ranks ho
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import AutoModel
 
 from factorllm_ds import keys
+from factorllm_ds.config import Objective
 from factorllm_ds.hf_io import CheckpointReader
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import FactorLLMExpert, prior_weight
@@ -26,16 +28,6 @@ from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_ag
 
 EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
 GATE_PREFIX = "moe.deepspeed_moe.gate.router"
-
-
-@dataclass
-class LossWeights:
-    pa: float = 0.05
-    balance: float = 0.01
-    prior: str = "frozen"  # frozen | self | none
-    tau: float = 1.0
-    balance_kind: str = "paper"  # paper | switch
-    prior_target: str = "share"  # share | subset (see prior_topk)
 
 
 @dataclass
@@ -57,7 +49,7 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 class DeepSpeedMoEBlock(nn.Module):
     """Router + experts as a DeepSpeed MoE layer, plus the PA prior and losses."""
 
-    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: LossWeights):
+    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: Objective):
         super().__init__()
         text = config.text_config
         self.num_experts, self.k = config.num_experts, config.num_experts_per_tok
@@ -136,7 +128,7 @@ class DeepSpeedMoEBlock(nn.Module):
         bal = switch_balance_loss(probs_TE, self.k) if self.weights.balance_kind == "switch" else \
             balance_loss(probs_TE, self.k)
         self.last_aux = BlockAux(
-            pa=pa_loss(probs_TE, prior_idx, self.weights.tau) if prior_idx is not None else zero,
+            pa=pa_loss(probs_TE, prior_idx, self.weights.prior_tau) if prior_idx is not None else zero,
             balance=bal,
             agreement=prior_agreement(probs_TE.detach(), prior_idx) if prior_idx is not None else zero,
             exp_counts=exp_counts,
@@ -147,7 +139,7 @@ class DeepSpeedMoEBlock(nn.Module):
 class FactorLLMTrainModel(nn.Module):
     """The base family's decoder with DeepSpeed MoE blocks and the FactorLLM objective."""
 
-    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: LossWeights):
+    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: Objective):
         super().__init__()
         text = config.text_config
         text._attn_implementation = "sdpa"
@@ -173,7 +165,7 @@ class FactorLLMTrainModel(nn.Module):
         aux = [b.last_aux for b in self.blocks()]
         pa = torch.stack([a.pa for a in aux]).sum()
         bal = torch.stack([a.balance for a in aux]).sum()
-        loss = ce + self.weights.pa * pa + self.weights.balance * bal
+        loss = ce + self.weights.pa_weight * pa + self.weights.balance_weight * bal
         metrics = {"ce": ce.detach(), "pa": pa.detach(), "balance": bal.detach(),
                    "agreement": torch.stack([a.agreement for a in aux]).mean().detach(),
                    "expert_counts": torch.stack([a.exp_counts for a in aux]).detach()}
@@ -187,10 +179,12 @@ def ep_rank_of(ep_size: int) -> int:
     return dist.get_rank() % ep_size
 
 
-def build_train_model(moe_dir: Path, ep_size: int, weights: LossWeights, ep_rank: int,
+def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: int,
                       train_base: tuple[str, ...] = ()) -> FactorLLMTrainModel:
     """Build on meta, then read shared weights and only this rank's experts from ``moe_dir``."""
     config = FactorLLMConfig.from_pretrained(moe_dir)
+    if weights.prior_target is None:  # the objective follows the model's own prior target unless told otherwise
+        weights = dataclasses.replace(weights, prior_target=config.prior_target)
     with torch.device("meta"):
         model = FactorLLMTrainModel(config, ep_size, weights)
     reader = CheckpointReader(moe_dir)

@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from factorllm_ds.config import arg, fail_if, from_namespace
+from factorllm_ds.config import arg, fail_if
+from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
+from factorllm_ds.modeling import DTYPE_CHOICES, resolve_device
 
 ROUTERS = ("learned", "oracle", "random")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -104,18 +105,6 @@ class EvalConfig:
 # Pieces other modules call
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r}: not a device ({err}); use cpu, cuda, cuda:N or auto") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -125,12 +114,6 @@ def load_tokenizer(model_dir: Path):
         raise UserError(f"--model {model_dir}: no usable tokenizer in the folder ({type(err).__name__}: {err}). "
                         "Copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) "
                         "into it.") from err
-
-
-def read_texts(paths: list[Path]) -> str:
-    from factorllm_ds.calibration import read_text
-
-    return "\n\n".join(read_text(p, "--data") for p in paths)
 
 
 def token_windows(token_ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -256,7 +239,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     is_moe = cfg.validate(read_config(cfg.model, "--model"))
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    text = read_texts(cfg.data)
+    text = read_text(cfg.data, "--data")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     windows = token_windows(ids, cfg.seq_len, cfg.max_windows)
     if windows.shape[0] == 0:
@@ -313,25 +296,10 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def _eval_command(ns) -> int:
-    cfg = from_namespace(EvalConfig, ns)
+def run_command(cfg: EvalConfig) -> int:
     report = evaluate(cfg)
     for line in summary_lines(report):
         print(line)
     if cfg.report is not None:
         print(f"report: {cfg.report}")
     return 0
-
-
-def _bench_speed_command(ns) -> int:
-    from factorllm_ds.speed import run_bench_speed_command
-
-    return run_bench_speed_command(ns)
-
-
-CLI_COMMANDS = {
-    "eval": ("factorllm_ds.evaluate:EvalConfig", _eval_command,
-             "perplexity, expert usage and a sample of a dense or FactorLLM model"),
-    "bench-speed": ("factorllm_ds.speed:SpeedConfig", _bench_speed_command,
-                    "prefill / decode tokens/s of a FactorLLM model vs its dense source, with the Amdahl limit"),
-}

@@ -17,6 +17,20 @@ __all__ = ["FactorLLMConfig", "FactorLLMForCausalLM", "FactorLLMSparseMoeBlock",
            "prior_topk", "route", "all_experts_mode"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = tuple(DTYPES)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N, or auto (cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name!r}: not a device ({err}); use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
 
 
 def load_moe(moe_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str = "--model") -> FactorLLMForCausalLM:

@@ -479,17 +479,10 @@ def as_json(plan: Plan) -> dict:
             "hints": plan.hints}
 
 
-def _run_cli(ns) -> int:
-    from factorllm_ds.config import from_namespace
-
-    cfg = from_namespace(PlanConfig, ns)
+def run_command(cfg: PlanConfig) -> int:
     plan = make_plan(cfg)
     print(json.dumps(as_json(plan), indent=2) if cfg.json else report(plan, cfg))
     if plan.recommended is None:
         print(f"factorllm-ds plan: {no_fit_message(plan, cfg)}", file=sys.stderr)
         return 1
     return 0
-
-
-CLI_COMMANDS = {"plan": ("factorllm_ds.plan:PlanConfig", _run_cli,
-                         "per-GPU memory of a training run; recommends ep_size / ZeRO stage / offload")}

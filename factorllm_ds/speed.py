@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factorllm_ds.config import arg, fail_if, from_namespace
-from factorllm_ds.evaluate import DTYPE_CHOICES, resolve_device
+from factorllm_ds.config import arg, fail_if
+from factorllm_ds.modeling import DTYPE_CHOICES, resolve_device
 from factorllm_ds.hf_io import read_config
 
 
@@ -242,8 +242,7 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def run_bench_speed_command(ns) -> int:
-    cfg = from_namespace(SpeedConfig, ns)
+def run_command(cfg: SpeedConfig) -> int:
     result = bench_speed(cfg)
     for line in summary_lines(result):
         print(line)

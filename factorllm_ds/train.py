@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from factorllm_ds.config import PRIOR_TARGETS, PRIOR_TEACHERS, arg, fail_if
+from factorllm_ds.config import Objective, arg, fail_if
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
                                  checkpoint_tag, latest_tag)
@@ -32,7 +33,7 @@ DS_KEY_FOR_FLAG = {"micro_batch_size": ("train_micro_batch_size_per_gpu", "--mic
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Objective):
     """factorllm-ds train: fine-tune routers + experts with the Prior-Approximate loss (DeepSpeed MoE)."""
 
     model: Path = arg("converted FactorLLM folder (factorllm-ds convert)", default=None, required=True)
@@ -60,17 +61,6 @@ class TrainConfig:
     grad_clip: float | None = arg("gradient clipping norm, 0 = off (default 1.0)", default=None)
     optimizer: str = arg("adamw or sgd (sgd: for exact cross-topology comparisons)", choices=("adamw", "sgd"),
                          default="adamw")
-    pa_weight: float = arg("alpha: weight of the Prior-Approximate loss (summed over layers)", default=0.05)
-    balance_weight: float = arg("beta: weight of the balance loss (summed over layers)", default=0.01)
-    balance_kind: str = arg("paper: mean sum top-k p; switch: Switch/GShard l_aux", choices=("paper", "switch"),
-                            default="paper")
-    prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
-                     "none disables the PA loss", choices=PRIOR_TEACHERS, default="frozen")
-    prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
-    prior_target: str | None = arg("what the PA prior picks: share (paper: the k experts each closest to their "
-                                   "share t*k/E of the teacher output t) or subset (the k experts whose combined "
-                                   "output is closest to t). Default: the model's config (set by convert)",
-                                   choices=PRIOR_TARGETS, default=None)
     train_router_only: bool = arg("freeze the experts too (router-only training)", default=False)
     seed: int = arg("seed for data order", default=0)
     eval_data: list[str] | None = arg("held-out text; default: the last --eval-fraction of --data", default=None)
@@ -83,6 +73,9 @@ class TrainConfig:
     stop_after: int | None = arg("stop (with a checkpoint) after this many steps of this invocation", default=None)
     dist_timeout: int = arg("seconds a rank waits for the others before failing", default=1800)
     progress: bool = arg("rank-0 progress bar", default=True)
+    check: bool = arg("only validate the flags, the DeepSpeed JSON and the model folder, then exit (0: fine, 2: the "
+                      "problems); starts no process group. The world size is read from WORLD_SIZE (default 1)",
+                      default=False)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -100,9 +93,12 @@ def load_ds_config(cfg: TrainConfig) -> dict:
         raise UserError(f"--ds-config {path}: not valid JSON ({err})") from err
 
 
-def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> list[str]:
-    """Reconcile flags with the DeepSpeed JSON: one source of truth, conflicts are errors."""
-    problems = []
+def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], dict]:
+    """Reconcile flags with the DeepSpeed JSON: one source of truth, conflicts are errors.
+
+    Returns the problems and the resolved values (micro/global batch, clipping) for the config.
+    """
+    problems, resolved = [], {}
     for attr, (key, flag) in DS_KEY_FOR_FLAG.items():
         ours, theirs = getattr(cfg, attr), ds.get(key)
         if theirs in (None, "auto"):
@@ -111,26 +107,56 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> list[str]:
             problems.append(f"{flag} {ours} disagrees with \"{key}\": {theirs} in --ds-config; set it in one place")
         elif ours is None:
             log.info("taking %s=%s from --ds-config", key, theirs)
-            setattr(cfg, attr, type(theirs)(theirs))
+            resolved[attr] = type(theirs)(theirs)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             problems.append(f"--ds-config has an \"{key}\" section; factorllm-ds builds it from --lr/--warmup-steps/"
                             f"--weight-decay. Remove the section")
-    cfg.micro_batch_size = cfg.micro_batch_size or 1
-    cfg.grad_clip = 1.0 if cfg.grad_clip is None else cfg.grad_clip
-    global_bs = cfg.global_batch_size or cfg.micro_batch_size * world
+    micro = resolved.get("micro_batch_size", cfg.micro_batch_size) or 1
+    clip = resolved.get("grad_clip", cfg.grad_clip)
+    global_bs = cfg.global_batch_size or micro * world
     for key in ("train_batch_size", "gradient_accumulation_steps"):
         if ds.get(key) not in (None, "auto"):
             problems.append(f"--ds-config sets \"{key}\"; use --global-batch-size instead (one source of truth)")
-    if global_bs % (cfg.micro_batch_size * world):
+    if micro < 1:
+        problems.append(f"--micro-batch-size {micro}: must be >= 1")
+    elif global_bs % (micro * world):
         problems.append(f"--global-batch-size {global_bs} is not a multiple of --micro-batch-size "
-                        f"{cfg.micro_batch_size} x world size {world}")
-    cfg.global_batch_size = global_bs
+                        f"{micro} x world size {world}")
+    resolved.update(micro_batch_size=micro, grad_clip=1.0 if clip is None else clip, global_batch_size=global_bs)
+    return problems, resolved
+
+
+def number_problems(cfg: TrainConfig) -> list[str]:
+    """Counts and rates a run cannot start with (NaN, negative, zero steps)."""
+    problems = cfg.objective_problems()
+    for flag, value in (("--lr", cfg.lr), ("--router-lr", cfg.router_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            problems.append(f"{flag} {value}: must be a finite number > 0")
+    for flag, value in (("--weight-decay", cfg.weight_decay), ("--min-lr-ratio", cfg.min_lr_ratio),
+                        ("--grad-clip", cfg.grad_clip)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"{flag} {value}: must be a finite number >= 0")
+    for flag, value in (("--beta1", cfg.beta1), ("--beta2", cfg.beta2)):
+        if not 0 <= value < 1:
+            problems.append(f"{flag} {value}: must be in [0, 1)")
+    for flag, value in (("--steps", cfg.steps), ("--tokens", cfg.tokens), ("--log-every", cfg.log_every),
+                        ("--dist-timeout", cfg.dist_timeout), ("--stop-after", cfg.stop_after),
+                        ("--eval-batches", cfg.eval_batches)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} {value}: must be >= 1")
+    for flag, value in (("--warmup-steps", cfg.warmup_steps), ("--save-every", cfg.save_every),
+                        ("--eval-every", cfg.eval_every)):
+        if value < 0:
+            problems.append(f"{flag} {value}: must be >= 0")
+    if not 0 <= cfg.eval_fraction < 1:
+        problems.append(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1)")
     return problems
 
 
-def validate(cfg: TrainConfig, ds: dict, world: int) -> dict:
-    """All checks that need no process group. Returns the model's config.json."""
+def validate(cfg: TrainConfig, ds: dict, world: int) -> tuple[TrainConfig, dict]:
+    """All checks that need no process group. Returns the resolved config (``cfg`` is not changed)
+    and the model's config.json."""
     from factorllm_ds.hf_io import read_config
 
     problems = []
@@ -139,8 +165,6 @@ def validate(cfg: TrainConfig, ds: dict, world: int) -> dict:
         raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
                         f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
     num_experts = model_config["num_experts"]
-    if cfg.prior_target is None:
-        cfg.prior_target = model_config.get("prior_target", "share")
     if cfg.ep_size < 1 or num_experts % cfg.ep_size:
         problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({num_experts})")
     if cfg.ep_size >= 1 and world % cfg.ep_size:
@@ -162,13 +186,15 @@ def validate(cfg: TrainConfig, ds: dict, world: int) -> dict:
             problems.append(f"--data {source}: no such file")
     if cfg.steps is not None and cfg.tokens is not None:
         problems.append("pass --steps or --tokens, not both")
-    problems += resolve_knobs(cfg, ds, world)
-    problems += run_dir_problems(cfg, model_config)
+    knob_problems, resolved = resolve_knobs(cfg, ds, world)
+    problems += knob_problems + number_problems(cfg) + run_dir_problems(cfg, model_config)
     fail_if(problems, "train: bad arguments")
+    cfg = dataclasses.replace(cfg, prior_target=cfg.prior_target or model_config.get("prior_target", "share"),
+                              **resolved)
     if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
         log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
                     "prefer stage 1/2 for exact clipping")
-    return model_config
+    return cfg, model_config
 
 
 def run_dir_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
@@ -249,11 +275,11 @@ def setup(cfg: TrainConfig) -> Run:
 
     from factorllm_ds import distributed
     from factorllm_ds.data import Sampler, prepare
-    from factorllm_ds.ds_moe import LossWeights, build_train_model, ep_rank_of
+    from factorllm_ds.ds_moe import build_train_model, ep_rank_of
 
     info = distributed.detect()
     ds = load_ds_config(cfg)
-    validate(cfg, ds, info.world_size)
+    cfg, _ = validate(cfg, ds, info.world_size)
     # The folder's config.json names remote code (auto_map): without trust_remote_code=False
     # transformers stops at an interactive prompt to load a tokenizer that needs none.
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
@@ -264,14 +290,12 @@ def setup(cfg: TrainConfig) -> Run:
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     if cfg.steps is None:
-        cfg.steps = max(1, math.ceil((cfg.tokens or packed.train_tokens) / tokens_per_step))
+        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil((cfg.tokens or packed.train_tokens) / tokens_per_step)))
     if cfg.warmup_steps >= cfg.steps:
         new = max(0, cfg.steps // 10)
         log.warning("--warmup-steps %d >= --steps %d: using %d warm-up steps", cfg.warmup_steps, cfg.steps, new)
-        cfg.warmup_steps = new
-    weights = LossWeights(cfg.pa_weight, cfg.balance_weight, cfg.prior, cfg.prior_tau, cfg.balance_kind,
-                          cfg.prior_target)
-    model = build_train_model(cfg.model, cfg.ep_size, weights, ep_rank_of(cfg.ep_size))
+        cfg = dataclasses.replace(cfg, warmup_steps=new)
+    model = build_train_model(cfg.model, cfg.ep_size, cfg, ep_rank_of(cfg.ep_size))
     # DeepSpeed keeps fp32 masters only in bf16/fp16 mode; otherwise the weights must be fp32
     # themselves, or Adam's small updates vanish in bf16 rounding.
     model.to(training_dtype(ds))
@@ -504,14 +528,25 @@ def train(cfg: TrainConfig) -> dict:
     return last
 
 
-def _run_cli(ns) -> int:
+def check(cfg: TrainConfig) -> int:
+    """``train --check``: every validation ``train`` does before its process group, and nothing else."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved, _ = validate(cfg, load_ds_config(cfg), world)
+    print(f"train --check: OK ({world} process(es), ep_size {resolved.ep_size}, micro-batch "
+          f"{resolved.micro_batch_size}, global batch {resolved.global_batch_size})")
+    return 0
+
+
+def run_command(cfg: TrainConfig) -> int:
     import sys
     import traceback
 
-    from factorllm_ds.config import from_namespace
     from factorllm_ds.distributed import hard_exit, started
 
-    cfg = from_namespace(TrainConfig, ns)
+    if cfg.check:
+        return check(cfg)
     try:
         train(cfg)
     except BaseException as err:
@@ -524,7 +559,3 @@ def _run_cli(ns) -> int:
             traceback.print_exc()
         hard_exit(2 if isinstance(err, UserError) else 130 if isinstance(err, KeyboardInterrupt) else 1)
     hard_exit(0)
-
-
-CLI_COMMANDS = {"train": ("factorllm_ds.train:TrainConfig", _run_cli,
-                          "fine-tune routers + experts with DeepSpeed expert parallelism")}

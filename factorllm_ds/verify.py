@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from factorllm_ds.config import arg
+from factorllm_ds.config import arg, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.modeling import DTYPES, all_experts_mode, load_dense, load_moe
+from factorllm_ds.modeling import DTYPE_CHOICES, DTYPES, all_experts_mode, load_dense, load_moe
 
 
 @dataclass
@@ -22,13 +24,26 @@ class VerifyConfig:
     batch_size: int = arg("sequences per batch", default=2)
     seq_len: int = arg("tokens per sequence", default=64)
     dtype: str = arg("dtype both models run in (bfloat16 is compared against the dense model's own bf16 noise)",
-                     choices=tuple(DTYPES), default="float32")
+                     choices=DTYPE_CHOICES, default="float32")
     tolerance: float = arg("max |Δ logits| / max |logits| allowed in float32", default=1e-5)
     seed: int = arg("seed for the token batches", default=0)
+
+    def validate(self) -> "VerifyConfig":
+        """Every flag problem at once; returns the config to run (nothing here needs resolving)."""
+        problems = [f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1"
+                    for name in ("batches", "batch_size", "seq_len") if getattr(self, name) < 1]
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            problems.append(f"--tolerance {self.tolerance}: must be a finite number > 0")
+        for flag, path in (("--model", self.model), ("--dense", self.dense)):
+            if not (Path(path) / "config.json").is_file():
+                problems.append(f"{flag} {path}: no config.json there; pass a Hugging Face model folder")
+        fail_if(problems, "verify: bad arguments")
+        return dataclasses.replace(self)
 
 
 @torch.no_grad()
 def verify(cfg: VerifyConfig) -> dict:
+    cfg = cfg.validate()
     dtype = DTYPES[cfg.dtype]
     moe = load_moe(cfg.model, dtype)
     dense = load_dense(cfg.dense, dtype)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random dense models of each family and a converted tiny MoE.
+"""Shared fixtures: tiny random dense models of each family, a converted tiny MoE, text, one thread.
 
 The session fixtures build each model once; treat the folders as read-only (copy one with
 ``shutil.copytree`` before changing it). The builders live in ``tests/tiny.py`` so that
@@ -16,10 +16,21 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` from any test file
 
 import tiny  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module)."""
+    # The test machine is shared: two OpenMP threads on a busy 2-core box run 100x slower than one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,7 @@ from factorllm_ds.evaluate import EvalConfig, evaluate, perplexity
 from factorllm_ds.modeling import load_dense, load_moe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: two OpenMP threads on a busy 2-core box run 100x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,12 @@ the real 32k tokenizer; tiny random model so it stays fast.
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import distributed_utils as du
 import tiny
 
 pytestmark = pytest.mark.dist
@@ -22,45 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "factorllm_ds" / "torch_extensions"))
-    return env
-
-
-def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29600 + os.getpid() % 300)] + args
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def train_args(moe: Path, data: Path, out: Path, ep: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["-m", "factorllm_ds", "train", "--model", str(moe), "--data", str(data), "--out", str(out),
-            "--seq-len", "32", "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "0", "--micro-batch-size",
-            "1", "--global-batch-size", "2", "--ep-size", str(ep), "--ds-config", str(ROOT / "ds_configs/zero2.json"),
-            "--no-progress", *extra]
+def train(moe: Path, data: Path, out: Path, ep: int, steps: int, nproc: int = 2, micro_batch_size: int = 1,
+          extra: tuple[str, ...] = ()) -> du.Result:
+    args = du.train_args(moe, data, out, steps=steps, ep_size=ep, micro_batch_size=micro_batch_size, seq_len=32,
+                         lr=3e-3, ds_config=ROOT / "ds_configs" / "zero2.json", extra=extra)
+    return du.run("torchrun", nproc, args, cwd=ROOT).check()
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.txt"
-    path.write_text(tiny.write_calibration_text(path.with_suffix(".src")).read_text())
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_moe_dir, data_file) -> Path:
+def trained(tmp_path_factory, tiny_moe_dir, calib_text) -> Path:
     run = tmp_path_factory.mktemp("run") / "run"
-    torchrun(2, train_args(tiny_moe_dir, data_file, run, ep=2, steps=3))
+    train(tiny_moe_dir, calib_text, run, ep=2, steps=3)
     return run
 
 
 def engine_logits(run: Path, ep: int, nproc: int, tmp_path: Path) -> dict:
     out = tmp_path / f"engine_ep{ep}.pt"
-    torchrun(nproc, [str(SCRIPTS / "engine_logits.py"), str(run), str(ep), str(out)])
+    du.run_command([du.BIN / "torchrun", "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                    f"--master_port={du.free_port()}", SCRIPTS / "engine_logits.py", run, ep, out], cwd=ROOT).check()
     return torch.load(out)
 
 
@@ -113,14 +89,14 @@ def test_mixtral_export_of_hard_run_refused(trained, tmp_path):
     assert not (tmp_path / "mx").exists()
 
 
-def test_softmax_run_exports_to_mixtral(tmp_path, tiny_dense_dir, data_file):
+def test_softmax_run_exports_to_mixtral(tmp_path, tiny_dense_dir, calib_text):
     from transformers import MixtralForCausalLM
 
     from factorllm_ds.modeling import load_moe
 
     moe = tiny.build_tiny_moe(tmp_path / "moe", tiny_dense_dir, routing="softmax")
     run = tmp_path / "run"
-    torchrun(2, train_args(moe, data_file, run, ep=2, steps=2))
+    train(moe, calib_text, run, ep=2, steps=2)
     ours = load_moe(export(run, tmp_path / "hf", "factorllm"))
     mixtral = MixtralForCausalLM.from_pretrained(export(run, tmp_path / "mx", "mixtral"), dtype=torch.float32).eval()
     ids = torch.randint(0, 32000, (2, 20), generator=torch.Generator().manual_seed(2))
@@ -129,20 +105,19 @@ def test_softmax_run_exports_to_mixtral(tmp_path, tiny_dense_dir, data_file):
     assert (want - got).abs().max() / want.abs().max() < 1e-5
 
 
-def test_resume_at_other_ep_size(tmp_path, tiny_moe_dir, data_file):
+def test_resume_at_other_ep_size(tmp_path, tiny_moe_dir, calib_text):
     """Saved at ep_size 2 over 2 ranks, resumed at ep_size 1 on 1 rank: weights carry over."""
     from factorllm_ds.modeling import load_moe
 
     run = tmp_path / "run"
-    torchrun(2, train_args(tiny_moe_dir, data_file, run, ep=2, steps=4, extra=("--stop-after", "2")))
+    train(tiny_moe_dir, calib_text, run, ep=2, steps=4, extra=("--stop-after", "2"))
     # an ep=1 engine reading the ep=2 checkpoint sees the same model as the export
     probe = engine_logits(run, ep=1, nproc=1, tmp_path=tmp_path)
     with torch.no_grad():
         got = load_moe(export(run, tmp_path / "hf", "factorllm"))(probe["ids"]).logits
     assert (got - probe["logits"]).abs().max() / probe["logits"].abs().max() < 1e-5
-    proc = torchrun(1, train_args(tiny_moe_dir, data_file, run, ep=1, steps=4,
-                                  extra=("--resume", "--global-batch-size", "2", "--micro-batch-size", "2")))
-    assert "optimizer state is reset" in proc.stderr
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # no NaN after resharding
+    result = train(tiny_moe_dir, calib_text, run, ep=1, steps=4, nproc=1, micro_batch_size=2, extra=("--resume",))
+    assert "optimizer state is reset" in result.output
+    rows = du.read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN after resharding

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from factorllm_ds.ds_moe import LossWeights, build_train_model
+from factorllm_ds.config import Objective
+from factorllm_ds.ds_moe import build_train_model
 from factorllm_ds.routing import (FactorLLMGate, balance_loss, fit_router, pa_loss, prior_agreement,
                                   prior_distribution, prior_topk, route, switch_balance_loss)
 
@@ -276,7 +277,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_all_experts_deepspeed_moe_layer_equals_sum_of_experts_and_dense_ffn(tiny_moe_dir, dense) -> None:
-    model = build_train_model(tiny_moe_dir, 1, LossWeights(prior="none"), 0).eval()
+    model = build_train_model(tiny_moe_dir, 1, Objective(prior="none", prior_target="share"), 0).eval()
     all_experts(model)
     torch.manual_seed(0)
     x = torch.randn(2, 7, dense.config.hidden_size)
@@ -322,11 +323,11 @@ def is_zero(gs: list[torch.Tensor | None]) -> bool:
 
 @pytest.mark.parametrize("prior", ["frozen", "self"])
 def test_hard_mode_router_learns_only_from_pa_and_balance(tiny_moe_dir, prior: str) -> None:
-    weights = LossWeights(pa=0.05, balance=0.01, prior=prior)
+    weights = Objective(pa_weight=0.05, balance_weight=0.01, prior=prior, prior_target="share")
     model = build_train_model(tiny_moe_dir, 1, weights, 0).train()
     ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     ce, pa, bal = objective_parts(model, ids)
-    aux = weights.pa * pa + weights.balance * bal
+    aux = weights.pa_weight * pa + weights.balance_weight * bal
     total = ce + aux
     routers = router_params(model)
     assert is_zero(grads(ce, routers)), "CE reached the router in hard mode"
@@ -346,7 +347,7 @@ def test_hard_mode_router_learns_only_from_pa_and_balance(tiny_moe_dir, prior: s
 
 
 def test_softmax_mode_router_also_learns_from_ce(tiny_moe_dir) -> None:
-    model = build_train_model(tiny_moe_dir, 1, LossWeights(), 0).train()
+    model = build_train_model(tiny_moe_dir, 1, Objective(prior_target="share"), 0).train()
     for block in model.blocks():
         block.gate.routing, block.gate.scale = "softmax", float(block.num_experts)
     ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -355,7 +356,7 @@ def test_softmax_mode_router_also_learns_from_ce(tiny_moe_dir) -> None:
 
 
 def test_prior_none_gives_no_pa_term(tiny_moe_dir) -> None:
-    model = build_train_model(tiny_moe_dir, 1, LossWeights(prior="none"), 0).train()
+    model = build_train_model(tiny_moe_dir, 1, Objective(prior="none", prior_target="share"), 0).train()
     ids = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
     _, pa, bal = objective_parts(model, ids)
     assert pa.item() == 0.0 and bal.item() > 0

@@ -332,9 +332,18 @@ def test_ds_config_conflicting_with_flags_is_refused(train_cli, tmp_path, ds, fl
     assert code == 2 and message in err, err
 
 
-def test_ds_config_value_without_flag_is_taken(train_cli, tmp_path) -> None:
-    with pytest.raises(ReachedProcessGroup):  # one source of truth: no conflict, no error
-        train_cli(ds_config=write_json(tmp_path / "ds.json", {"train_micro_batch_size_per_gpu": 1}))
+@pytest.mark.dist
+def test_ds_config_value_without_flag_is_taken(tiny_moe_dir, texts, tmp_path) -> None:
+    """A --ds-config value that no flag sets is the one the run uses and records in run.json."""
+    # Both differ from the flags' defaults (1 and 1.0), so a value left unread would show.
+    ds = write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2,
+                                           "gradient_clipping": 0.5})
+    args = du.train_args(tiny_moe_dir, texts["varied"], tmp_path / "out", steps=1, ep_size=1, ds_config=ds)
+    at = args.index("--micro-batch-size")
+    del args[at:at + 2]  # the micro-batch size must come from the JSON alone
+    du.run("python", 1, args).check()
+    settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
+    assert (settings["micro_batch_size"], settings["grad_clip"]) == (2, 0.5), settings
 
 
 def test_dense_model_is_refused(train_cli, tiny_dense_dir) -> None:

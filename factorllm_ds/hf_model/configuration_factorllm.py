@@ -13,6 +13,13 @@ from transformers import AutoConfig, PretrainedConfig
 ROUTING_MODES = ("hard", "softmax")
 
 
+def default_combine_scale(routing: str, num_experts: int, top_k: int, combine_scale: float | None = None) -> float:
+    """The combine scale s: ``combine_scale`` when set, else E/k for ``hard`` and E for ``softmax`` (the paper)."""
+    if combine_scale is not None:
+        return float(combine_scale)
+    return num_experts / top_k if routing == "hard" else float(num_experts)
+
+
 class FactorLLMConfig(PretrainedConfig):
     model_type = "factorllm"
     sub_configs = {"text_config": AutoConfig}
@@ -29,6 +36,7 @@ class FactorLLMConfig(PretrainedConfig):
         partition_method: str = "contiguous",
         router_override: str = "learned",
         prior_target: str = "share",
+        shared_intermediate_size: int = 0,
         **kwargs,
     ):
         """
@@ -49,6 +57,9 @@ class FactorLLMConfig(PretrainedConfig):
             prior_target: what the PA prior (and the oracle router) picks: ``share`` (the
                 paper: the k experts each closest to their share t*k/E of the teacher
                 output t) or ``subset`` (the k experts whose scaled sum is closest to t).
+            shared_intermediate_size: S, neurons of the always-on shared expert (0: none). Every
+                token runs it with weight 1; the routed experts then hold the other I - S
+                neurons, ``expert_intermediate_size`` each.
         """
         if isinstance(text_config, dict):
             text_config = dict(text_config)
@@ -66,6 +77,7 @@ class FactorLLMConfig(PretrainedConfig):
         self.partition_method = partition_method
         self.router_override = router_override
         self.prior_target = prior_target
+        self.shared_intermediate_size = int(shared_intermediate_size or 0)
         if text_config is not None:
             kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
             for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
@@ -75,8 +87,4 @@ class FactorLLMConfig(PretrainedConfig):
     @property
     def scale(self) -> float:
         """The combine scale s actually used (resolves the ``None`` default)."""
-        if self.combine_scale is not None:
-            return float(self.combine_scale)
-        if self.routing == "hard":
-            return self.num_experts / self.num_experts_per_tok
-        return float(self.num_experts)
+        return default_combine_scale(self.routing, self.num_experts, self.num_experts_per_tok, self.combine_scale)

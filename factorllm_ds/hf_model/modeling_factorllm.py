@@ -8,8 +8,10 @@ keys match the dense model's except under ``.mlp.``::
 
     model.layers.{L}.mlp.router.{weight,bias}
     model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight
+    model.layers.{L}.mlp.shared_expert.{gate,up,down}_proj.weight   (when shared_intermediate_size > 0)
 
-Only the selected experts run on each token (sparse dispatch).
+The shared expert runs on every token with weight 1; of the routed experts only the selected
+ones run on each token (sparse dispatch).
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ class FactorLLMSparseMoeBlock(nn.Module):
             FactorLLMExpert(text.hidden_size, config.expert_intermediate_size, text.hidden_act)
             for _ in range(config.num_experts)
         )
+        shared_size = getattr(config, "shared_intermediate_size", 0) or 0
+        self.shared_expert = FactorLLMExpert(text.hidden_size, shared_size, text.hidden_act) if shared_size else None
         # Opt-in usage counter for analysis: set to a zero tensor [E] to accumulate counts.
         self.usage_counts: torch.Tensor | None = None
         self.random_generator: torch.Generator | None = None
@@ -141,6 +145,8 @@ class FactorLLMSparseMoeBlock(nn.Module):
             scores_TE = torch.rand(num_tokens, self.num_experts, generator=self.random_generator).to(x_TH.device)
             idx_TK = torch.topk(scores_TE, self.top_k, dim=-1).indices
         elif self.router_override == "oracle":
+            # The target is the whole FFN (shared + every routed expert); with the shared expert always
+            # on, the routed experts must complete it: their target is that sum minus the shared output.
             out_ETH = torch.stack([expert(x_TH) for expert in self.experts])
             idx_TK = prior_topk(out_ETH, out_ETH.sum(dim=0), self.top_k, self.prior_target,
                                 prior_weight(self.routing, self.scale, self.top_k))
@@ -161,7 +167,10 @@ class FactorLLMSparseMoeBlock(nn.Module):
         if self.usage_counts is not None:
             self.usage_counts += torch.bincount(idx_TK.flatten(), minlength=self.num_experts).to(self.usage_counts)
         # fp32 accumulation: summing k expert outputs in bf16 loses precision.
-        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        if self.shared_expert is not None:
+            out_TH = self.shared_expert(x_TH).float()
+        else:
+            out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         for e, expert in enumerate(self.experts):
             token_ids, slot_ids = torch.where(idx_TK == e)
             if token_ids.numel() == 0:

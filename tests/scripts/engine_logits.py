@@ -17,11 +17,12 @@ def main() -> None:
     import deepspeed
 
     from factorllm_ds import distributed
-    from factorllm_ds.ds_moe import LossWeights, build_train_model, ep_rank_of
+    from factorllm_ds.config import Objective
+    from factorllm_ds.ds_moe import build_train_model, ep_rank_of
 
     distributed.init(600)
     manifest = json.loads((run_dir / "run.json").read_text())
-    model = build_train_model(Path(manifest["model"]), ep_size, LossWeights(prior="none"), ep_rank_of(ep_size))
+    model = build_train_model(Path(manifest["model"]), ep_size, Objective(prior="none"), ep_rank_of(ep_size))
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     groups = split_params_into_different_moe_groups_for_optimizer(
