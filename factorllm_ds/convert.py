@@ -8,24 +8,21 @@ straight into pre-planned shards. The output appears at ``--out`` only when comp
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from factorllm_ds import __version__, keys, split
-from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE
+from factorllm_ds import keys, split
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import (CheckpointReader, StreamingSafetensorsWriter, TensorInfo, atomic_output_dir,
+from factorllm_ds.hf_io import (CheckpointReader, FolderWriter, StreamingSafetensorsWriter, TensorInfo,
                                 copy_side_files, read_config)
 from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
+from factorllm_ds.layout import PARTITION_FILE
+
 
 def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertConfig) -> list[TensorInfo]:
     """Every output tensor (name, shape, dtype), in the order the converter writes them."""
@@ -132,18 +129,11 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
         from factorllm_ds.calibration import CalibrationRunner
 
         calib = CalibrationRunner(reader, dense_config, cfg)
-
-    started = time.time()
     gen = torch.Generator().manual_seed(cfg.seed)
     partitions: dict[str, torch.Tensor] = {}
-    with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
-        writer = StreamingSafetensorsWriter(tmp, plan, parse_size(cfg.max_shard_size))
-        bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress)
-
-        def copy(name: str) -> None:
-            writer.copy_from(reader, name)  # unchanged bytes, file to file
-            bar.update(reader.infos[name].nbytes)
-
+    # shard_writer is looked up here, not in hf_io, so that a test can count bytes instead of writing them.
+    with FolderWriter(cfg.out, plan, parse_size(cfg.max_shard_size), command="convert", overwrite=cfg.overwrite,
+                      progress=progress, shard_writer=StreamingSafetensorsWriter) as folder:
         # Every layer's MLP has the same shapes: read them into the same three buffers, so that
         # no 3 x [I, H] blocks are freed and reallocated per layer (glibc would keep them).
         mlp_buffers: dict[str, torch.Tensor] = {}
@@ -155,55 +145,39 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                 buf = mlp_buffers[part] = torch.empty(info.shape, dtype=info.dtype)
             return reader.get(name, out=buf)
 
-        copy("model.embed_tokens.weight")
+        folder.copy(reader, "model.embed_tokens.weight")
         if calib is not None:
             calib.start()
         for layer in range(num_layers):
             for info in plan:
                 if keys.layer_of(info.name) == layer and ".mlp." not in info.name:
-                    copy(info.name)
+                    folder.copy(reader, info.name)
             gate, up, down = (read_mlp(keys.dense_mlp_key(p, layer), p) for p in ("gate", "up", "down"))
             if calib is not None:
                 calib.run_layer(layer)
             perm = make_partition(cfg, layer, gate, up, down, calib)
             partitions[f"layers.{layer}"] = perm.to(torch.int32)
             router, bias = initial_router(cfg, gate, down, perm, calib, gen)
-            writer.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
+            folder.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
             if bias is not None:
-                writer.write(keys.ROUTER_BIAS.format(layer=layer), bias.to(gate.dtype))
+                folder.write(keys.ROUTER_BIAS.format(layer=layer), bias.to(gate.dtype))
             for e in range(cfg.num_experts):  # one expert's slices at a time: the layer is held once, not twice
-                g, u, d = split.expert_slice(gate, up, down, perm, cfg.num_experts, e)
-                writer.write(keys.expert_key("gate", layer, e), g)
-                writer.write(keys.expert_key("up", layer, e), u)
-                writer.write(keys.expert_key("down", layer, e), d)
-                del g, u, d
-            bar.update(gate.nbytes + up.nbytes + down.nbytes)
+                pieces = split.expert_slice(gate, up, down, perm, cfg.num_experts, e)
+                for part, piece in zip(("gate", "up", "down"), pieces):
+                    folder.write(keys.expert_key(part, layer, e), piece)
+                del pieces, piece
             del gate, up, down
         for name in keys.GLOBAL_PASSTHROUGH[1:]:
             if name in reader.infos:
-                copy(name)
-        writer.close()
-        bar.close()
+                folder.copy(reader, name)
 
-        moe_config(dense_config, cfg).save_pretrained(tmp)
+        moe_config(dense_config, cfg).save_pretrained(folder.path)
         for name in MODEL_CODE_FILES:
-            shutil.copy2(MODEL_CODE_DIR / name, tmp / name)
-        side = copy_side_files(cfg.model, tmp)
-        save_file(partitions, str(tmp / PARTITION_FILE),
+            shutil.copy2(MODEL_CODE_DIR / name, folder.path / name)
+        side = copy_side_files(cfg.model, folder.path)
+        save_file(partitions, str(folder.path / PARTITION_FILE),
                   metadata={"method": cfg.split, "num_experts": str(cfg.num_experts), "seed": str(cfg.seed)})
-        manifest = {
-            "factorllm_ds_version": __version__,
-            "command": "convert",
-            "source_model": str(cfg.model),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-            "partition_file": PARTITION_FILE,
-            "copied_files": side,
-            "bytes_read": reader.total_bytes,
-            "bytes_written": writer.bytes_written,
-            "seconds": round(time.time() - started, 3),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        folder.manifest.update(source_model=str(cfg.model), partition_file=PARTITION_FILE, copied_files=side,
+                               settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                               bytes_read=reader.total_bytes)
     return Path(cfg.out)
-

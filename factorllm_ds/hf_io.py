@@ -4,7 +4,8 @@ Reads never load a whole shard: every tensor is fetched on its own, its bytes re
 into a fresh tensor at the offset its shard's header gives (``safe_open`` validates each
 shard once, up front), so a conversion holds about one layer at a time. Writes go through
 :class:`StreamingSafetensorsWriter`, which lays out every shard's header from a plan
-made up front and then appends each tensor's bytes the moment it is produced.
+made up front and then appends each tensor's bytes the moment it is produced; a
+:class:`FolderWriter` wraps it into a whole output folder that appears only when complete.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +24,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
+from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
+from factorllm_ds.layout import MANIFEST_FILE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -200,11 +206,8 @@ class StreamingSafetensorsWriter:
     def __init__(self, out_dir: Path, plan: list[TensorInfo], max_shard_bytes: int):
         self.out_dir = Path(out_dir)
         self.shards = self._assign_shards(plan, max_shard_bytes)
-        self.weight_map: dict[str, str] = {}
-        for shard_name, infos in self.shards:
-            for info in infos:
-                self.weight_map[info.name] = shard_name
-        self._queue: Iterator[tuple[str, TensorInfo]] = self._expected()
+        self.weight_map = {info.name: shard_name for shard_name, infos in self.shards for info in infos}
+        self._queue: Iterator[tuple[str, TensorInfo]] = iter([(s, i) for s, infos in self.shards for i in infos])
         self._handle = None
         self._current_shard: str | None = None
         self.bytes_written = 0
@@ -223,11 +226,6 @@ class StreamingSafetensorsWriter:
         if n == 1:
             return [(SINGLE_FILE, groups[0])]
         return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
-
-    def _expected(self) -> Iterator[tuple[str, TensorInfo]]:
-        for shard_name, infos in self.shards:
-            for info in infos:
-                yield shard_name, info
 
     def _start_shard(self, shard_name: str, infos: list[TensorInfo]) -> None:
         if self._handle is not None:
@@ -318,37 +316,64 @@ def _byte_view(tensor: torch.Tensor):
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer and generation files that exist in ``src``; returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copy2(Path(src) / name, Path(dst) / name)
     return copied
 
 
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool, flag: str = "--out"):
-    """Yield a temporary sibling folder; rename it to ``out`` only if the body succeeds.
+class FolderWriter:
+    """One output model folder: the tensors of ``plan`` streamed into shards (with a progress bar
+    by bytes written), then whatever the caller adds under ``path``, then a manifest.
 
-    An interrupted or failed run leaves nothing at ``out`` (the partial folder is removed).
+    It is built under a temporary sibling name and renamed to ``out`` only when the ``with`` body
+    succeeds: a failed or interrupted run leaves nothing at ``out``, and a folder being
+    overwritten stays until the new one is complete. ``manifest`` takes the command's own fields.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{flag} {out} already exists. Choose another path or pass --overwrite to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+
+    def __init__(self, out: Path, plan: list[TensorInfo], max_shard_bytes: int, *, command: str,
+                 overwrite: bool = False, progress: bool = True, desc: str | None = None,
+                 shard_writer: type[StreamingSafetensorsWriter] = StreamingSafetensorsWriter):
+        self.out, self.overwrite = Path(out), overwrite
+        self.path = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self.shards = shard_writer(self.path, plan, max_shard_bytes)
+        self.manifest: dict = {"factorllm_ds_version": __version__, "command": command}
+        self._bar_args = dict(total=sum(i.nbytes for i in plan), unit="B", unit_scale=True, desc=desc or command,
+                              disable=not progress)
+
+    def __enter__(self) -> "FolderWriter":
+        if self.out.exists() and not self.overwrite:
+            raise UserError(f"--out {self.out} already exists. Choose another path or pass --overwrite to replace it.")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+        self._started = time.time()
+        self._bar = tqdm(**self._bar_args)
+        return self
+
+    def copy(self, reader: CheckpointReader, name: str) -> None:
+        """Tensor ``name`` of ``reader``, unchanged, file to file."""
+        self.shards.copy_from(reader, name)
+        self._bar.update(reader.infos[name].nbytes)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The plan's next tensor."""
+        self.shards.write(name, tensor)
+        self._bar.update(tensor.nbytes)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._bar.close()
+        try:
+            if exc_type is not None:
+                return
+            self.shards.close()
+            self.manifest.update(bytes_written=self.shards.bytes_written, seconds=round(time.time() - self._started, 3),
+                                 python=platform.python_version(), torch=torch.__version__)
+            (self.path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            if self.out.exists():
+                self.out.rename(old)
+            self.path.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)  # gone already when the rename succeeded

@@ -89,16 +89,10 @@ def _stage(name: str) -> None:
     print(f"\n== {name} ==", file=sys.stderr, flush=True)
 
 
-def _launch_command(cfg: DemoConfig) -> list[str]:
-    port = str(29500 + os.getpid() % 2000)
-    if cfg.launcher == "deepspeed":
-        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        return [exe, "--num_gpus", str(cfg.nproc), "--master_port", port, "--module", "factorllm_ds"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.nproc), "--master_port", port,
-            "-m", "factorllm_ds"]
-
-
 def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None) -> None:
+    from factorllm_ds.launcher import Launch, command
+    from factorllm_ds.train import TrainConfig
+
     steps = max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
     if latest_tag(run) == checkpoint_tag(steps):
         print(f"train: {run} already at step {steps}; skipping", file=sys.stderr)
@@ -106,16 +100,18 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[s
     resume = is_run_dir(run)
     if run.exists() and not resume:
         shutil.rmtree(run)  # an attempt that never checkpointed: start clean
-    args = ["train", "--model", str(moe), "--data", str(data), "--out", str(run), "--seq-len", str(cfg.seq_len),
-            "--steps", str(steps), "--micro-batch-size", str(cfg.micro_batch_size), "--global-batch-size",
-            str(cfg.global_batch_size), "--ep-size", str(cfg.ep_size), "--lr", str(cfg.lr),
-            "--warmup-steps", str(max(1, steps // 10)), "--save-every", str(max(1, steps // 2)),
-            "--eval-every", str(max(1, steps // 2)), "--eval-batches", "2"] + (["--resume"] if resume else []) + list(extra or [])
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = _launch_command(cfg) + args
+    # Warm-up: train's default (500 steps) would keep a run of a few dozen steps below 5% of --lr;
+    # the quality benchmarks (bench/RESULTS.md) were measured with this rule (1 step of 12).
+    train = TrainConfig(model=moe, data=[str(data)], out=run, seq_len=cfg.seq_len, steps=steps, lr=cfg.lr,
+                        micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
+                        ep_size=cfg.ep_size, warmup_steps=max(1, steps // 10), save_every=max(1, steps // 2),
+                        eval_every=max(1, steps // 2), eval_batches=2, resume=resume)
+    spec = Launch(cfg.launcher, nproc=cfg.nproc, master_port=29500 + os.getpid() % 2000, device="cpu",
+                  bin_dir=Path(sys.executable).parent, python=sys.executable)
+    argv, env = command(spec, train)
+    cmd = argv + list(extra or [])
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, env={**os.environ, **env})
     if proc.returncode != 0:
         raise UserError(f"training failed (exit {proc.returncode}); run the same command again to resume from the "
                         f"last checkpoint in {run}")

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import psutil
 
+from factorllm_ds.launcher import LAUNCHERS, Launch, train_argv
+from factorllm_ds.launcher import command as launch_command
+
 BIN = Path(sys.executable).parent
 # The tests' own build folder (an exported TORCH_EXTENSIONS_DIR wins): shared with processes that
 # find another ninja first on PATH, the op would be rebuilt at every launch (see worker_env).
 EXTENSIONS_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
                       or Path.home() / ".cache" / "factorllm_ds" / "torch_extensions_tests")
-LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "python")
 DEFAULT_TIMEOUT = 300  # seconds; a 2-rank tiny run takes ~15 s once the comm op is built
 
 # Rank/rendezvous variables of an enclosing launcher must not leak into the jobs we start.
@@ -72,31 +74,12 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-# Exported to the ranks by name (``mpirun -x NAME``: needed on remote nodes, explicit here).
-MPI_EXPORTS = ("PATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE",
-               "TOKENIZERS_PARALLELISM", "PYTHONUNBUFFERED", "MASTER_ADDR", "MASTER_PORT")
-
-
-def command(launcher: str, nproc: int, args: list[str], port: int, env: dict[str, str] | None = None) -> list[str]:
-    """The command line a user would type for ``python -m factorllm_ds ARGS`` on ``nproc`` ranks."""
-    module = ["-m", "factorllm_ds", *map(str, args)]
-    if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                f"--master_port={port}", *module]
-    if launcher == "deepspeed":
-        # --num_gpus sets the rank count on CPU too (DS_ACCELERATOR=cpu counts NUMA nodes otherwise).
-        # Each rank runs `python -u -m factorllm_ds --local_rank=N train ...`.
-        return [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", "--module", "factorllm_ds",
-                *map(str, args)]
-    if launcher == "mpirun":
-        exports = [x for name in MPI_EXPORTS if env is None or name in env for x in ("-x", name)]
-        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), *exports, sys.executable,
-                *module]
-    if launcher == "python":
-        if nproc != 1:
-            raise ValueError("launcher 'python' runs exactly one process")
-        return [sys.executable, *module]
-    raise ValueError(f"unknown launcher {launcher!r}; expected one of {LAUNCHERS}")
+def command(launcher: str, nproc: int, args: list[str], port: int, env: dict[str, str] | None = None,
+            mpi_discovery: bool = False) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment additions) a user would run for ``python -m factorllm_ds ARGS`` on ``nproc`` ranks."""
+    spec = Launch(launcher, nproc=nproc, master_port=port, device="cpu", bin_dir=BIN, python=sys.executable,
+                  mpi_args=["--oversubscribe"] if launcher == "mpirun" else [], mpi_discovery=mpi_discovery)
+    return launch_command(spec, list(map(str, args)), environ=env)
 
 
 @dataclass
@@ -200,13 +183,10 @@ def start(launcher: str, nproc: int, args: list[str], *, env: dict[str, str] | N
     """Start ``python -m factorllm_ds ARGS`` on ``nproc`` ranks through ``launcher``, on a free port."""
     port = free_port()
     full_env = worker_env(env)
-    if launcher == "mpirun":
-        # MASTER_PORT always (a free port, not DeepSpeed's fixed 29500); MASTER_ADDR unless rank 0's
-        # address is to come from DeepSpeed's mpi4py discovery.
-        full_env["MASTER_PORT"] = str(port)
-        if not mpi_discovery:
-            full_env["MASTER_ADDR"] = "127.0.0.1"
-    return Job(command(launcher, nproc, args, port, full_env), full_env, cwd, port)
+    # mpirun: MASTER_PORT is exported (a free port, not DeepSpeed's fixed 29500), and MASTER_ADDR
+    # unless rank 0's address is to come from DeepSpeed's mpi4py discovery.
+    cmd, extra = command(launcher, nproc, args, port, full_env, mpi_discovery)
+    return Job(cmd, {**full_env, **extra}, cwd, port)
 
 
 def run_command(cmd: list[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None,
@@ -227,12 +207,9 @@ def train_args(model: Path, data: Path, out: Path, *, steps: int, ep_size: int, 
                global_batch_size: int = 2, seq_len: int = 64, lr: float = 1e-2, ds_config: Path | None = None,
                extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """``train`` flags for the tiny model: no warm-up, no progress bar, explicit batch sizes."""
-    args = ["train", "--model", model, "--data", data, "--out", out, "--seq-len", seq_len, "--steps", steps,
-            "--lr", lr, "--warmup-steps", 0, "--micro-batch-size", micro_batch_size,
-            "--global-batch-size", global_batch_size, "--ep-size", ep_size, "--no-progress"]
-    if ds_config is not None:
-        args += ["--ds-config", ds_config]
-    return [str(a) for a in (*args, *extra)]
+    return train_argv(dict(model=model, data=[data], out=out, seq_len=seq_len, steps=steps, lr=lr, warmup_steps=0,
+                           micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                           ep_size=ep_size, progress=False, ds_config=ds_config)) + [str(a) for a in extra]
 
 
 def read_metrics(out: Path) -> list[dict[str, float | None]]:

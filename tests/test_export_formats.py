@@ -16,20 +16,14 @@ from safetensors import safe_open
 
 import tiny
 from factorllm_ds.errors import UserError
-from factorllm_ds.export import (FolderSource, export, export_factorllm_folder_to_dense,
-                                 export_factorllm_folder_to_mixtral)
+from factorllm_ds.export import export
+from factorllm_ds.sources import FolderSource
 from factorllm_ds.modeling import all_experts_mode, load_moe
 
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: two OpenMP threads on a busy 2-core box run 100x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(vocab: int = tiny.VOCAB, seed: int = 0) -> torch.Tensor:
@@ -67,7 +61,7 @@ def softmax_llama(tmp_path_factory, llama_dir) -> Path:
 def test_mixtral_export_loads_in_plain_transformers_and_matches(softmax_llama, tmp_path):
     from transformers import MixtralForCausalLM
 
-    out = export_factorllm_folder_to_mixtral(softmax_llama, tmp_path / "mixtral")
+    out = export(FolderSource(softmax_llama), tmp_path / "mixtral", "mixtral", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert (config["intermediate_size"], config["num_local_experts"], config["num_experts_per_tok"]) == (32, 4, 2)
@@ -135,7 +129,7 @@ def test_other_families_export_to_their_moe_class(family, tmp_path, mistral_dir)
 def test_hard_routing_refused_for_mixtral_and_nothing_written(tmp_path, llama_dir):
     moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir)  # hard, k=2, router bias: the paper's model
     with pytest.raises(UserError) as err:
-        export_factorllm_folder_to_mixtral(moe, tmp_path / "mixtral")
+        export(FolderSource(moe), tmp_path / "mixtral", "mixtral", progress=False)
     msg = str(err.value)
     assert "constant weight" in msg and "renormalized softmax" in msg
     assert "--format factorllm" in msg and "--format dense" in msg
@@ -149,7 +143,7 @@ def test_dense_export_restores_the_original_and_equals_all_experts(tmp_path, lla
 
     # a random split, so the neuron order has to be undone
     moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir, split="random", seed=3)
-    out = export_factorllm_folder_to_dense(moe, tmp_path / "dense")
+    out = export(FolderSource(moe), tmp_path / "dense", "dense", progress=False)
     original = tiny_state(llama_dir)
     exported = tiny_state(out)
     assert exported.keys() == original.keys()
@@ -198,7 +192,7 @@ def test_existing_out_refused_by_cli(tmp_path, tiny_moe_dir, capsys):
     assert f"--out {out} already exists" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(UserError, match="already exists"):
-        export_factorllm_folder_to_dense(tiny_moe_dir, out)
+        export(FolderSource(tiny_moe_dir), out, "dense", progress=False)
     assert main(["export", "--model", str(tiny_moe_dir), "--out", str(out), "--format", "dense", "--overwrite"]) == 0
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 
@@ -221,7 +215,7 @@ def test_dense_export_without_partition_file_is_the_same_function(tmp_path, tiny
     moe = tmp_path / "moe"
     shutil.copytree(tiny_moe_dir, moe)
     (moe / "factorllm_partition.safetensors").unlink()
-    out = export_factorllm_folder_to_dense(moe, tmp_path / "dense")
+    out = export(FolderSource(moe), tmp_path / "dense", "dense", progress=False)
     assert "no factorllm_partition.safetensors" in capsys.readouterr().err
     assert any("expert order" in n for n in json.loads((out / "factorllm_manifest.json").read_text())["notes"])
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

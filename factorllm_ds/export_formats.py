@@ -1,0 +1,449 @@
+"""The export formats: per ``--format``, a class that names and computes each layer's MLP
+tensors, writes the config, and says what it cannot represent. ``FORMATS`` is the table;
+``open_format`` checks a source against one. Tensors outside the MLP are the stage's business.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from factorllm_ds import keys, split
+from factorllm_ds.config import fail_if
+from factorllm_ds.hf_io import TensorInfo
+from factorllm_ds.layout import PARTITION_FILE, load_partition
+from factorllm_ds.sources import ExportSource
+
+PARTS = ("gate", "up", "down")
+
+# FactorLLM tensor names: every key a FactorLLM checkpoint may hold, by role. Unknown keys raise.
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def classify_moe_key(name: str) -> tuple[str, int | None]:
+    """('global' | 'layer' | 'router' | 'expert' | 'ignored', layer) for a FactorLLM checkpoint key."""
+    if name in keys.GLOBAL_PASSTHROUGH:
+        return "global", None
+    if keys.IGNORED.fullmatch(name):
+        return "ignored", None
+    m = _LAYER_KEY.fullmatch(name)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if rest in keys.LAYER_PASSTHROUGH:
+            return "layer", layer
+        if rest in ("mlp.router.weight", "mlp.router.bias"):
+            return "router", layer
+        if _EXPERT_KEY.fullmatch(rest):
+            return "expert", layer
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class MoEFacts:
+    """What an export needs to know about the source model, read from its config (and tensor names)."""
+
+    base_type: str
+    text: dict
+    num_layers: int
+    num_experts: int
+    top_k: int
+    routing: str
+    scale: float
+    router_bias: bool
+    router_override: str
+
+    @classmethod
+    def of(cls, source: ExportSource) -> "MoEFacts":
+        from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
+
+        config = source.config
+        # A router bias in the tensors wins over the config.
+        bias = bool(config.get("router_bias", False)) or any(n.endswith("mlp.router.bias") for n in source.names())
+        text = dict(config.get("text_config") or {})
+        moe = FactorLLMConfig(**{k: v for k, v in config.items() if k in (
+            "num_experts", "num_experts_per_tok", "routing", "combine_scale")})
+        return cls(base_type=text.get("model_type", "?"), text=text,
+                   num_layers=int(text.get("num_hidden_layers", config.get("num_hidden_layers", 0))),
+                   num_experts=moe.num_experts, top_k=moe.num_experts_per_tok, routing=moe.routing,
+                   scale=moe.scale, router_bias=bias, router_override=config.get("router_override", "learned"))
+
+
+def structure_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
+    """Unknown keys, missing experts or routers, unequal expert sizes."""
+    problems, present = [], set()
+    for name in source.names():
+        try:
+            role, layer = classify_moe_key(name)
+        except KeyError:
+            problems.append(f"{source.description}: unknown tensor {name} (not a FactorLLM / "
+                            f"{', '.join(keys.SUPPORTED_FAMILIES.values())} key); refusing to drop it")
+            continue
+        if layer is not None and not 0 <= layer < facts.num_layers:
+            problems.append(f"{source.description}: tensor {name} for layer {layer}, but the config has "
+                            f"{facts.num_layers} layers")
+        present.add(name)
+    for layer in range(facts.num_layers):
+        need = [keys.ROUTER_WEIGHT.format(layer=layer)]
+        need += [keys.expert_key(p, layer, e) for e in range(facts.num_experts) for p in PARTS]
+        missing = [n for n in need if n not in present]
+        if missing:
+            problems.append(f"{source.description}: layer {layer} lacks {missing[0]}"
+                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            continue
+        shapes = {tuple(source.info(keys.expert_key("gate", layer, e)).shape) for e in range(facts.num_experts)}
+        if len(shapes) != 1:
+            problems.append(f"{source.description}: layer {layer} has experts of different sizes {sorted(shapes)}")
+    return problems
+
+
+class ExportFormat(ABC):
+    """One output format. The stage plans the folder with ``mlp_plan``, writes each layer's
+    ``mlp_tensors`` in that order (one layer's experts in memory at a time), then ``save_config``.
+
+    ``problems`` runs before anything is built; ``notes`` end up in the manifest.
+    """
+
+    def __init__(self, source: ExportSource, facts: MoEFacts):
+        self.source, self.facts = source, facts
+        self.source_names = set(source.names())
+        self.notes: list[str] = []
+
+    @classmethod
+    def for_model(cls, facts: MoEFacts) -> type["ExportFormat"]:
+        """The concrete class for this model (a format may depend on the base family)."""
+        return cls
+
+    @classmethod
+    def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
+        """Why ``source`` cannot be written in this format (empty: it can)."""
+        return []
+
+    @abstractmethod
+    def mlp_plan(self, layer: int) -> list[TensorInfo]:
+        """Name, shape and dtype of each output tensor of layer ``layer``'s MLP, in write order."""
+
+    @abstractmethod
+    def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for layer ``layer``'s MLP, as ``mlp_plan`` lists them."""
+
+    @abstractmethod
+    def save_config(self, folder: Path) -> None:
+        """config.json and any other file the format needs beside the weights."""
+
+
+class RoutedFormat(ExportFormat):
+    """A format that keeps router and experts one tensor each, under the source's names unless
+    a subclass renames them, ``down_proj`` possibly transformed. A shared expert (an always-on
+    dense part of the MLP) enters through ``shared_expert_plan`` and ``shared_expert_tensors``.
+    """
+
+    def router_names(self, layer: int) -> dict[str, str]:
+        """Source router tensor name -> output name."""
+        names = (keys.ROUTER_WEIGHT.format(layer=layer), keys.ROUTER_BIAS.format(layer=layer))
+        return {n: n for n in names if n in self.source_names}
+
+    def expert_name(self, part: str, layer: int, expert: int) -> str:
+        return keys.expert_key(part, layer, expert)
+
+    def expert_down(self, down: torch.Tensor) -> torch.Tensor:
+        return down
+
+    def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
+        return []
+
+    def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(())
+
+    def mlp_plan(self, layer: int) -> list[TensorInfo]:
+        info = self.source.info
+        plan = [replace(info(name), name=out) for name, out in self.router_names(layer).items()]
+        plan += [replace(info(keys.expert_key(part, layer, e)), name=self.expert_name(part, layer, e))
+                 for e in range(self.facts.num_experts) for part in PARTS]
+        return plan + self.shared_expert_plan(layer)
+
+    def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, out in self.router_names(layer).items():
+            yield out, self.source.shared_tensor(name)
+        for e, (g, u, d) in enumerate(self.source.expert_tensors(layer)):
+            yield self.expert_name("gate", layer, e), g
+            yield self.expert_name("up", layer, e), u
+            yield self.expert_name("down", layer, e), self.expert_down(d)
+        yield from self.shared_expert_tensors(layer)
+
+
+class FactorLLMFormat(RoutedFormat):
+    """The FactorLLM folder itself (config, model code, partition file), e.g. to turn a DeepSpeed
+    training run back into a folder ``from_pretrained`` loads."""
+
+    def save_config(self, folder: Path) -> None:
+        from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
+
+        config = dict(self.source.config, architectures=["FactorLLMForCausalLM"], auto_map=dict(AUTO_MAP))
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in MODEL_CODE_FILES:
+            shutil.copy2(MODEL_CODE_DIR / name, folder / name)
+        if self.source.partition_file is not None:
+            shutil.copy2(self.source.partition_file, folder / PARTITION_FILE)
+
+
+def fold_scale(down: torch.Tensor, scale: float) -> torch.Tensor:
+    """s * W_down, computed in fp32 and cast back (exact when s is a power of two, e.g. E = 4 or 8)."""
+    if scale == 1.0:
+        return down
+    return (down.float() * scale).to(down.dtype)
+
+
+def _sliding_layers(text: dict) -> list[str]:
+    return [t for t in (text.get("layer_types") or []) if t == "sliding_attention"]
+
+
+# Base-config fields that carry over to the MoE config unchanged (attention, norms, rope, tokens).
+_SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                  "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+                  "attention_dropout", "rope_parameters", "dtype")
+
+
+class StandardMoEFormat(RoutedFormat):
+    """``--format mixtral``: the standard HF MoE class of the base family (``BY_FAMILY``), loadable
+    by plain transformers (and vLLM, llama.cpp, ...) without our code. Those classes weight the
+    top-k experts by their renormalized softmax probabilities, which is exactly our ``softmax``
+    routing once the combine scale s is folded into every ``down_proj`` (w2); ``hard`` routing
+    (k > 1) and routers with a bias have no such equivalent and are refused. Expert names are
+    ours (Qwen-MoE's); the router is ``mlp.gate``.
+    """
+
+    model_type = architecture = "?"
+    moe_block = "mlp"  # the MoE module's name inside a decoder layer
+
+    def __init__(self, source: ExportSource, facts: MoEFacts):
+        super().__init__(source, facts)
+        if facts.scale != 1.0:
+            self.notes.append(f"combine scale s={facts.scale:g} folded into every expert's down_proj (w2)")
+
+    @classmethod
+    def for_model(cls, facts: MoEFacts) -> type[ExportFormat]:
+        return BY_FAMILY.get(facts.base_type, cls)
+
+    @classmethod
+    def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
+        refusals = cls.refusals(facts)
+        if not refusals:
+            return []
+        return [f"--format mixtral: {source.description} cannot be written as a standard Hugging Face MoE "
+                "checkpoint:\n      * " + "\n      * ".join(refusals)
+                + "\n    Formats that represent it exactly: --format factorllm (our HF folder, "
+                "trust_remote_code or `import factorllm_ds`), and --format dense (all experts active, weight 1)."]
+
+    @classmethod
+    def refusals(cls, facts: MoEFacts) -> list[str]:
+        """Why this model's function has no standard HF MoE equivalent (empty list: it has)."""
+        problems = []
+        if facts.base_type not in BY_FAMILY:
+            problems.append(f"base model_type {facts.base_type!r} has no standard Hugging Face MoE counterpart here "
+                            f"(supported: {', '.join(f'{b} -> {c.architecture}' for b, c in BY_FAMILY.items())})")
+        if facts.routing == "hard" and facts.top_k > 1:
+            problems.append(
+                f"routing is 'hard' with k={facts.top_k}: every selected expert gets the constant weight "
+                f"s={facts.scale:g} whatever the router probabilities are, while Mixtral / Qwen-MoE always weight "
+                "the top-k experts by their renormalized softmax probabilities; no standard format can represent "
+                "that (with k=1 it could: the single weight is then 1 in both)")
+        if facts.routing not in ("hard", "softmax"):
+            problems.append(f"unknown routing {facts.routing!r}")
+        if facts.router_bias:
+            problems.append("the router has a bias (r = W x + b): Mixtral / Qwen-MoE routers are W x only, and a "
+                            "bias cannot be folded into W (the router input has no constant component)")
+        if facts.router_override != "learned":
+            problems.append(f"config.json has router_override={facts.router_override!r} (an evaluation-time "
+                            "choice); a standard MoE always uses its learned router: set it to 'learned' first")
+        return problems
+
+    def router_names(self, layer: int) -> dict[str, str]:
+        out = keys.LAYER.format(layer=layer) + f"{self.moe_block}.gate.weight"
+        return {keys.ROUTER_WEIGHT.format(layer=layer): out}
+
+    def expert_down(self, down: torch.Tensor) -> torch.Tensor:
+        return fold_scale(down, self.facts.scale)
+
+    def config_fields(self, expert_size: int) -> dict:
+        """The config of the MoE class as keyword arguments; subclasses add their own."""
+        fields = {k: self.facts.text[k] for k in _SHARED_FIELDS if k in self.facts.text}
+        if fields.get("head_dim") is None:
+            fields.pop("head_dim", None)
+        fields.update(num_experts_per_tok=self.facts.top_k, output_router_logits=False)
+        return fields
+
+    def save_config(self, folder: Path) -> None:
+        """MixtralConfig / Qwen2MoeConfig / Qwen3MoeConfig equal in function to the FactorLLM model."""
+        from transformers import AutoConfig
+
+        expert_size = self.source.info(keys.expert_key("gate", 0, 0)).shape[0]
+        config = AutoConfig.for_model(self.model_type, **self.config_fields(expert_size))
+        config.architectures = [self.architecture]
+        config.save_pretrained(folder)
+
+
+class MixtralFormat(StandardMoEFormat):
+    model_type, architecture, moe_block = "mixtral", "MixtralForCausalLM", "block_sparse_moe"
+
+    @classmethod
+    def refusals(cls, facts: MoEFacts) -> list[str]:
+        return super().refusals(facts) + [
+            f"the {facts.base_type} base has {flag}=true; MixtralForCausalLM has no such biases"
+            for flag in ("attention_bias", "mlp_bias") if facts.text.get(flag)]
+
+    def expert_name(self, part: str, layer: int, expert: int) -> str:
+        # The legacy per-expert names: what every Mixtral consumer reads.
+        w = {"gate": "w1", "up": "w3", "down": "w2"}[part]
+        return keys.LAYER.format(layer=layer) + f"{self.moe_block}.experts.{expert}.{w}.weight"
+
+    def config_fields(self, expert_size: int) -> dict:
+        # LLaMA has no sliding window; Mistral applies its window to every layer, as Mixtral does.
+        text = self.facts.text
+        return super().config_fields(expert_size) | dict(
+            intermediate_size=expert_size, num_local_experts=self.facts.num_experts, router_jitter_noise=0.0,
+            sliding_window=text.get("sliding_window") if self.facts.base_type == "mistral" else None)
+
+
+class _QwenMoEFormat(StandardMoEFormat):
+    def config_fields(self, expert_size: int) -> dict:
+        f, text = self.facts, self.facts.text
+        return super().config_fields(expert_size) | dict(
+            moe_intermediate_size=expert_size, num_experts=f.num_experts, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[],
+            intermediate_size=expert_size * f.num_experts,  # used by mlp_only_layers only
+            use_sliding_window=bool(_sliding_layers(text)), sliding_window=text.get("sliding_window"),
+            max_window_layers=text.get("max_window_layers", f.num_layers))
+
+
+class Qwen2MoeFormat(_QwenMoEFormat):
+    """Qwen2-MoE, with ``norm_topk_prob`` and a zero-size shared expert."""
+
+    model_type, architecture = "qwen2_moe", "Qwen2MoeForCausalLM"
+
+    def config_fields(self, expert_size: int) -> dict:
+        fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=0, qkv_bias=True)
+        if self.facts.text.get("layer_types"):
+            fields["layer_types"] = list(self.facts.text["layer_types"])
+        return fields
+
+    def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
+        # Qwen2-MoE always builds a shared expert; with intermediate size 0 it adds exactly 0.
+        p = keys.LAYER.format(layer=layer) + "mlp.shared_expert"
+        router = self.source.info(keys.ROUTER_WEIGHT.format(layer=layer))
+        gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
+        hidden = router.shape[1]
+        return [TensorInfo(p + ".gate_proj.weight", (0, hidden), gate.dtype),
+                TensorInfo(p + ".up_proj.weight", (0, hidden), gate.dtype),
+                TensorInfo(p + ".down_proj.weight", (hidden, 0), down.dtype),
+                TensorInfo(p + "_gate.weight", (1, hidden), router.dtype)]
+
+    def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for info in self.shared_expert_plan(layer):
+            yield info.name, torch.zeros(info.shape, dtype=info.dtype)
+
+
+class Qwen3MoeFormat(_QwenMoEFormat):
+    model_type, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
+
+    @classmethod
+    def refusals(cls, facts: MoEFacts) -> list[str]:
+        sliding = _sliding_layers(facts.text)
+        partial = sliding and len(sliding) != len(facts.text.get("layer_types") or [])
+        return super().refusals(facts) + (["the Qwen3 base uses sliding-window attention on some layers only; "
+                                           "Qwen3MoE applies its window to every layer or none"] if partial else [])
+
+    def config_fields(self, expert_size: int) -> dict:
+        return super().config_fields(expert_size) | dict(
+            attention_bias=bool(self.facts.text.get("attention_bias", False)))
+
+
+# The standard HF MoE class for each base family.
+BY_FAMILY: dict[str, type[StandardMoEFormat]] = {
+    "llama": MixtralFormat, "mistral": MixtralFormat, "qwen2": Qwen2MoeFormat, "qwen3": Qwen3MoeFormat}
+
+
+class DenseFormat(ExportFormat):
+    """The base architecture, each layer's experts concatenated back in the partition's neuron order.
+
+    It is the MoE with *all experts active, each with weight 1* (hard routing, k = E, scale 1):
+    for a freshly converted model the original dense model, bit for bit; for a trained model a
+    different function from the routed MoE that was trained (the router and s are dropped).
+    """
+
+    def __init__(self, source: ExportSource, facts: MoEFacts):
+        super().__init__(source, facts)
+        self.notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale "
+                          "dropped)")
+        self.partitions: dict[int, torch.Tensor] | None = None
+        if source.partition_file is not None:
+            self.partitions = load_partition(source.partition_file)
+            fail_if(self._partition_problems(), f"export to dense: cannot export {source.description}")
+        else:
+            self.notes.append(f"no {PARTITION_FILE} in the source: experts concatenated in expert order (the same "
+                              "function as the original neuron order, but tensors differ from the original checkpoint)")
+            print(f"export: warning: {self.notes[-1]}", file=sys.stderr)
+
+    @classmethod
+    def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
+        return [] if facts.base_type in keys.SUPPORTED_FAMILIES else [
+            f"--format dense: unsupported base model_type {facts.base_type!r}"]
+
+    def _partition_problems(self) -> list[str]:
+        problems = []
+        for layer in range(self.facts.num_layers):
+            perm = self.partitions.get(layer)
+            inter = self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.facts.num_experts
+            if perm is None or perm.numel() != inter or not torch.equal(torch.sort(perm).values, torch.arange(inter)):
+                problems.append(f"{self.source.partition_file}: no valid permutation of {inter} neurons for "
+                                f"layer {layer}")
+        return problems
+
+    def mlp_plan(self, layer: int) -> list[TensorInfo]:
+        gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
+        inter, hidden = gate.shape[0] * self.facts.num_experts, gate.shape[1]
+        return [TensorInfo(keys.dense_mlp_key("gate", layer), (inter, hidden), gate.dtype),
+                TensorInfo(keys.dense_mlp_key("up", layer), (inter, hidden), gate.dtype),
+                TensorInfo(keys.dense_mlp_key("down", layer), (hidden, inter), down.dtype)]
+
+    def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+        experts = self.source.expert_tensors(layer)
+        perm = self.partitions[layer] if self.partitions is not None else torch.arange(
+            sum(g.shape[0] for g, _, _ in experts))  # no partition file: expert order
+        for part, tensor in zip(PARTS, split.merge_experts(experts, perm)):
+            yield keys.dense_mlp_key(part, layer), tensor
+
+    def save_config(self, folder: Path) -> None:
+        """The base model's own config (the FactorLLM ``text_config``) with its CausalLM architecture."""
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        base = self.facts.base_type
+        generic = ("architectures", "auto_map", "transformers_version", "_name_or_path", "model_type")
+        config = AutoConfig.for_model(base, **{k: v for k, v in self.facts.text.items() if k not in generic})
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]]
+        config.save_pretrained(folder)
+
+
+FORMATS: dict[str, type[ExportFormat]] = {"factorllm": FactorLLMFormat, "mixtral": StandardMoEFormat,
+                                          "dense": DenseFormat}
+
+
+def open_format(source: ExportSource, fmt: str) -> ExportFormat:
+    """``fmt`` for ``source``, after every check; one UserError lists all problems, before anything is written."""
+    what = f"export to {fmt}: cannot export {source.description}"
+    if fmt not in FORMATS:
+        fail_if([f"--format {fmt!r}: expected one of {', '.join(FORMATS)}"], what)
+    facts = MoEFacts.of(source)
+    cls = FORMATS[fmt].for_model(facts)
+    fail_if(structure_problems(source, facts) + cls.problems(source, facts), what)
+    return cls(source, facts)
