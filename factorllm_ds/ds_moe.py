@@ -64,13 +64,20 @@ class DeepSpeedMoEBlock(nn.Module):
                        min_capacity=0)
         self.moe.deepspeed_moe.gate = FactorLLMGate(text.hidden_size, config.num_experts, config.num_experts_per_tok,
                                                     config.routing, config.scale, config.router_bias)
+        # The shared expert: a dense module beside the MoE layer, data parallel like every dense weight.
+        shared_size = getattr(config, "shared_intermediate_size", 0) or 0
+        self.shared_expert = FactorLLMExpert(text.hidden_size, shared_size, text.hidden_act) if shared_size else None
         if weights.prior == "frozen":
-            # The frozen teacher: this rank's initial experts, stacked; non-persistent so they are
-            # never written to checkpoints (they are re-read from the converted folder on resume).
+            # The frozen teacher: this rank's initial experts, stacked (and the initial shared expert); non-persistent
+            # so they are never written to checkpoints (they are re-read from the converted folder on resume).
             size = config.expert_intermediate_size
             self.register_buffer("teacher_gate", torch.empty(self.num_local, size, text.hidden_size), persistent=False)
             self.register_buffer("teacher_up", torch.empty(self.num_local, size, text.hidden_size), persistent=False)
             self.register_buffer("teacher_down", torch.empty(self.num_local, text.hidden_size, size), persistent=False)
+            if shared_size:
+                for part, shape in (("gate", (1, shared_size, text.hidden_size)), ("up", (1, shared_size, text.hidden_size)),
+                                    ("down", (1, text.hidden_size, shared_size))):
+                    self.register_buffer(f"teacher_shared_{part}", torch.empty(shape), persistent=False)
         self.act_fn = expert.act_fn
         self.last_aux: BlockAux | None = None
 
@@ -82,15 +89,18 @@ class DeepSpeedMoEBlock(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
-    def _teacher(self, x_NH: torch.Tensor) -> torch.Tensor:
-        """Frozen initial local experts on every token: [E_local, N, H]."""
-        h = self.act_fn(torch.einsum("nh,eih->eni", x_NH, self.teacher_gate)) * torch.einsum(
-            "nh,eih->eni", x_NH, self.teacher_up)
-        return torch.einsum("eni,ehi->enh", h, self.teacher_down)
+    def _teacher(self, x_NH: torch.Tensor, prefix: str = "teacher") -> torch.Tensor:
+        """Frozen initial local experts (or the frozen shared expert) on every token: [E_local or 1, N, H]."""
+        gate, up, down = (getattr(self, f"{prefix}_{part}") for part in ("gate", "up", "down"))
+        h = self.act_fn(torch.einsum("nh,eih->eni", x_NH, gate)) * torch.einsum("nh,eih->eni", x_NH, up)
+        return torch.einsum("eni,ehi->enh", h, down)
 
     @torch.no_grad()
     def all_expert_outputs(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert on every local token, and the teacher target: ([E, T, H], [T, H]).
+        """Every routed expert on every local token, and what the routed experts must add up to: ([E, T, H], [T, H]).
+
+        That target is the teacher FFN's output t minus the current shared expert's output (t − shared): the
+        routed experts complete the always-on part. Without a shared expert it is t itself.
 
         Under expert parallelism each token is sent to every rank of the expert group (one
         all-to-all), every rank runs its local experts (and frozen copies) on all of them,
@@ -113,7 +123,12 @@ class DeepSpeedMoEBlock(nn.Module):
             local = _all_to_all(local.contiguous(), group)  # now [ep(owner of experts), parts, E_local, T, H]
         merged = local.permute(1, 0, 2, 3, 4).reshape(len(outs), self.num_experts, num_tokens, -1)
         current_ETH = merged[0]
-        target_TH = merged[1].sum(dim=0) if self.weights.prior == "frozen" else current_ETH.sum(dim=0)
+        if self.weights.prior != "frozen":  # self: t = shared + sum of the current routed experts
+            return current_ETH, current_ETH.sum(dim=0)
+        target_TH = merged[1].sum(dim=0)
+        if self.shared_expert is not None:  # frozen: t = frozen shared + frozen routed; minus the current shared
+            target_TH = target_TH + (self._teacher(x_TH, "teacher_shared")[0] - self.shared_expert(x_TH)).to(
+                target_TH.dtype)
         return current_ETH, target_TH
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -123,6 +138,8 @@ class DeepSpeedMoEBlock(nn.Module):
             outs_ETH, target_TH = self.all_expert_outputs(x_TH)
             prior_idx = prior_topk(outs_ETH, target_TH, self.k, self.weights.prior_target, self.prior_weight)
         out, _, exp_counts = self.moe(hidden_states)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(hidden_states)
         probs_TE = self.gate.last_probs
         zero = probs_TE.new_zeros(())
         bal = switch_balance_loss(probs_TE, self.k) if self.weights.balance_kind == "switch" else \
@@ -204,6 +221,12 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
                 tensor = reader.get(keys.expert_key(part, layer, global_id))
                 state[f"model.layers.{layer}.mlp.{EXPERT_PREFIX}.{local}.{part}_proj.weight"] = tensor
                 teacher[part].append(tensor)
+        if block.shared_expert is not None:
+            for part in ("gate", "up", "down"):
+                tensor = reader.get(keys.shared_expert_key(part, layer))
+                state[f"model.layers.{layer}.mlp.shared_expert.{part}_proj.weight"] = tensor
+                if weights.prior == "frozen":
+                    setattr(block, f"teacher_shared_{part}", tensor.unsqueeze(0).clone())
         if weights.prior == "frozen":
             for part in ("gate", "up", "down"):
                 setattr(block, f"teacher_{part}", torch.stack(teacher[part]))

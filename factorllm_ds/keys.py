@@ -27,6 +27,12 @@ EXPERT = {
     "up": LAYER + "mlp.experts.{expert}.up_proj.weight",
     "down": LAYER + "mlp.experts.{expert}.down_proj.weight",
 }
+# The always-on shared expert (when the config's shared_intermediate_size > 0); Qwen2-MoE's name for it.
+SHARED_EXPERT = {
+    "gate": LAYER + "mlp.shared_expert.gate_proj.weight",
+    "up": LAYER + "mlp.shared_expert.up_proj.weight",
+    "down": LAYER + "mlp.shared_expert.down_proj.weight",
+}
 ROUTER_WEIGHT = LAYER + "mlp.router.weight"
 ROUTER_BIAS = LAYER + "mlp.router.bias"
 
@@ -67,6 +73,10 @@ def classify_dense_key(name: str) -> tuple[str, int | None]:
 
 def expert_key(part: str, layer: int, expert: int) -> str:
     return EXPERT[part].format(layer=layer, expert=expert)
+
+
+def shared_expert_key(part: str, layer: int) -> str:
+    return SHARED_EXPERT[part].format(layer=layer)
 
 
 def dense_mlp_key(part: str, layer: int) -> str:
