@@ -26,7 +26,7 @@ class CalibrationRunner:
         self.config = AutoConfig.for_model(dense_config["model_type"], **text_cfg)
         self.config._attn_implementation = "sdpa"  # causal without building a mask
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+            tokenizer = AutoTokenizer.from_pretrained(getattr(cfg, "tokenizer", None) or cfg.model)
         except Exception as err:
             raise UserError(f"--model {cfg.model}: no usable tokenizer for the calibration text ({err}).") from err
         ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
@@ -65,6 +65,7 @@ class CalibrationRunner:
         block.eval()
         captured = {}
         hooks = [block.mlp.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0])),
+                 block.mlp.register_forward_hook(lambda _m, _args, out: captured.setdefault("y", out)),
                  # down_proj's input is act(W_gate x) * (W_up x): kept, not computed a second time
                  block.mlp.down_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("h", args[0]))]
         self.hidden = block(self.hidden, attention_mask=None, position_ids=self.position_ids,
@@ -74,7 +75,14 @@ class CalibrationRunner:
         for hook in hooks:
             hook.remove()
         self.mlp_input = captured["x"]
+        self._mlp_output = captured["y"]
         self._activations = captured["h"]
+
+    @torch.no_grad()
+    def replace_mlp_output(self, new_TH: torch.Tensor) -> None:
+        """Continue from the converted layer instead of the dense one: the decoder layer adds its MLP's
+        output to the residual stream, so swapping that term is exact without running attention again."""
+        self.hidden = self.hidden - self._mlp_output + new_TH.reshape(self._mlp_output.shape).to(self.hidden.dtype)
 
     def mlp_activations(self) -> torch.Tensor:
         """act(W_gate x) * (W_up x) of the current layer, as its forward computed it: [tokens, I]."""

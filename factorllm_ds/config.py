@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from factorllm_ds.errors import UserError
+from factorllm_ds.safety import parse_finite_float
 from factorllm_ds.keys import SUPPORTED_FAMILIES
 from factorllm_ds.hf_model.configuration_factorllm import ROUTING_MODES, FactorLLMConfig, default_combine_scale
 from factorllm_ds.hf_model.modeling_factorllm import PRIOR_TARGETS
 from factorllm_ds.split import SPLIT_METHODS
+from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared
 
 PRIOR_TEACHERS = ("frozen", "self", "none")
 BALANCE_KINDS = ("paper", "switch")
@@ -61,7 +63,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         elif get_origin(kind) is list:
             kwargs.update(nargs="+", type=get_args(kind)[0], default=default, required=required)
         else:
-            kwargs.update(type=kind, default=default, required=required)
+            # float flags refuse nan/inf at parse time: they would pass every `x > 0` check after it
+            kwargs.update(type=parse_finite_float if kind is float else kind, default=default, required=required)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag_of(f), **kwargs)
@@ -92,14 +95,19 @@ class MoEShape:
     router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: on for hard, off for "
                                    "softmax (Mixtral routers have no bias)", default=None)
 
-    def moe_problems(self, intermediate_size: int | None) -> list[str]:
+    def moe_problems(self, intermediate_size: int | None, num_shared: int = 0) -> list[str]:
+        """Problems of E, k, s and the router bias for an FFN of ``intermediate_size`` neurons, ``num_shared``
+        of them in the shared expert (the routed experts split the rest equally)."""
         problems = []
+        routed = None if intermediate_size is None else intermediate_size - num_shared
         if self.num_experts < 1:
             problems.append(f"--num-experts {self.num_experts}: must be >= 1")
-        elif intermediate_size is not None and intermediate_size % self.num_experts:
-            divisors = [d for d in range(2, min(intermediate_size, 64) + 1) if intermediate_size % d == 0]
-            problems.append(f"--num-experts {self.num_experts} does not divide the FFN intermediate size "
-                            f"{intermediate_size}; try one of {divisors[:10]}")
+        elif routed is not None and (routed < self.num_experts or routed % self.num_experts):
+            divisors = [d for d in range(2, routed + 1) if routed % d == 0]
+            what = (f"the FFN intermediate size {intermediate_size}" if not num_shared else
+                    f"the {routed} routed neurons (intermediate size {intermediate_size} - {num_shared} shared)")
+            problems.append(f"--num-experts {self.num_experts} does not divide {what}; valid E: "
+                            f"{', '.join(map(str, divisors[:16]))}{', ...' if len(divisors) > 16 else ''}")
         if not 1 <= self.top_k <= max(self.num_experts, 1):
             problems.append(f"--top-k {self.top_k}: must be between 1 and --num-experts ({self.num_experts})")
         if self.combine_scale is not None and not (math.isfinite(self.combine_scale) and self.combine_scale > 0):
@@ -149,25 +157,64 @@ class ConvertConfig(MoEShape):
     out: Path = arg("output folder for the MoE checkpoint (must not exist, unless --overwrite)", default=None,
                     required=True)
     split: str = arg("how neurons are grouped into experts", choices=SPLIT_METHODS, default="contiguous")
-    prior_target: str = arg("what the PA prior (and the oracle router) picks: share (paper: the k experts each "
-                            "closest to their share t*k/E of the dense output t) or subset (the k experts whose "
-                            "combined output is closest to t); stored in config.json, `train` follows it",
-                            choices=PRIOR_TARGETS, default=_MODEL_DEFAULTS["prior_target"])
-    router_init: str = arg("normal: N(0, 0.02), bias 0 (paper); prior: fitted on --calib-data to predict the PA "
-                           "prior of the dense FFN, so training starts with routes close to the prior's",
-                           choices=ROUTER_INITS, default="normal")
-    calib_data: Path | None = arg("calibration text (.txt or .jsonl with a 'text' field) for --split coactivation "
-                                  "and --router-init prior", default=None)
-    calib_tokens: int = arg("calibration tokens for --split coactivation / --router-init prior", default=4096)
+    shared_neurons: str | None = arg("size of the always-on shared expert: a fraction of the FFN's neurons (0.25) or a "
+                                     "count (384). It takes the most important neurons on --calib-data (see "
+                                     "--importance); the routed experts split the rest. Default: none (the paper)",
+                                     default=None)
+    importance: str = arg("neuron importance that picks the shared neurons: contribution (mean |a_i| * "
+                          "||W_down[:, i]||) or activation_rate (CMoE: share of tokens where the neuron is among the "
+                          "top 10%% of activations)", choices=IMPORTANCE_KINDS, default="contribution")
+    prior_target: str | None = arg("what the PA prior (and the oracle router) picks: share (paper: the k experts each "
+                                   "closest to their share t*k/E of the dense output t) or subset (the k experts "
+                                   "whose combined output is closest to t); stored in config.json, `train` follows "
+                                   "it. Default: subset with a shared expert, else share", choices=PRIOR_TARGETS,
+                                   default=None)
+    router_init: str | None = arg("normal: N(0, 0.02), bias 0 (paper); prior: fitted on --calib-data, layer by layer "
+                                  "on the hidden states of the already-converted layers, to the experts the PA prior "
+                                  "(the oracle) picks, so the model is routed well before any training. Default: "
+                                  "prior when --calib-data is given, else normal", choices=ROUTER_INITS, default=None)
+    calib_data: Path | None = arg("calibration text (.txt/.jsonl/.json/.parquet/.csv) for --shared-neurons, --split "
+                                  "coactivation and --router-init prior", default=None)
+    calib_tokens: int = arg("calibration tokens for --shared-neurons / --split coactivation / --router-init prior",
+                            default=4096)
     calib_seq_len: int = arg("calibration sequence length", default=512)
     seed: int = arg("seed for the random split, k-means initialisation and router initialisation", default=0)
     max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default="2GB")
-    overwrite: bool = arg("replace --out if it exists", default=False)
+    overwrite: bool = arg("replace --out if it exists (only a folder convert or export wrote)", default=False)
+    tokenizer: Path | None = arg("folder with the tokenizer files, when --model has none (e.g. the base model's "
+                                 "folder); they are copied into --out", default=None)
+    allow_nonfinite: bool = arg("convert even if a weight holds NaN or Inf (by default the first one is an "
+                                "error)", default=False)
+    num_shared: int = field(default=0)  # resolved by validate() from --shared-neurons; not a flag
 
     def needs_calibration(self) -> bool:
-        return self.split == "coactivation" or self.router_init == "prior"
+        return self.split == "coactivation" or self.router_init == "prior" or bool(self.shared_neurons)
 
-    def validate(self, dense_config: dict) -> None:
+    def resolved_scale(self) -> float:
+        # Measured best with a shared expert: every selected routed expert adds its output as is (docs/method.md).
+        if self.combine_scale is None and self.num_shared and self.routing == "hard":
+            return 1.0
+        return super().resolved_scale()
+
+    def _shared_problems(self, intermediate_size: int | None) -> tuple[list[str], int]:
+        if not self.shared_neurons or intermediate_size is None:
+            return [], 0
+        try:
+            num_shared = parse_shared(self.shared_neurons, intermediate_size)
+        except ValueError as err:
+            return [f"--shared-neurons {self.shared_neurons}: {err}"], 0
+        problems = []
+        if self.calib_data is None:
+            problems.append("--shared-neurons picks the most important neurons on calibration text: pass "
+                            "--calib-data FILE")
+        if intermediate_size - num_shared < max(self.num_experts, 1):
+            problems.append(f"--shared-neurons {self.shared_neurons} = {num_shared} neurons leaves "
+                            f"{intermediate_size - num_shared} routed neurons for {self.num_experts} experts; "
+                            "use a smaller shared part or fewer experts")
+        return problems, num_shared
+
+    def validate(self, dense_config: dict) -> "ConvertConfig":
+        """Every problem at once (one error); returns the resolved copy convert runs with."""
         problems = []
         model_type = dense_config.get("model_type")
         if model_type == "factorllm":
@@ -176,12 +223,16 @@ class ConvertConfig(MoEShape):
             arch = ",".join(dense_config.get("architectures") or ["?"])
             problems.append(f"--model {self.model}: unsupported architecture {arch} (model_type {model_type!r}). "
                             f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)")
-        problems += self.moe_problems(dense_config.get("intermediate_size"))
-        if self.needs_calibration():
-            if self.calib_data is None:
-                what = "--split coactivation" if self.split == "coactivation" else "--router-init prior"
-                problems.append(f"{what} needs calibration text: pass --calib-data FILE (.txt/.jsonl)")
-            elif not Path(self.calib_data).is_file():
+        intermediate = dense_config.get("intermediate_size")
+        shared_problems, num_shared = self._shared_problems(intermediate)
+        problems += shared_problems or self.moe_problems(intermediate, num_shared)
+        router_init = self.router_init or ("prior" if self.calib_data is not None else "normal")
+        for flag, needs in (("--split coactivation", self.split == "coactivation"),
+                            ("--router-init prior", router_init == "prior")):
+            if needs and self.calib_data is None:
+                problems.append(f"{flag} needs calibration text: pass --calib-data FILE")
+        if self.calib_data is not None:
+            if not Path(self.calib_data).is_file():
                 problems.append(f"--calib-data {self.calib_data}: no such file")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
@@ -194,6 +245,8 @@ class ConvertConfig(MoEShape):
         if self.out is not None and self.model is not None and Path(self.out).resolve() == Path(self.model).resolve():
             problems.append("--out must differ from --model")
         fail_if(problems, "convert: bad arguments")
+        return dataclasses.replace(self, router_init=router_init, num_shared=num_shared,
+                                   prior_target=self.prior_target or ("subset" if num_shared else "share"))
 
 
 def parse_size(text: str) -> int:

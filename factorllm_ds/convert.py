@@ -13,15 +13,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from factorllm_ds import keys, split
+from factorllm_ds import keys, split, structure
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (CheckpointReader, FolderWriter, StreamingSafetensorsWriter, TensorInfo,
-                                copy_side_files, read_config)
+                                copy_side_files, read_config, tokenizer_dir)
 from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
-from factorllm_ds.layout import PARTITION_FILE
+from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight, route
+from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE
+from factorllm_ds.safety import check_output
+
+
+# How the router is fitted to the oracle's picks at conversion (structure.fit_linear_router; docs/method.md).
+ROUTER_FIT_LOSS = "pa"
 
 
 def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertConfig) -> list[TensorInfo]:
@@ -46,10 +53,14 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
         gate = dense[keys.dense_mlp_key("gate", layer)]
         down = dense[keys.dense_mlp_key("down", layer)]
         inter, hidden = gate.shape
-        size = inter // cfg.num_experts
+        size = (inter - cfg.num_shared) // cfg.num_experts
         plan.append(TensorInfo(keys.ROUTER_WEIGHT.format(layer=layer), (cfg.num_experts, hidden), gate.dtype))
         if cfg.resolved_router_bias():
             plan.append(TensorInfo(keys.ROUTER_BIAS.format(layer=layer), (cfg.num_experts,), gate.dtype))
+        if cfg.num_shared:
+            plan.append(TensorInfo(keys.shared_expert_key("gate", layer), (cfg.num_shared, hidden), gate.dtype))
+            plan.append(TensorInfo(keys.shared_expert_key("up", layer), (cfg.num_shared, hidden), gate.dtype))
+            plan.append(TensorInfo(keys.shared_expert_key("down", layer), (hidden, cfg.num_shared), down.dtype))
         for e in range(cfg.num_experts):
             plan.append(TensorInfo(keys.expert_key("gate", layer, e), (size, hidden), gate.dtype))
             plan.append(TensorInfo(keys.expert_key("up", layer, e), (size, hidden), gate.dtype))
@@ -59,8 +70,14 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
 
 
 def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> torch.Tensor:
+    """The layer's neuron permutation: perm[:S] the shared expert, then E equal routed groups (layout.py)."""
     seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
     inter = gate.shape[0]
+    if cfg.num_shared:
+        acts_TI = calib.mlp_activations()
+        importance_I = structure.neuron_importance(acts_TI, down, cfg.importance)
+        return structure.shared_partition(importance_I, cfg.num_shared, cfg.num_experts, cfg.split, seed,
+                                          act_TI=acts_TI, weights=(gate, up, down))
     if cfg.split == "contiguous":
         return split.contiguous_partition(inter)
     if cfg.split == "random":
@@ -70,23 +87,33 @@ def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> tor
     return split.coactivation_partition(calib.mlp_activations(), cfg.num_experts, seed)
 
 
-def initial_router(cfg: ConvertConfig, gate, down, perm, calib, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The router of one layer: N(0, 0.02) (paper), or fitted to the dense FFN's PA prior on calibration text."""
+def initial_router(cfg: ConvertConfig, gate, perm, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The router of one layer before fitting: N(0, 0.02), bias 0 (the paper)."""
     bias = torch.zeros(cfg.num_experts) if cfg.resolved_router_bias() else None
-    if cfg.router_init == "normal":
-        return torch.empty(cfg.num_experts, gate.shape[1]).normal_(0.0, 0.02, generator=gen), bias
-    from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight
-    from factorllm_ds.routing import fit_router
+    return torch.empty(cfg.num_experts, gate.shape[1]).normal_(0.0, 0.02, generator=gen), bias
 
-    acts_NI = calib.mlp_activations()
-    size = perm.numel() // cfg.num_experts
-    groups = perm.view(cfg.num_experts, size)
-    down_f = down.float()
-    outs_ENH = torch.stack([acts_NI[:, idx] @ down_f[:, idx].T for idx in groups])
-    prior_idx = prior_topk(outs_ENH, outs_ENH.sum(dim=0), cfg.top_k, cfg.prior_target,
-                           prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k))
-    x_NH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1])
-    return fit_router(x_NH, prior_idx, cfg.num_experts, bias is not None)
+
+def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fit the router to the PA prior's (the oracle's) choice on the calibration tokens of this layer.
+
+    The inputs are the hidden states of the already-converted layers below, so the router learns the
+    inputs it will see. The target is what the routed experts must add up to: the dense FFN output
+    minus the shared expert's. Afterwards the calibration stream continues through the converted layer.
+    """
+    acts_TI = calib.mlp_activations()
+    groups_ER = structure.routed_groups(perm, cfg.num_shared, cfg.num_experts)
+    routed_ETH = structure.group_outputs(acts_TI, down, groups_ER)
+    shared_TH = (structure.group_outputs(acts_TI, down, perm[:cfg.num_shared].unsqueeze(0))[0] if cfg.num_shared
+                 else torch.zeros_like(routed_ETH[0]))
+    weight = prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k)
+    oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
+    x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
+    router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
+                                               loss=ROUTER_FIT_LOSS)
+    idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
+    tokens = torch.arange(idx_TK.shape[0]).unsqueeze(1)
+    calib.replace_mlp_output(shared_TH + (routed_ETH[idx_TK, tokens] * weights_TK.unsqueeze(-1)).sum(dim=1))
+    return router, bias
 
 
 def moe_config(dense_config: dict, cfg: ConvertConfig):
@@ -99,9 +126,10 @@ def moe_config(dense_config: dict, cfg: ConvertConfig):
         text_config=text,
         num_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
-        expert_intermediate_size=dense_config["intermediate_size"] // cfg.num_experts,
+        expert_intermediate_size=(dense_config["intermediate_size"] - cfg.num_shared) // cfg.num_experts,
+        shared_intermediate_size=cfg.num_shared,
         routing=cfg.routing,
-        combine_scale=cfg.combine_scale,
+        combine_scale=cfg.resolved_scale() if cfg.num_shared else cfg.combine_scale,
         router_bias=cfg.resolved_router_bias(),
         partition_method=cfg.split,
         prior_target=cfg.prior_target,
@@ -115,15 +143,21 @@ def moe_config(dense_config: dict, cfg: ConvertConfig):
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     dense_config = read_config(cfg.model)
-    cfg.validate(dense_config)
-    reader = CheckpointReader(cfg.model)
+    cfg = cfg.validate(dense_config)
+    check_output(cfg.out, "--out", cfg.overwrite, {"--model": cfg.model, "--calib-data": cfg.calib_data,
+                                                   "--tokenizer": cfg.tokenizer}, (MANIFEST_FILE,))
+    if cfg.tokenizer is not None or cfg.needs_calibration():
+        tokenizer_dir(cfg.model, cfg.tokenizer)  # the error names the folder and suggests --tokenizer
+    reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
     num_layers = dense_config["num_hidden_layers"]
-    plan = moe_tensor_plan(reader.infos, num_layers, cfg)
+    # Before the plan: a config.json naming more layers than the weights hold is named here, not a KeyError.
     missing = [keys.dense_mlp_key(p, i) for i in range(num_layers) for p in ("gate", "up", "down")
                if keys.dense_mlp_key(p, i) not in reader.infos]
     if missing:
         raise UserError(f"--model {cfg.model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
-                        "tensors); it is incomplete or not a SwiGLU LLaMA-family model.")
+                        f"tensors) that config.json (num_hidden_layers {num_layers}) calls for; it is incomplete or "
+                        "not a SwiGLU LLaMA-family model.")
+    plan = moe_tensor_plan(reader.infos, num_layers, cfg)
     calib = None
     if cfg.needs_calibration():
         from factorllm_ds.calibration import CalibrationRunner
@@ -133,7 +167,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     partitions: dict[str, torch.Tensor] = {}
     # shard_writer is looked up here, not in hf_io, so that a test can count bytes instead of writing them.
     with FolderWriter(cfg.out, plan, parse_size(cfg.max_shard_size), command="convert", overwrite=cfg.overwrite,
-                      progress=progress, shard_writer=StreamingSafetensorsWriter) as folder:
+                      progress=progress, shard_writer=StreamingSafetensorsWriter,
+                      inputs={"--model": cfg.model}) as folder:
         # Every layer's MLP has the same shapes: read them into the same three buffers, so that
         # no 3 x [I, H] blocks are freed and reallocated per layer (glibc would keep them).
         mlp_buffers: dict[str, torch.Tensor] = {}
@@ -157,12 +192,18 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                 calib.run_layer(layer)
             perm = make_partition(cfg, layer, gate, up, down, calib)
             partitions[f"layers.{layer}"] = perm.to(torch.int32)
-            router, bias = initial_router(cfg, gate, down, perm, calib, gen)
+            router, bias = (fitted_router(cfg, down, perm, calib) if cfg.router_init == "prior" else
+                            initial_router(cfg, gate, perm, gen))
             folder.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
             if bias is not None:
                 folder.write(keys.ROUTER_BIAS.format(layer=layer), bias.to(gate.dtype))
+            if cfg.num_shared:
+                shared = perm[:cfg.num_shared]
+                for part, piece in zip(("gate", "up", "down"), (gate[shared], up[shared], down[:, shared])):
+                    folder.write(keys.shared_expert_key(part, layer), piece.contiguous())
+            routed = perm[cfg.num_shared:]
             for e in range(cfg.num_experts):  # one expert's slices at a time: the layer is held once, not twice
-                pieces = split.expert_slice(gate, up, down, perm, cfg.num_experts, e)
+                pieces = split.expert_slice(gate, up, down, routed, cfg.num_experts, e)
                 for part, piece in zip(("gate", "up", "down"), pieces):
                     folder.write(keys.expert_key(part, layer, e), piece)
                 del pieces, piece
@@ -175,8 +216,11 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
         for name in MODEL_CODE_FILES:
             shutil.copy2(MODEL_CODE_DIR / name, folder.path / name)
         side = copy_side_files(cfg.model, folder.path)
+        if cfg.tokenizer is not None:
+            side += copy_side_files(cfg.tokenizer, folder.path)
         save_file(partitions, str(folder.path / PARTITION_FILE),
-                  metadata={"method": cfg.split, "num_experts": str(cfg.num_experts), "seed": str(cfg.seed)})
+                  metadata={"method": cfg.split, "num_experts": str(cfg.num_experts), "seed": str(cfg.seed),
+                            "num_shared": str(cfg.num_shared)})
         folder.manifest.update(source_model=str(cfg.model), partition_file=PARTITION_FILE, copied_files=side,
                                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                                bytes_read=reader.total_bytes)

@@ -16,6 +16,7 @@ from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key,
 from factorllm_ds.hf_io import FolderWriter, TensorInfo, copy_side_files
 from factorllm_ds.layout import MANIFEST_FILE
 from factorllm_ds.sources import ExportSource, open_source
+from factorllm_ds.safety import output_problems
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _layout(source: ExportSource, target: ExportFormat) -> _Layout:
 
 
 def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, max_shard_size: str = "2GB",
-           progress: bool = True) -> Path:
+           progress: bool = True, inputs: dict[str, Path] | None = None) -> Path:
     """Write ``source`` to ``out`` as ``fmt`` (factorllm | mixtral | dense); returns ``out``.
 
     Every check runs before anything is written; on any failure nothing is left at ``out``.
@@ -52,7 +53,7 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
     target = open_format(source, fmt)
     layout = _layout(source, target)
     with FolderWriter(out, layout.plan, parse_size(max_shard_size), command="export", desc=f"export {fmt}",
-                      overwrite=overwrite, progress=progress) as folder:
+                      overwrite=overwrite, progress=progress, inputs=inputs) as folder:
         for name in layout.first:
             folder.write(name, source.shared_tensor(name))
         for layer, copied in enumerate(layout.layers):
@@ -68,7 +69,7 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
         folder.manifest.update(
             format=fmt, architecture=_architecture(folder.path), source=source.description,
             moe={"base_model_type": f.base_type, "num_experts": f.num_experts, "top_k": f.top_k,
-                 "routing": f.routing, "combine_scale": f.scale},
+                 "routing": f.routing, "combine_scale": f.scale, "shared_expert_size": f.shared_size},
             notes=target.notes, copied_files=side, source_manifest=_source_manifest(source))
     return out
 
@@ -88,7 +89,8 @@ class ExportConfig:
 
     --format factorllm: a FactorLLM folder (our model code inside). --format mixtral: the standard
     HF MoE class of the base family (Mixtral for LLaMA/Mistral, Qwen2-MoE, Qwen3-MoE); softmax
-    routing only. --format dense: the base architecture with every expert active at weight 1.
+    routing only, no shared expert. --format qwen2-moe: Qwen2MoeForCausalLM for any supported base,
+    shared expert included. --format dense: the base architecture with every expert active at weight 1.
     """
 
     out: Path = arg("output folder (must not exist, unless --overwrite)", default=None, required=True)
@@ -107,11 +109,9 @@ class ExportConfig:
                             "(a FactorLLM folder)")
         if self.tag is not None and self.run is None:
             problems.append("--tag selects a checkpoint inside --run; it needs --run")
-        if self.out is not None and Path(self.out).exists() and not self.overwrite:
-            problems.append(f"--out {self.out} already exists; choose another path or pass --overwrite")
-        for flag, src in (("--model", self.model), ("--run", self.run)):
-            if src is not None and self.out is not None and Path(self.out).resolve() == Path(src).resolve():
-                problems.append(f"--out must differ from {flag}")
+        if self.out is not None:  # --overwrite replaces only an export/convert folder, holding and inside no input
+            problems += output_problems(self.out, "--out", self.overwrite, {"--model": self.model, "--run": self.run},
+                                        (MANIFEST_FILE,))
         try:
             parse_size(self.max_shard_size)
         except ValueError:
@@ -124,4 +124,5 @@ class ExportConfig:
 
 def run_export(cfg: ExportConfig, progress: bool = True) -> Path:
     cfg.validate()
-    return export(cfg.source(), cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress)
+    return export(cfg.source(), cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress,
+                  inputs={"--model": cfg.model, "--run": cfg.run})

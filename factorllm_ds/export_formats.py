@@ -27,10 +27,11 @@ PARTS = ("gate", "up", "down")
 # FactorLLM tensor names: every key a FactorLLM checkpoint may hold, by role. Unknown keys raise.
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_SHARED_KEY = re.compile(r"mlp\.shared_expert\.(gate|up|down)_proj\.weight")
 
 
 def classify_moe_key(name: str) -> tuple[str, int | None]:
-    """('global' | 'layer' | 'router' | 'expert' | 'ignored', layer) for a FactorLLM checkpoint key."""
+    """('global' | 'layer' | 'router' | 'expert' | 'shared' | 'ignored', layer) for a FactorLLM checkpoint key."""
     if name in keys.GLOBAL_PASSTHROUGH:
         return "global", None
     if keys.IGNORED.fullmatch(name):
@@ -44,6 +45,8 @@ def classify_moe_key(name: str) -> tuple[str, int | None]:
             return "router", layer
         if _EXPERT_KEY.fullmatch(rest):
             return "expert", layer
+        if _SHARED_KEY.fullmatch(rest):
+            return "shared", layer
     raise KeyError(name)
 
 
@@ -60,6 +63,7 @@ class MoEFacts:
     scale: float
     router_bias: bool
     router_override: str
+    shared_size: int = 0  # neurons of the always-on shared expert (0: none)
 
     @classmethod
     def of(cls, source: ExportSource) -> "MoEFacts":
@@ -74,7 +78,8 @@ class MoEFacts:
         return cls(base_type=text.get("model_type", "?"), text=text,
                    num_layers=int(text.get("num_hidden_layers", config.get("num_hidden_layers", 0))),
                    num_experts=moe.num_experts, top_k=moe.num_experts_per_tok, routing=moe.routing,
-                   scale=moe.scale, router_bias=bias, router_override=config.get("router_override", "learned"))
+                   scale=moe.scale, router_bias=bias, router_override=config.get("router_override", "learned"),
+                   shared_size=int(config.get("shared_intermediate_size") or 0))
 
 
 def structure_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
@@ -94,6 +99,7 @@ def structure_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
     for layer in range(facts.num_layers):
         need = [keys.ROUTER_WEIGHT.format(layer=layer)]
         need += [keys.expert_key(p, layer, e) for e in range(facts.num_experts) for p in PARTS]
+        need += [keys.shared_expert_key(p, layer) for p in PARTS] if facts.shared_size else []
         missing = [n for n in need if n not in present]
         if missing:
             problems.append(f"{source.description}: layer {layer} lacks {missing[0]}"
@@ -184,6 +190,13 @@ class FactorLLMFormat(RoutedFormat):
     """The FactorLLM folder itself (config, model code, partition file), e.g. to turn a DeepSpeed
     training run back into a folder ``from_pretrained`` loads."""
 
+    def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
+        return [self.source.info(keys.shared_expert_key(p, layer)) for p in PARTS] if self.facts.shared_size else []
+
+    def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for info in self.shared_expert_plan(layer):
+            yield info.name, self.source.shared_tensor(info.name)
+
     def save_config(self, folder: Path) -> None:
         from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
 
@@ -224,6 +237,7 @@ class StandardMoEFormat(RoutedFormat):
 
     model_type = architecture = "?"
     moe_block = "mlp"  # the MoE module's name inside a decoder layer
+    has_shared_expert = False
 
     def __init__(self, source: ExportSource, facts: MoEFacts):
         super().__init__(source, facts)
@@ -262,6 +276,9 @@ class StandardMoEFormat(RoutedFormat):
         if facts.router_bias:
             problems.append("the router has a bias (r = W x + b): Mixtral / Qwen-MoE routers are W x only, and a "
                             "bias cannot be folded into W (the router input has no constant component)")
+        if facts.shared_size and not cls.has_shared_expert:
+            problems.append(f"the model has an always-on shared expert ({facts.shared_size} neurons per layer) and "
+                            f"{cls.architecture} has none; --format qwen2-moe has one (Qwen2MoeForCausalLM)")
         if facts.router_override != "learned":
             problems.append(f"config.json has router_override={facts.router_override!r} (an evaluation-time "
                             "choice); a standard MoE always uses its learned router: set it to 'learned' first")
@@ -326,30 +343,61 @@ class _QwenMoEFormat(StandardMoEFormat):
 
 
 class Qwen2MoeFormat(_QwenMoEFormat):
-    """Qwen2-MoE, with ``norm_topk_prob`` and a zero-size shared expert."""
+    """Qwen2-MoE: ``norm_topk_prob`` routed experts plus its ``shared_expert``, which adds
+    sigmoid(shared_expert_gate · x) times its output. Zero gate weights give 0.5 on every token,
+    so 2 is folded into the shared ``down_proj`` and the sum is exactly ours (weight 1). Without a
+    shared expert it gets one of size 0, which adds exactly 0. Qwen2 bases, and LLaMA / Mistral
+    bases whose attention Qwen2 reproduces (no o_proj bias, no sliding window), via --format qwen2-moe."""
 
     model_type, architecture = "qwen2_moe", "Qwen2MoeForCausalLM"
+    has_shared_expert = True
+
+    @classmethod
+    def refusals(cls, facts: MoEFacts) -> list[str]:
+        problems = super().refusals(facts)
+        if facts.base_type != "qwen2":
+            if facts.text.get("attention_bias") or facts.text.get("mlp_bias"):
+                problems.append(f"the {facts.base_type} base has attention or MLP biases that Qwen2-MoE lacks")
+            if facts.text.get("sliding_window") is not None:
+                problems.append(f"the {facts.base_type} base uses a sliding window on every layer; Qwen2-MoE "
+                                "configures windows differently")
+        return problems
 
     def config_fields(self, expert_size: int) -> dict:
-        fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=0, qkv_bias=True)
+        fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=self.facts.shared_size,
+                                                           qkv_bias=self.facts.base_type == "qwen2")
         if self.facts.text.get("layer_types"):
             fields["layer_types"] = list(self.facts.text["layer_types"])
         return fields
 
     def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
-        # Qwen2-MoE always builds a shared expert; with intermediate size 0 it adds exactly 0.
         p = keys.LAYER.format(layer=layer) + "mlp.shared_expert"
         router = self.source.info(keys.ROUTER_WEIGHT.format(layer=layer))
         gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
-        hidden = router.shape[1]
-        return [TensorInfo(p + ".gate_proj.weight", (0, hidden), gate.dtype),
-                TensorInfo(p + ".up_proj.weight", (0, hidden), gate.dtype),
-                TensorInfo(p + ".down_proj.weight", (hidden, 0), down.dtype),
+        hidden, size = router.shape[1], self.facts.shared_size
+        return [TensorInfo(p + ".gate_proj.weight", (size, hidden), gate.dtype),
+                TensorInfo(p + ".up_proj.weight", (size, hidden), gate.dtype),
+                TensorInfo(p + ".down_proj.weight", (hidden, size), down.dtype),
                 TensorInfo(p + "_gate.weight", (1, hidden), router.dtype)]
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
-        for info in self.shared_expert_plan(layer):
-            yield info.name, torch.zeros(info.shape, dtype=info.dtype)
+        plan = self.shared_expert_plan(layer)
+        if self.facts.shared_size:
+            for info, part in zip(plan, PARTS):
+                tensor = self.source.shared_tensor(keys.shared_expert_key(part, layer))
+                yield info.name, fold_scale(tensor, 2.0) if part == "down" else tensor  # sigmoid(0) = 1/2
+        else:
+            for info in plan[:3]:
+                yield info.name, torch.zeros(info.shape, dtype=info.dtype)
+        yield plan[3].name, torch.zeros(plan[3].shape, dtype=plan[3].dtype)
+
+
+class Qwen2MoeTarget(StandardMoEFormat):
+    """``--format qwen2-moe``: Qwen2MoeForCausalLM whatever the base family (it has a shared expert)."""
+
+    @classmethod
+    def for_model(cls, facts: MoEFacts) -> type[ExportFormat]:
+        return Qwen2MoeFormat
 
 
 class Qwen3MoeFormat(_QwenMoEFormat):
@@ -402,7 +450,8 @@ class DenseFormat(ExportFormat):
         problems = []
         for layer in range(self.facts.num_layers):
             perm = self.partitions.get(layer)
-            inter = self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.facts.num_experts
+            inter = self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.facts.num_experts \
+                + self.facts.shared_size
             if perm is None or perm.numel() != inter or not torch.equal(torch.sort(perm).values, torch.arange(inter)):
                 problems.append(f"{self.source.partition_file}: no valid permutation of {inter} neurons for "
                                 f"layer {layer}")
@@ -410,13 +459,15 @@ class DenseFormat(ExportFormat):
 
     def mlp_plan(self, layer: int) -> list[TensorInfo]:
         gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
-        inter, hidden = gate.shape[0] * self.facts.num_experts, gate.shape[1]
+        inter, hidden = gate.shape[0] * self.facts.num_experts + self.facts.shared_size, gate.shape[1]
         return [TensorInfo(keys.dense_mlp_key("gate", layer), (inter, hidden), gate.dtype),
                 TensorInfo(keys.dense_mlp_key("up", layer), (inter, hidden), gate.dtype),
                 TensorInfo(keys.dense_mlp_key("down", layer), (hidden, inter), down.dtype)]
 
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         experts = self.source.expert_tensors(layer)
+        if self.facts.shared_size:  # the partition lists the shared neurons first (layout.py)
+            experts = [tuple(self.source.shared_tensor(keys.shared_expert_key(p, layer)) for p in PARTS)] + experts
         perm = self.partitions[layer] if self.partitions is not None else torch.arange(
             sum(g.shape[0] for g, _, _ in experts))  # no partition file: expert order
         for part, tensor in zip(PARTS, split.merge_experts(experts, perm)):
@@ -435,7 +486,7 @@ class DenseFormat(ExportFormat):
 
 
 FORMATS: dict[str, type[ExportFormat]] = {"factorllm": FactorLLMFormat, "mixtral": StandardMoEFormat,
-                                          "dense": DenseFormat}
+                                          "qwen2-moe": Qwen2MoeTarget, "dense": DenseFormat}
 
 
 def open_format(source: ExportSource, fmt: str) -> ExportFormat:

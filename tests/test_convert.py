@@ -223,7 +223,7 @@ def test_output_layout_shards_dtype_tokenizer_manifest(family, dense_model, tmp_
     assert set(manifest["copied_files"]) >= {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
 
     with safe_open(str(out / PARTITION_FILE), framework="pt") as f:
-        assert f.metadata() == {"method": "contiguous", "num_experts": "4", "seed": "3"}
+        assert f.metadata() == {"method": "contiguous", "num_experts": "4", "seed": "3", "num_shared": "0"}
         assert sorted(f.keys()) == [f"layers.{i}" for i in range(n_layers)]
 
 

@@ -1,0 +1,224 @@
+"""Shared (always-on) experts: convert, the HF model, the fitted router, exports and bad input.
+
+Tiny random models in fp32; every numerical claim is asserted with a stated tolerance and each
+parity test first checks that routing moves the logits, so a wrong expert order or weight could
+not hide under the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from factorllm_ds import keys
+from factorllm_ds.cli import main
+from factorllm_ds.export import export
+from factorllm_ds.hf_io import CheckpointReader
+from factorllm_ds.layout import load_partition
+from factorllm_ds.modeling import all_experts_mode, load_dense, load_moe
+from factorllm_ds.sources import FolderSource
+from factorllm_ds.verify import VerifyConfig, verify
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FP32_TOL = 1e-5
+E, K = 6, 2  # 25% shared + 6 routed experts of the rest, k = 2: half of the FFN active per token
+
+
+def _qwen3_dense(out: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=tiny.VOCAB, hidden_size=tiny.HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    Qwen3ForCausalLM(config).save_pretrained(out)
+    tiny.copy_tokenizer(out)
+    return out
+
+
+def _dense(family: str, tmp_path: Path) -> Path:
+    if family == "qwen3":
+        return _qwen3_dense(tmp_path / "dense")
+    return tiny.build_dense(tmp_path / "dense", family, dtype=torch.float32)
+
+
+def _convert_shared(dense: Path, out: Path, calib_text: Path, **kw) -> Path:
+    settings = dict(num_experts=E, top_k=K, shared_neurons="0.25", split="coactivation", calib_data=calib_text,
+                    calib_tokens=512, calib_seq_len=128)
+    return tiny.convert_tiny(dense, out, **(settings | kw))
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_shared_plus_routed_is_lossless(family, calib_text, tmp_path):
+    dense = _dense(family, tmp_path)
+    moe = _convert_shared(dense, tmp_path / "moe", calib_text)
+    config = json.loads((moe / "config.json").read_text())
+    inter = json.loads((dense / "config.json").read_text())["intermediate_size"]
+    shared = round(0.25 * inter)
+    assert (config["shared_intermediate_size"], config["expert_intermediate_size"]) == (shared, (inter - shared) // E)
+    assert config["combine_scale"] == 1.0 and config["prior_target"] == "subset"
+
+    # Every weight is an exact slice of the dense FFN: shared = perm[:S], routed e = the next groups.
+    dense_r, moe_r = CheckpointReader(dense), CheckpointReader(moe)
+    size = (inter - shared) // E
+    for layer, perm in load_partition(moe).items():
+        assert torch.equal(perm.sort().values, torch.arange(inter))
+        gate, up, down = (dense_r.get(keys.dense_mlp_key(p, layer)) for p in ("gate", "up", "down"))
+        idx = perm[:shared]
+        assert torch.equal(moe_r.get(keys.shared_expert_key("gate", layer)), gate[idx])
+        assert torch.equal(moe_r.get(keys.shared_expert_key("down", layer)), down[:, idx])
+        for e in range(E):
+            idx = perm[shared + e * size: shared + (e + 1) * size]
+            assert torch.equal(moe_r.get(keys.expert_key("up", layer, e)), up[idx])
+
+    # All experts on = the dense model (fp32, <= 1e-5 of the logit scale); k of E routed = visibly not.
+    result = verify(VerifyConfig(model=moe, dense=dense, batches=1, seq_len=32))
+    assert result["ok"] and result["relative"] <= FP32_TOL, result
+    model, want = load_moe(moe), load_dense(dense)(_ids()).logits.detach()
+    with torch.no_grad():
+        assert _rel(model(_ids()).logits, want) > 100 * FP32_TOL
+
+
+def test_shared_neurons_are_the_most_important_on_the_calibration_text(llama_dir, calib_text, tmp_path):
+    """Recompute layer 0's importance (its input does not depend on the conversion) and compare."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factorllm_ds.data import read_text
+    from factorllm_ds.structure import neuron_importance
+
+    moe = _convert_shared(llama_dir, tmp_path / "moe", calib_text)
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(llama_dir)(read_text([calib_text], "--calib-data"),
+                                                   add_special_tokens=False)["input_ids"][:512]
+    captured = {}
+    mlp = dense.model.layers[0].mlp
+    hook = mlp.down_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("a", args[0]))
+    with torch.no_grad():
+        dense(torch.tensor(ids).view(4, 128))
+    hook.remove()
+    importance = neuron_importance(captured["a"].reshape(-1, 128), mlp.down_proj.weight, "contribution")
+    shared = set(load_partition(moe)[0][:32].tolist())
+    assert shared == set(torch.topk(importance, 32).indices.tolist())
+
+
+def _oracle_agreement(moe_dir: Path, text: Path) -> float:
+    """Share of the learned router's picks that the oracle (best k-subset for t - shared) also makes."""
+    from transformers import AutoTokenizer
+
+    from factorllm_ds.hf_model.modeling_factorllm import prior_topk
+    from factorllm_ds.structure import topk_agreement
+
+    model = load_moe(moe_dir)
+    ids = AutoTokenizer.from_pretrained(moe_dir)(text.read_text()[-3000:], return_tensors="pt")["input_ids"][:, :256]
+    scores = []
+
+    def hook(block, args):
+        x_TH = args[0].reshape(-1, args[0].shape[-1])
+        out_ETH = torch.stack([e(x_TH) for e in block.experts])
+        oracle = prior_topk(out_ETH, out_ETH.sum(0), block.top_k, "subset", 1.0)
+        learned = torch.topk(block.router(x_TH), block.top_k, dim=-1).indices
+        scores.append(topk_agreement(learned, oracle))
+
+    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return sum(scores) / len(scores)
+
+
+def test_router_fitted_at_conversion_agrees_with_the_oracle(llama_dir, calib_text, tmp_path):
+    fitted = _convert_shared(llama_dir, tmp_path / "fitted", calib_text)  # --calib-data: the fitted router by default
+    normal = _convert_shared(llama_dir, tmp_path / "normal", calib_text, router_init="normal")
+    manifest = json.loads((fitted / "factorllm_manifest.json").read_text())
+    assert manifest["settings"]["router_init"] == "prior"
+    got, chance = _oracle_agreement(fitted, calib_text), _oracle_agreement(normal, calib_text)
+    assert got > chance + 0.1, (got, chance)
+
+
+# --------------------------------------------------------------------------- exports
+
+
+@pytest.fixture(scope="module")
+def shared_softmax(tmp_path_factory, llama_dir, calib_text) -> Path:
+    return _convert_shared(llama_dir, tmp_path_factory.mktemp("shared") / "moe", calib_text, routing="softmax")
+
+
+def test_qwen2_moe_export_holds_the_shared_expert_exactly(shared_softmax, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = export(FolderSource(shared_softmax), tmp_path / "hf", "qwen2-moe", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    assert hf.config.shared_expert_intermediate_size == 32
+    moe = load_moe(shared_softmax)
+    with torch.no_grad():
+        routed, mine = hf(_ids()).logits, moe(_ids()).logits
+        all_experts_mode(moe)
+        assert _rel(mine, moe(_ids()).logits) > 100 * FP32_TOL  # routing matters here
+    assert _rel(routed, mine) < FP32_TOL
+
+
+def test_mixtral_refuses_a_shared_expert_and_names_qwen2_moe(shared_softmax, tmp_path, capsys):
+    rc = main(["export", "--model", str(shared_softmax), "--out", str(tmp_path / "hf"), "--format", "mixtral"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shared expert" in err and "--format qwen2-moe" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_hard_routing_with_shared_expert_refused_for_qwen2_moe(llama_dir, calib_text, tmp_path, capsys):
+    moe = _convert_shared(llama_dir, tmp_path / "moe", calib_text)
+    rc = main(["export", "--model", str(moe), "--out", str(tmp_path / "hf"), "--format", "qwen2-moe"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "routing is 'hard'" in err, err
+
+
+def test_dense_and_factorllm_exports_of_a_shared_model(llama_dir, calib_text, tmp_path):
+    moe = _convert_shared(llama_dir, tmp_path / "moe", calib_text)
+    dense_out = export(FolderSource(moe), tmp_path / "dense", "dense", progress=False)
+    src, back = CheckpointReader(llama_dir), CheckpointReader(dense_out)
+    for name in src.infos:  # the original checkpoint, bit for bit
+        assert torch.equal(src.get(name), back.get(name)), name
+    again = export(FolderSource(moe), tmp_path / "again", "factorllm", progress=False)
+    with torch.no_grad():
+        assert torch.equal(load_moe(again)(_ids()).logits, load_moe(moe)(_ids()).logits)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--shared-neurons", "128"], ["--shared-neurons 128", "must be in [0, 128)"]),
+    (["--shared-neurons", "-3"], ["--shared-neurons -3"]),
+    (["--shared-neurons", "1.5"], ["--shared-neurons 1.5", "[0, 1)"]),
+    (["--shared-neurons", "124", "--num-experts", "6"], ["leaves 4 routed neurons for 6 experts"]),
+    (["--shared-neurons", "30", "--num-experts", "4"], ["--num-experts 4 does not divide the 98 routed neurons",
+                                                        "valid E: 2, 7, 14, 49, 98"]),
+], ids=["all", "negative", "fraction-above-1", "too-few-routed", "not-divisible"])
+def test_bad_shared_flags_one_clear_error_nothing_written(extra, needles, llama_dir, calib_text, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["convert", "--model", str(llama_dir), "--out", str(out), "--calib-data", str(calib_text), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_shared_without_calibration_text_is_refused(llama_dir, tmp_path, capsys):
+    rc = main(["convert", "--model", str(llama_dir), "--out", str(tmp_path / "out"), "--shared-neurons", "0.25",
+               "--num-experts", "6"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--shared-neurons" in err and "--calib-data" in err, err
