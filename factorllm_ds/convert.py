@@ -28,7 +28,7 @@ from factorllm_ds.safety import check_output
 
 
 # How the router is fitted to the oracle's picks at conversion (structure.fit_linear_router; docs/method.md).
-ROUTER_FIT_LOSS = "pa"
+ROUTER_FIT_LOSS, ROUTER_FIT_RIDGE = "ridge", 0.1
 
 
 def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertConfig) -> list[TensorInfo]:
@@ -109,7 +109,7 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
     oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
     router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
-                                               loss=ROUTER_FIT_LOSS)
+                                               loss=ROUTER_FIT_LOSS, ridge=ROUTER_FIT_RIDGE)
     idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
     tokens = torch.arange(idx_TK.shape[0]).unsqueeze(1)
     calib.replace_mlp_output(shared_TH + (routed_ETH[idx_TK, tokens] * weights_TK.unsqueeze(-1)).sum(dim=1))

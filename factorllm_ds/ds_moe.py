@@ -7,7 +7,9 @@ local id), so host memory per rank does not grow with the experts other ranks ho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,12 @@ class DeepSpeedMoEBlock(nn.Module):
                     self.register_buffer(f"teacher_shared_{part}", torch.empty(shape), persistent=False)
         self.act_fn = expert.act_fn
         self.last_aux: BlockAux | None = None
+        # Activation checkpointing (enable_activation_checkpointing): the first forward keeps the PA prior's
+        # choice for the backward's replay, which reuses it instead of running every expert (and both
+        # all-to-alls of the PA target) a second time; ``replaying`` is set only during that replay.
+        self.checkpointed = False
+        self.replaying = False
+        self.replay_prior_idx: torch.Tensor | None = None
 
     @property
     def gate(self) -> FactorLLMGate:
@@ -131,12 +139,22 @@ class DeepSpeedMoEBlock(nn.Module):
                 target_TH.dtype)
         return current_ETH, target_TH
 
+    def _prior_idx(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The PA prior's k experts per token: [T, k]. A checkpoint replay reuses the first forward's choice."""
+        if self.replaying:
+            prior_idx, self.replay_prior_idx = self.replay_prior_idx, None
+            return prior_idx
+        outs_ETH, target_TH = self.all_expert_outputs(x_TH)
+        prior_idx = prior_topk(outs_ETH, target_TH, self.k, self.weights.prior_target, self.prior_weight)
+        if self.checkpointed and torch.is_grad_enabled():
+            self.replay_prior_idx = prior_idx
+        return prior_idx
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         prior_idx = None
         if self.weights.prior != "none" and self.training:
-            outs_ETH, target_TH = self.all_expert_outputs(x_TH)
-            prior_idx = prior_topk(outs_ETH, target_TH, self.k, self.weights.prior_target, self.prior_weight)
+            prior_idx = self._prior_idx(x_TH)
         out, _, exp_counts = self.moe(hidden_states)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
@@ -144,13 +162,55 @@ class DeepSpeedMoEBlock(nn.Module):
         zero = probs_TE.new_zeros(())
         bal = switch_balance_loss(probs_TE, self.k) if self.weights.balance_kind == "switch" else \
             balance_loss(probs_TE, self.k)
-        self.last_aux = BlockAux(
+        aux = BlockAux(
             pa=pa_loss(probs_TE, prior_idx, self.weights.prior_tau) if prior_idx is not None else zero,
             balance=bal,
             agreement=prior_agreement(probs_TE.detach(), prior_idx) if prior_idx is not None else zero,
             exp_counts=exp_counts,
         )
+        # A replay recomputes what the backward needs (the losses' saved tensors included) but must not replace
+        # the first forward's aux, from which the loss was built: the objective counts each layer once.
+        if not self.replaying:
+            self.last_aux = aux
         return out
+
+
+@contextlib.contextmanager
+def _replaying(block: DeepSpeedMoEBlock):
+    block.replaying = True
+    try:
+        yield
+    finally:
+        block.replaying = False
+
+
+def _checkpoint_layer(block: DeepSpeedMoEBlock, forward, *args):
+    """torch.utils.checkpoint of one decoder layer (HF's GradientCheckpointingLayer calls this).
+
+    Non-reentrant: tensors that leave the layer other than its output (each block's aux losses) keep
+    their gradient path, and the backward goes through the original graph with the saved tensors
+    recomputed. Early stop is off so that every rank replays the whole layer, with each of its
+    collectives (the capacity all-reduce, the dispatch and combine all-to-alls): ranks never disagree
+    on the collectives they enter.
+    """
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    with set_checkpoint_early_stop(False):
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _replaying(block)))
+
+
+def enable_activation_checkpointing(model: FactorLLMTrainModel) -> None:
+    """Recompute each decoder layer in the backward: one hidden state per layer stays from the forward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in model.model.layers:
+        if not isinstance(layer, GradientCheckpointingLayer):
+            raise RuntimeError(f"internal error: {type(layer).__name__} cannot be checkpointed (not a "
+                               "transformers GradientCheckpointingLayer)")
+        layer.gradient_checkpointing = True  # checked per call: only in training with grad enabled
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, layer.mlp)
+        layer.mlp.checkpointed = True
 
 
 class FactorLLMTrainModel(nn.Module):
@@ -197,8 +257,11 @@ def ep_rank_of(ep_size: int) -> int:
 
 
 def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: int,
-                      train_base: tuple[str, ...] = ()) -> FactorLLMTrainModel:
-    """Build on meta, then read shared weights and only this rank's experts from ``moe_dir``."""
+                      train_base: tuple[str, ...] = (), activation_checkpointing: bool = False) -> FactorLLMTrainModel:
+    """Build on meta, then read shared weights and only this rank's experts from ``moe_dir``.
+
+    ``activation_checkpointing``: recompute each decoder layer in the backward (enable_activation_checkpointing).
+    """
     config = FactorLLMConfig.from_pretrained(moe_dir)
     if weights.prior_target is None:  # the objective follows the model's own prior target unless told otherwise
         weights = dataclasses.replace(weights, prior_target=config.prior_target)
@@ -245,6 +308,8 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=config.text_config)
     set_trainable(model, train_base)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
     return model
 
 

@@ -35,11 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from factorllm_ds import __version__
 from factorllm_ds.config import arg, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
 from factorllm_ds.modeling import DTYPE_CHOICES, resolve_device
+from factorllm_ds.safety import FILE_MARKER, check_output_file
 
 ROUTERS = ("learned", "oracle", "random")
 
@@ -66,6 +68,8 @@ class EvalConfig:
     report: Path | None = arg("write the full JSON report here", default=None)
     plot: Path | None = arg("FactorLLM only: save a layers x experts usage heatmap (PNG; needs matplotlib)",
                             default=None)
+    tokenizer: Path | None = arg("folder with the tokenizer files, when --model has none (default: --model)",
+                                 default=None)
     prompt: str = arg("prompt of the greedy generated sample", default="Once upon a time")
     sample_tokens: int = arg("new tokens in the greedy sample (0: no sample)", default=32)
 
@@ -84,6 +88,14 @@ class EvalConfig:
             problems.append(f"--batch-size {self.batch_size}: must be >= 1")
         if self.sample_tokens < 0:
             problems.append(f"--sample-tokens {self.sample_tokens}: must be >= 0")
+        # Output files first: a report that cannot be written must not cost an evaluation. An existing one is
+        # replaced only if eval wrote it (safety.check_output_file).
+        inputs = {"--model": self.model, "--tokenizer": self.tokenizer, **{("--data" if i == 0 else f"--data (file {i + 1})"): p for i, p in enumerate(self.data or [])}}
+        for flag, path in (("--report", self.report), ("--plot", self.plot)):
+            try:
+                check_output_file(path, flag, inputs)
+            except UserError as err:
+                problems.append(str(err))
         if self.plot is not None and importlib.util.find_spec("matplotlib") is None:
             problems.append("--plot needs matplotlib: pip install 'factorllm-ds[plot]' (or matplotlib)")
         if is_moe:
@@ -105,15 +117,11 @@ class EvalConfig:
 # Pieces other modules call
 
 
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(model_dir: Path, tokenizer: Path | None = None):
+    """The tokenizer of ``--tokenizer`` or else the model folder; one clear error when there is none."""
+    from factorllm_ds.hf_io import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as err:  # transformers raises many kinds for a missing / broken tokenizer
-        raise UserError(f"--model {model_dir}: no usable tokenizer in the folder ({type(err).__name__}: {err}). "
-                        "Copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) "
-                        "into it.") from err
+    return load(model_dir, tokenizer, "--model")
 
 
 def token_windows(token_ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -138,9 +146,39 @@ def window_nll(model, token_windows: torch.Tensor, batch_size: int = 4, progress
         logits = model(input_ids=ids).logits
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                               reduction="sum")
+        if not math.isfinite(nll.item()):
+            raise UserError(f"the loss is {nll.item()} on windows {start}..{start + ids.shape[0] - 1}: "
+                            f"{first_nonfinite_output(model, ids)}. The weights or the dtype overflow; check the "
+                            "model (a float32 run, --dtype float32, tells the two apart).")
         total += nll.item()
         count += ids[:, 1:].numel()
     return total, count
+
+
+@torch.no_grad()
+def first_nonfinite_output(model, ids: torch.Tensor) -> str:
+    """Which part of ``model`` first outputs NaN/Inf on ``ids``: the embeddings, decoder layer L, or the head."""
+    inner = getattr(model, "model", model)
+    parts = [("the embeddings (model.embed_tokens)", getattr(inner, "embed_tokens", None))]
+    parts += [(f"decoder layer {i} (model.layers.{i})", layer) for i, layer in enumerate(getattr(inner, "layers", []))]
+    parts += [("the final norm (model.norm)", getattr(inner, "norm", None)),
+              ("the output head (lm_head)", getattr(model, "lm_head", None))]
+    found: list[str] = []
+
+    def hook(name):
+        def check(module, args, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) else output
+            if not found and isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+                found.append(name)
+        return check
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in parts if module is not None]
+    try:
+        model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return f"the first non-finite output is {found[0]}" if found else "every layer's output is finite (the loss overflows)"
 
 
 def perplexity(model, token_windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -202,7 +240,7 @@ def plot_usage(shares: list[list[float]], path: Path, title: str) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": FILE_MARKER.decode()})  # marks it as this tool's
     plt.close(fig)
     return path
 
@@ -238,7 +276,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     started = time.time()
     is_moe = cfg.validate(read_config(cfg.model, "--model"))
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     text = read_text(cfg.data, "--data")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     windows = token_windows(ids, cfg.seq_len, cfg.max_windows)
@@ -247,7 +285,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                         f"--seq-len {cfg.seq_len}. Pass more text or a smaller --seq-len.")
     model = load_eval_model(cfg.model, is_moe, DTYPES[cfg.dtype], device)
 
-    report: dict = {"model": str(cfg.model), "kind": "factorllm" if is_moe else model.config.model_type,
+    # The first key marks the file as this tool's: a later eval may replace it (safety.check_output_file).
+    report: dict = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "kind": "factorllm" if is_moe else model.config.model_type,
                     "data": [str(p) for p in cfg.data], "seq_len": cfg.seq_len, "windows": int(windows.shape[0]),
                     "text_tokens": len(ids), "dtype": cfg.dtype, "device": str(device)}
     if is_moe:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import MANIFEST_FILE
+from factorllm_ds.safety import check_finite, check_output, old_dir_for, recover_replaced, remove_stale_temps, temp_dir_for
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,6 +48,41 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
+# A folder holding one of these has a tokenizer (the rest of TOKENIZER_FILES only configure one).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                         "tokenizer.tiktoken")
+
+
+def tokenizer_dir(model_dir: Path, tokenizer: Path | None = None, flag: str = "--model") -> Path:
+    """The folder to load the tokenizer from: ``--tokenizer`` if given, else the model folder.
+
+    Raises :class:`UserError` when that folder holds no tokenizer vocabulary (transformers would
+    say "You need to have sentencepiece or tiktoken installed", which misleads).
+    """
+    folder, named = (Path(tokenizer), "--tokenizer") if tokenizer is not None else (Path(model_dir), flag)
+    if not folder.is_dir():
+        raise UserError(f"{named} {folder}: no such folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        fix = ("pass the base model's folder (or any folder with its tokenizer files)" if tokenizer is not None else
+               "pass --tokenizer DIR (the base model's folder), or copy its tokenizer files in")
+        raise UserError(f"{named} {folder}: no tokenizer files there (none of {', '.join(TOKENIZER_VOCAB_FILES)}); "
+                        f"{fix}")
+    return folder
+
+
+def load_tokenizer(model_dir: Path, tokenizer: Path | None = None, flag: str = "--model"):
+    """``AutoTokenizer`` of :func:`tokenizer_dir`, any failure one :class:`UserError` naming the folder."""
+    from transformers import AutoTokenizer
+
+    folder = tokenizer_dir(model_dir, tokenizer, flag)
+    named = "--tokenizer" if tokenizer is not None else flag
+    try:
+        # A converted folder's config.json names remote code (auto_map): without trust_remote_code=False
+        # transformers stops at an interactive prompt to load a tokenizer that needs none.
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:  # transformers raises many kinds for a broken tokenizer
+        raise UserError(f"{named} {folder}: the tokenizer files there cannot be loaded ({type(err).__name__}: "
+                        f"{err}). Copy the base model's tokenizer files in, or pass --tokenizer DIR.") from err
 
 
 def read_config(model_dir: Path, flag: str = "--model") -> dict:
@@ -78,12 +114,18 @@ class TensorInfo:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+_NONFINITE_FIX = ("The checkpoint is damaged or was saved after a diverged run; use another copy, or pass "
+                  "--allow-nonfinite to convert it anyway.")
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
-    def __init__(self, model_dir: Path, flag: str = "--model"):
+    def __init__(self, model_dir: Path, flag: str = "--model", *, allow_nonfinite: bool = False):
         self.model_dir = Path(model_dir)
         self.flag = flag
+        # Every tensor read (get) or copied (check_finite) is checked for NaN/Inf unless this is set.
+        self.allow_nonfinite = allow_nonfinite
         self.weight_map = self._weight_map()
         self.infos: dict[str, TensorInfo] = {}
         self._spans: dict[str, tuple[int, int]] = {}  # name -> absolute [start, end) byte offsets in its shard
@@ -188,7 +230,42 @@ class CheckpointReader:
         if got != end - start:
             raise UserError(f"{self.flag} {path}: truncated safetensors file (tensor {name} ends at byte {end}, "
                             f"the file holds {start + got}). Download it again.")
+        if not self.allow_nonfinite:
+            check_finite(f"{self.flag} {path}: tensor {name}", tensor, _NONFINITE_FIX)
         return tensor
+
+    def check_finite(self, name: str, chunk_bytes: int = 64 << 20) -> None:
+        """Raise :class:`UserError` if tensor ``name`` holds NaN/Inf, reading it in chunks (one chunk in memory).
+
+        For tensors that are copied file to file and so never pass through :meth:`get`.
+        Nothing is checked when ``allow_nonfinite`` is set, or for integer tensors.
+        """
+        info = self.infos[name]
+        if self.allow_nonfinite or not info.dtype.is_floating_point:
+            return
+        start, end = self._spans[name]
+        path = self.model_dir / self.weight_map[name]
+        size = torch.empty((), dtype=info.dtype).element_size()
+        step = max(size, chunk_bytes // size * size)
+        buf = torch.empty(step // size, dtype=info.dtype)
+        with open(path, "rb", buffering=0) as fh:
+            for offset in range(start, end, step):
+                n = min(step, end - offset)
+                view = buf[: n // size]
+                fh.seek(offset)
+                if fh.readinto(_byte_view(view)) != n:
+                    raise UserError(f"{self.flag} {path}: truncated safetensors file (tensor {name} ends at byte "
+                                    f"{end}). Download it again.")
+                if not bool(torch.isfinite(view).all()):
+                    # The whole tensor, once, for the message's counts and first index.
+                    check_finite(f"{self.flag} {path}: tensor {name}", self._read_unchecked(name), _NONFINITE_FIX)
+
+    def _read_unchecked(self, name: str) -> torch.Tensor:
+        allow, self.allow_nonfinite = self.allow_nonfinite, True
+        try:
+            return self.get(name)
+        finally:
+            self.allow_nonfinite = allow
 
     @property
     def total_bytes(self) -> int:
@@ -259,7 +336,11 @@ class StreamingSafetensorsWriter:
         self.bytes_written += info.nbytes
 
     def copy_from(self, reader: CheckpointReader, name: str) -> None:
-        """Append tensor ``name`` of ``reader`` unchanged, file to file: it is never held in memory here."""
+        """Append tensor ``name`` of ``reader`` unchanged, file to file: it is never held in memory here.
+
+        Its values are checked for NaN/Inf first, a chunk at a time (``reader.check_finite``).
+        """
+        reader.check_finite(name)
         src = reader.infos[name]
         info = self._advance(name, src.shape, src.dtype)
         path, start, end = reader.span(name)
@@ -326,25 +407,32 @@ class FolderWriter:
     """One output model folder: the tensors of ``plan`` streamed into shards (with a progress bar
     by bytes written), then whatever the caller adds under ``path``, then a manifest.
 
-    It is built under a temporary sibling name and renamed to ``out`` only when the ``with`` body
-    succeeds: a failed or interrupted run leaves nothing at ``out``, and a folder being
-    overwritten stays until the new one is complete. ``manifest`` takes the command's own fields.
+    It is built in the hidden sibling ``safety.temp_dir_for(out)`` and renamed to ``out`` only
+    when the ``with`` body succeeds: a failed or interrupted run leaves nothing at ``out``, and a
+    folder being overwritten stays until the new one is complete. ``out`` is checked with
+    ``safety.check_output`` (``inputs``: the command's input paths by flag): ``--overwrite``
+    replaces only a folder this tool wrote, holding and inside no input. On entry, the temp
+    folders of dead processes in ``out``'s parent are removed, and a replacement of ``out`` that
+    a dead process left half done is finished (``safety.recover_replaced``). ``manifest`` takes
+    the command's own fields.
     """
 
     def __init__(self, out: Path, plan: list[TensorInfo], max_shard_bytes: int, *, command: str,
                  overwrite: bool = False, progress: bool = True, desc: str | None = None,
+                 inputs: dict[str, Path] | None = None,
                  shard_writer: type[StreamingSafetensorsWriter] = StreamingSafetensorsWriter):
-        self.out, self.overwrite = Path(out), overwrite
-        self.path = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self.out, self.overwrite, self.inputs = Path(out), overwrite, dict(inputs or {})
+        self.path = temp_dir_for(self.out)
         self.shards = shard_writer(self.path, plan, max_shard_bytes)
         self.manifest: dict = {"factorllm_ds_version": __version__, "command": command}
         self._bar_args = dict(total=sum(i.nbytes for i in plan), unit="B", unit_scale=True, desc=desc or command,
                               disable=not progress)
 
     def __enter__(self) -> "FolderWriter":
-        if self.out.exists() and not self.overwrite:
-            raise UserError(f"--out {self.out} already exists. Choose another path or pass --overwrite to replace it.")
+        recover_replaced(self.out)  # before the check: a restored `out` is what --overwrite would replace
+        check_output(self.out, "--out", self.overwrite, self.inputs, (MANIFEST_FILE,))
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.out.parent)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
         self._started = time.time()
@@ -352,7 +440,7 @@ class FolderWriter:
         return self
 
     def copy(self, reader: CheckpointReader, name: str) -> None:
-        """Tensor ``name`` of ``reader``, unchanged, file to file."""
+        """Tensor ``name`` of ``reader``, unchanged, file to file (checked for NaN/Inf on the way)."""
         self.shards.copy_from(reader, name)
         self._bar.update(reader.infos[name].nbytes)
 
@@ -370,10 +458,21 @@ class FolderWriter:
             self.manifest.update(bytes_written=self.shards.bytes_written, seconds=round(time.time() - self._started, 3),
                                  python=platform.python_version(), torch=torch.__version__)
             (self.path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            if self.out.exists():
-                self.out.rename(old)
-            self.path.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
+            self._move_in()
         finally:
             shutil.rmtree(self.path, ignore_errors=True)  # gone already when the rename succeeded
+
+    def _move_in(self) -> None:
+        # Two renames, never a moment where a crash loses the previous `out`: it is parked under a
+        # name that says which process parked it, and recover_replaced() puts it back if that
+        # process dies before the new folder is in place.
+        old = old_dir_for(self.out)
+        if self.out.exists():
+            self.out.rename(old)
+        try:
+            self.path.rename(self.out)
+        except BaseException:
+            if old.exists() and not self.out.exists():
+                old.rename(self.out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)

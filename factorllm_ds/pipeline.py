@@ -21,6 +21,7 @@ from factorllm_ds.config import PRIOR_TARGETS, arg
 from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
+from factorllm_ds.safety import check_output
 
 
 def _default_work() -> Path:
@@ -143,6 +144,9 @@ def demo(cfg: DemoConfig) -> dict:
 
     started = time.time()
     work = Path(cfg.work or _default_work())
+    # Before anything is deleted (--fresh, changed settings): --work must be a demo's own folder, holding no input.
+    check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data},
+                 (SETTINGS_FILE, "summary.json"))
     if cfg.fresh and work.exists():
         shutil.rmtree(work)
     _reset_if_settings_changed(work, cfg)  # also creates work

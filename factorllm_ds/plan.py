@@ -66,13 +66,19 @@ class PlanConfig:
     zero: int | None = arg("ZeRO stage 1 or 2 (default: try both)", default=None)
     offload: bool | None = arg("optimizer state in host memory (ZeRO-Offload, stage 2); default: try "
                                "without, then with", default=None)
-    seq_len: int = arg("tokens per training sequence", default=1024)
+    seq_len: int | None = arg("tokens per training sequence (default: 1024, or the model's max_position_embeddings "
+                              "when that is smaller)", default=None)
     micro_batch_size: int = arg("sequences per rank per forward", default=1)
     prior: str = arg("PA teacher: frozen (a frozen copy of the local experts), self (none kept), none",
                      choices=PRIOR_TEACHERS, default="frozen")
     dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
     num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
     top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)
+    shared_neurons: str | None = arg("shared expert of a dense model, as convert --shared-neurons: a fraction of the FFN "
+                                     "(0.25) or a neuron count (384); default none. A converted folder has its own",
+                                     default=None)
+    activation_checkpointing: bool | None = arg("train --activation-checkpointing (recompute each layer in the "
+                                                "backward); default: try without, then with", default=None)
     device: str = arg("gpu, or cpu: plan process memory of a CPU (gloo) run, adding the measured CPU runtime "
                       "baseline", choices=("gpu", "cpu"), default="gpu")
     capacity_factor: float = arg("expected max expert load / mean load (sets the MoE dispatch activations)",
@@ -110,10 +116,17 @@ class Shape:
     expert_params: int  # all layers, all experts (= the dense FFNs)
     max_positions: int | None
     converted: bool = False  # a FactorLLM folder: E and k are fixed
+    shared_intermediate: int = 0  # S: neurons of the always-on shared expert per layer (0: none)
+    shared_expert_params: int = 0  # all layers; trained, data-parallel over every rank (expert_params: the rest)
 
     @property
     def total_params(self) -> int:
-        return self.shared_params + self.router_params + self.expert_params
+        return self.shared_params + self.router_params + self.expert_params + self.shared_expert_params
+
+    @property
+    def routed_intermediate(self) -> int:
+        """I - S: the neurons the E routed experts split."""
+        return self.intermediate - self.shared_intermediate
 
 
 def read_model_config(model: str) -> tuple[str, dict]:
@@ -143,10 +156,12 @@ def shape_of(cfg: PlanConfig) -> Shape:
         dense = dict(config["text_config"])
         num_experts, top_k = config["num_experts"], config["num_experts_per_tok"]
         routing, bias = config.get("routing", "hard"), bool(config.get("router_bias", True))
+        num_shared = int(config.get("shared_intermediate_size") or 0)
     else:
         dense = config
         num_experts, top_k = cfg.num_experts or 4, cfg.top_k or 2
         routing, bias = "hard", True
+        num_shared = shared_neurons_of(cfg, dense.get("intermediate_size"))
     needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if k not in dense]
     if missing:
@@ -157,10 +172,24 @@ def shape_of(cfg: PlanConfig) -> Shape:
     expert = sum(v for n, v in numel.items() if ".mlp." in n)
     shared = sum(v for n, v in numel.items() if ".mlp." not in n)
     layers = dense["num_hidden_layers"]
+    shared_expert = 3 * layers * hidden * num_shared  # gate, up, down of S neurons
     return Shape(name=name, layers=layers, hidden=hidden, intermediate=inter, vocab=dense["vocab_size"],
                  num_experts=num_experts, top_k=top_k, routing=routing, shared_params=shared,
-                 router_params=layers * num_experts * (hidden + int(bias)), expert_params=expert,
-                 max_positions=dense.get("max_position_embeddings"), converted=config.get("model_type") == "factorllm")
+                 router_params=layers * num_experts * (hidden + int(bias)), expert_params=expert - shared_expert,
+                 max_positions=dense.get("max_position_embeddings"), converted=config.get("model_type") == "factorllm",
+                 shared_intermediate=num_shared, shared_expert_params=shared_expert)
+
+
+def shared_neurons_of(cfg: PlanConfig, intermediate: int | None) -> int:
+    """S from --shared-neurons, counted as convert counts it (structure.parse_shared)."""
+    from factorllm_ds.structure import parse_shared
+
+    if not cfg.shared_neurons or not intermediate:
+        return 0
+    try:
+        return parse_shared(cfg.shared_neurons, intermediate)
+    except ValueError as err:
+        raise UserError(f"--shared-neurons {cfg.shared_neurons}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -171,9 +200,11 @@ class Choice:
     ep_size: int
     zero: int
     offload: bool
+    activation_checkpointing: bool = False
 
     def label(self) -> str:
-        return f"ep={self.ep_size} zero={self.zero}{' offload' if self.offload else ''}"
+        return (f"ep={self.ep_size} zero={self.zero}{' offload' if self.offload else ''}"
+                f"{' ckpt' if self.activation_checkpointing else ''}")
 
 
 COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "gradients", "optimizer", "optimizer_step", "activations",
@@ -188,49 +219,88 @@ class Estimate:
     host_load: int = 0  # bytes of host memory per process while it reads its weights (before the GPU copy)
     pa_transient: int = 0  # the part of pa_teacher that exists only while a layer's PA target is computed
     fits: bool = False
+    forward_backward: int | None = None  # peak of activations + PA transient together (default: their sum)
 
     @property
     def total(self) -> int:
         """The peak: all that persists + the larger of the forward/backward and optimizer-step transients."""
         p = self.parts
-        forward_backward = p["activations"] + self.pa_transient
-        return sum(p.values()) - forward_backward - p["optimizer_step"] + max(forward_backward, p["optimizer_step"])
+        apart = p["activations"] + self.pa_transient
+        together = apart if self.forward_backward is None else self.forward_backward
+        return sum(p.values()) - apart - p["optimizer_step"] + max(together, p["optimizer_step"])
 
 
-def activation_bytes(shape: Shape, cfg: PlanConfig) -> int:
-    """Tensors autograd keeps from forward to backward on one rank, plus the loss's logits.
+DEFAULT_SEQ_LEN = 1024
+
+
+def seq_len_of(cfg: PlanConfig, shape: Shape) -> int:
+    """--seq-len, or the default capped at what the model can take (a default is never the user's error)."""
+    if cfg.seq_len is not None:
+        return cfg.seq_len
+    return min(DEFAULT_SEQ_LEN, shape.max_positions) if shape.max_positions else DEFAULT_SEQ_LEN
+
+
+def activation_terms(shape: Shape, cfg: PlanConfig) -> tuple[float, float, float]:
+    """Bytes per token: (what one layer keeps for its backward, the loss's logits at their peak, the rest).
 
     Frozen linears keep no input (no weight gradient is needed), so per token and layer:
     two RMSNorm inputs in fp32 (8H), SDPA's q, k, v, out (4H, k/v expanded to H), the router's
-    fp32 input when training in bf16 (4H), and per routed slot (k x capacity_factor per token)
-    each expert's input and four I/E-wide intermediates; softmax routing also keeps the k
-    gathered expert outputs. The loss holds 12 bytes per logit at its peak (fp32 log-softmax
-    output, its gradient, the gradient of the logits; +2 for the bf16 logits' gradient).
+    fp32 input when training in bf16 (4H), per routed slot (k x capacity_factor per token)
+    each expert's input and four (I-S)/E-wide intermediates, and the shared expert's input and
+    four S-wide intermediates; softmax routing also keeps the k gathered expert outputs. The
+    loss holds 12 bytes per logit at its peak (fp32 log-softmax output, its gradient, the
+    gradient of the logits; +2 for the bf16 logits' gradient).
     """
     b = DTYPE_BYTES[cfg.dtype]
-    tokens = cfg.micro_batch_size * cfg.seq_len
-    h, inter_e = shape.hidden, shape.intermediate // shape.num_experts
+    h, inter_e, s = shape.hidden, shape.routed_intermediate // shape.num_experts, shape.shared_intermediate
     slots = shape.top_k * cfg.capacity_factor
     per_layer = 8 * h + 4 * h * b + (4 * h if b < 4 else 0) + slots * (h + 4 * inter_e) * b
+    if s:
+        per_layer += (h + 4 * s) * b
     if shape.routing == "softmax":
         per_layer += shape.top_k * h * b
-    logits = shape.vocab * (12 + (2 if b < 4 else 0))
-    return int(tokens * (shape.layers * per_layer + logits + 4 * h))
+    return per_layer, shape.vocab * (12 + (2 if b < 4 else 0)), 4 * h
+
+
+def checkpoint_bytes(shape: Shape, cfg: PlanConfig) -> int:
+    """With activation checkpointing, what every layer keeps from its forward: its input hidden state
+    (b x H per token) and, when there is a PA prior, the prior's k choices (int64) for the replay."""
+    tokens = cfg.micro_batch_size * seq_len_of(cfg, shape)
+    prior = 8 * shape.top_k if cfg.prior != "none" else 0
+    return int(tokens * shape.layers * (DTYPE_BYTES[cfg.dtype] * shape.hidden + prior))
+
+
+def activation_bytes(shape: Shape, cfg: PlanConfig, checkpointing: bool = False) -> int:
+    """Tensors autograd keeps from forward to backward on one rank, plus the loss's logits.
+
+    ``checkpointing``: the layers keep only their checkpoints; the backward recomputes one layer at a
+    time, after the logits' gradient is gone, so the larger of the two is what adds to them.
+    """
+    tokens = cfg.micro_batch_size * seq_len_of(cfg, shape)
+    per_layer, logits, rest = activation_terms(shape, cfg)
+    if checkpointing:
+        return checkpoint_bytes(shape, cfg) + int(tokens * (max(per_layer, logits) + rest))
+    return int(tokens * (shape.layers * per_layer + logits + rest))
 
 
 def pa_transient_bytes(shape: Shape, cfg: PlanConfig) -> int:
     """The PA target of one layer, computed under no_grad: every expert on every token.
 
     The local experts (and their frozen copies) run on the tokens of the whole expert group,
-    so each rank's intermediates add up to 3 x T x I values, and the [parts, E, T, H] outputs
-    exist twice (before and after the all-to-all back).
+    so each rank's intermediates add up to 3 x T x (I-S) values, and the [parts, E, T, H] outputs
+    exist twice (before and after the all-to-all back). With the frozen prior the shared expert
+    and its frozen copy also run on the rank's own tokens (3 x T x S each); the self prior does
+    not need the shared expert. Activation checkpointing does not recompute it (the replay reuses
+    the prior's choice).
     """
     if cfg.prior == "none":
         return 0
     b = DTYPE_BYTES[cfg.dtype]
-    tokens = cfg.micro_batch_size * cfg.seq_len
+    tokens = cfg.micro_batch_size * seq_len_of(cfg, shape)
     parts = 2 if cfg.prior == "frozen" else 1
-    return int(tokens * b * (3 * shape.intermediate * parts + 2 * parts * shape.num_experts * shape.hidden))
+    shared = 2 * 3 * shape.shared_intermediate if cfg.prior == "frozen" else 0
+    return int(tokens * b * (3 * shape.routed_intermediate * parts + shared
+                             + 2 * parts * shape.num_experts * shape.hidden))
 
 
 def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
@@ -238,10 +308,11 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     b = DTYPE_BYTES[cfg.dtype]
     world, ep = cfg.gpus, choice.ep_size
     experts_local = shape.expert_params // ep
-    trainable_local = experts_local + shape.router_params
+    dense_trainable = shape.router_params + shape.shared_expert_params  # data parallel: on every rank
+    trainable_local = experts_local + dense_trainable
     # ZeRO partitions expert state over the expert-data-parallel group (world / ep ranks that hold
-    # the same experts) and router state over all ranks.
-    partition = experts_local / (world // ep) + shape.router_params / world
+    # the same experts) and router and shared-expert state over all ranks.
+    partition = experts_local / (world // ep) + dense_trainable / world
     overlap = cfg.overlap_comm if cfg.overlap_comm is not None else cfg.dtype == "bf16"
     # The gradient reduce buckets are torch.empty: a GPU reserves them whole, a CPU process only
     # touches as much as the gradients fill.
@@ -265,9 +336,15 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     if cfg.device == "cpu":
         # Saving a checkpoint clones (to host memory, which is the device here) the shared weights
         # on the writer rank and every rank's optimizer partition; glibc keeps the heap it grew.
-        runtime += max(shape.shared_params * b, optimizer)
-    teacher = experts_local * b if cfg.prior == "frozen" else 0
+        runtime += max((shape.shared_params + shape.shared_expert_params) * b, optimizer)
+    # The frozen prior keeps a copy of the local experts and of the shared expert.
+    teacher = (experts_local + shape.shared_expert_params) * b if cfg.prior == "frozen" else 0
     pa_transient = pa_transient_bytes(shape, cfg)
+    checkpointing = choice.activation_checkpointing
+    activations = activation_bytes(shape, cfg, checkpointing)
+    forward_backward = None
+    if checkpointing:  # the PA target is computed in the forward, the recompute happens in the backward
+        forward_backward = checkpoint_bytes(shape, cfg) + max(pa_transient, activations - checkpoint_bytes(shape, cfg))
     parts = {
         "frozen_weights": shape.shared_params * b,
         "experts": trainable_local * b,
@@ -275,13 +352,14 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
         "gradients": int(grads),
         "optimizer": int(optimizer),
         "optimizer_step": int(step),
-        "activations": activation_bytes(shape, cfg),
+        "activations": activations,
         "runtime": int(runtime),
     }
     # Each rank reads the shared weights, its experts and (frozen prior) their teacher copy into host
     # memory before DeepSpeed moves the model to its GPU.
-    load = b * (shape.shared_params + trainable_local + (experts_local if cfg.prior == "frozen" else 0))
-    return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient)
+    load = shape.shared_params * b + trainable_local * b + teacher
+    return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient,
+                    forward_backward=forward_backward)
 
 
 def parse_memory(text: str, flag: str) -> int:
@@ -320,12 +398,69 @@ def candidate_choices(shape: Shape, cfg: PlanConfig) -> list[Choice]:
                                              if shape.num_experts % d == 0 and cfg.gpus % d == 0]
     zeros = [cfg.zero] if cfg.zero else [1, 2]
     offloads = [cfg.offload] if cfg.offload is not None else [False] if cfg.device == "cpu" else [False, True]
+    ckpts = [cfg.activation_checkpointing] if cfg.activation_checkpointing is not None else [False, True]
     # ZeRO-Offload moves the optimizer of a stage-2 partition to the host; stage 1 is not planned with it.
-    return [Choice(ep, z, off) for off in offloads for ep in eps for z in zeros if not (off and z == 1)]
+    return [Choice(ep, z, off, ckpt) for off in offloads for ckpt in ckpts for ep in eps for z in zeros
+            if not (off and z == 1)]
 
 
-def validate(cfg: PlanConfig, shape: Shape) -> None:
-    """Every problem with the flags, reported together."""
+def validate(cfg: PlanConfig, shape: Shape | None, problems: list[str] | None = None) -> None:
+    """Every problem with the flags, reported together, before anything is printed.
+
+    ``shape`` None: --model could not be read (its problem is in ``problems``); the other flags are
+    still checked. Only values the user passed are judged: a default never is.
+    """
+    problems = list(problems or [])
+    for flag, text in (("--gpu-memory", cfg.gpu_memory), ("--host-memory", cfg.host_memory),
+                       ("--runtime-memory", cfg.runtime_memory)):
+        if text is None:
+            continue
+        try:
+            size = parse_memory(text, flag)
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        if size <= 0 and flag != "--runtime-memory":
+            problems.append(f"{flag} {text}: must be a positive size, e.g. 80GB")
+        elif size < 0:
+            problems.append(f"{flag} {text}: must be a size >= 0")
+    if cfg.gpus is None or cfg.gpus < 1:
+        problems.append(f"--gpus {cfg.gpus}: must be >= 1")
+    if cfg.zero is not None and cfg.zero not in (1, 2):
+        problems.append(f"--zero {cfg.zero}: DeepSpeed MoE runs with ZeRO stage 1 or 2 (stage 3 is not supported "
+                        "for native MoE); use --offload for the largest models")
+    if cfg.zero == 1 and cfg.offload:
+        problems.append("--offload with --zero 1: plan ZeRO-Offload with --zero 2")
+    if (cfg.seq_len is not None and cfg.seq_len < 2) or cfg.micro_batch_size < 1:
+        problems.append("--seq-len must be >= 2 and --micro-batch-size >= 1")
+    if cfg.capacity_factor < 1:
+        problems.append(f"--capacity-factor {cfg.capacity_factor}: must be >= 1 (max load >= mean load)")
+    for flag, value in (("--reduce-bucket-size", cfg.reduce_bucket_size), ("--gpus-per-node", cfg.gpus_per_node),
+                        ("--ep-size", cfg.ep_size), ("--num-experts", cfg.num_experts), ("--top-k", cfg.top_k)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} {value}: must be >= 1")
+    if cfg.device == "cpu" and cfg.offload:
+        problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
+    if cfg.device == "cpu" and cfg.dtype == "bf16":
+        problems.append("--device cpu with --dtype bf16: CPU runs are calibrated in fp32; pass --dtype fp32")
+    if shape is not None:
+        problems += shape_problems(cfg, shape)
+    fail_if(problems, "plan: bad arguments")
+
+
+MAX_PLANNED_EXPERTS = 64
+
+
+def valid_experts(shape: Shape) -> list[int]:
+    """E from 2 to 64 that split the routed neurons I - S equally (what convert accepts)."""
+    from factorllm_ds.structure import valid_num_experts
+
+    return [e for e in valid_num_experts(shape.intermediate, shape.shared_intermediate)
+            if 2 <= e <= MAX_PLANNED_EXPERTS]
+
+
+def shape_problems(cfg: PlanConfig, shape: Shape) -> list[str]:
+    """The flags that contradict the model."""
     problems = []
     if shape.converted:
         for flag, letter, given, own in (("--num-experts", "E", cfg.num_experts, shape.num_experts),
@@ -333,39 +468,35 @@ def validate(cfg: PlanConfig, shape: Shape) -> None:
             if given not in (None, own):
                 problems.append(f"{flag} {given}: {shape.name} is converted with {letter}={own}; drop the flag "
                                 "(or plan from the dense model)")
-    if shape.num_experts < 1 or shape.intermediate % shape.num_experts:
-        problems.append(f"--num-experts {shape.num_experts} must divide the FFN intermediate size {shape.intermediate}")
+        if cfg.shared_neurons is not None:
+            problems.append(f"--shared-neurons {cfg.shared_neurons}: {shape.name} is converted with a shared expert of "
+                            f"S={shape.shared_intermediate} neurons; drop the flag (or plan from the dense model)")
+    if shape.num_experts < 1 or shape.routed_intermediate % shape.num_experts:
+        what = (f"the FFN intermediate size {shape.intermediate}" if not shape.shared_intermediate else
+                f"the {shape.routed_intermediate} routed neurons (intermediate size {shape.intermediate} - "
+                f"{shape.shared_intermediate} shared)")
+        would = ", ".join(map(str, valid_experts(shape)))
+        problems.append(f"--num-experts {shape.num_experts} must divide {what}; E from 2 to {MAX_PLANNED_EXPERTS} "
+                        f"that would: {would or 'none'}")
     elif not 1 <= shape.top_k <= shape.num_experts:
         problems.append(f"--top-k {shape.top_k} must be between 1 and E={shape.num_experts}")
-    if cfg.gpus is None or cfg.gpus < 1:
-        problems.append(f"--gpus {cfg.gpus}: must be >= 1")
-    if cfg.ep_size is not None and shape.num_experts >= 1:
-        if cfg.ep_size < 1 or shape.num_experts % cfg.ep_size:
+    if cfg.ep_size is not None and cfg.ep_size >= 1 and shape.num_experts >= 1:
+        if shape.num_experts % cfg.ep_size:
             problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({shape.num_experts})")
         elif cfg.gpus and cfg.gpus % cfg.ep_size:
             problems.append(f"--ep-size {cfg.ep_size} must divide --gpus {cfg.gpus}")
-    if cfg.zero is not None and cfg.zero not in (1, 2):
-        problems.append(f"--zero {cfg.zero}: DeepSpeed MoE runs with ZeRO stage 1 or 2 (stage 3 is not supported "
-                        "for native MoE); use --offload for the largest models")
-    if cfg.zero == 1 and cfg.offload:
-        problems.append("--offload with --zero 1: plan ZeRO-Offload with --zero 2")
-    if cfg.seq_len < 2 or cfg.micro_batch_size < 1:
-        problems.append("--seq-len must be >= 2 and --micro-batch-size >= 1")
-    if shape.max_positions and cfg.seq_len > shape.max_positions:
+    if cfg.seq_len is not None and shape.max_positions and cfg.seq_len > shape.max_positions:
         problems.append(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                         f"({shape.max_positions})")
-    if cfg.capacity_factor < 1:
-        problems.append(f"--capacity-factor {cfg.capacity_factor}: must be >= 1 (max load >= mean load)")
-    if cfg.device == "cpu" and cfg.offload:
-        problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
-    if cfg.device == "cpu" and cfg.dtype == "bf16":
-        problems.append("--device cpu with --dtype bf16: CPU runs are calibrated in fp32; pass --dtype fp32")
-    fail_if(problems, "plan: bad arguments")
+    return problems
 
 
 def make_plan(cfg: PlanConfig) -> Plan:
-    shape = shape_of(cfg)
-    validate(cfg, shape)
+    try:
+        shape, problems = shape_of(cfg), []
+    except UserError as err:  # reported with every other flag's problem
+        shape, problems = None, [str(err)]
+    validate(cfg, shape, problems)
     budget = parse_memory(cfg.gpu_memory, "--gpu-memory")
     estimates = [estimate(shape, cfg, c) for c in candidate_choices(shape, cfg)]
     if not estimates:
@@ -373,10 +504,11 @@ def make_plan(cfg: PlanConfig) -> Plan:
     host_budget = parse_memory(cfg.host_memory, "--host-memory") if cfg.host_memory else None
     for e in estimates:
         e.fits = e.total <= budget and (host_budget is None or host_per_node(e, cfg) <= host_budget)
-    # Preference among those that fit: no offload (it is slow), then the smallest ep_size (least
-    # all-to-all traffic), then ZeRO-2 over ZeRO-1 (same traffic, less memory).
-    fitting = sorted((e for e in estimates if e.fits),
-                     key=lambda e: (e.choice.offload, e.choice.ep_size, -e.choice.zero))
+    # Preference among those that fit, fastest first: no offload (the optimizer step on the host is
+    # the slowest), no activation checkpointing (one more forward of compute), then the smallest
+    # ep_size (least all-to-all traffic), then ZeRO-2 over ZeRO-1 (same traffic, less memory).
+    fitting = sorted((e for e in estimates if e.fits), key=lambda e: (
+        e.choice.offload, e.choice.activation_checkpointing, e.choice.ep_size, -e.choice.zero))
     smallest = min(estimates, key=lambda e: (not e.fits, e.total))
     return Plan(shape, budget, estimates, fitting[0] if fitting else None, smallest,
                 hints(shape, cfg, smallest, budget))
@@ -392,6 +524,9 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
         saved = best.parts["pa_teacher"] - estimate(shape, PlanConfig(**{**asdict(cfg), "prior": "self"}),
                                                     best.choice).parts["pa_teacher"]
         out.append(f"--prior self keeps no frozen expert copy: saves {saved / GiB:.1f} GiB")
+    if not best.choice.activation_checkpointing and cfg.activation_checkpointing is None:
+        with_ckpt = estimate(shape, cfg, Choice(best.choice.ep_size, best.choice.zero, best.choice.offload, True))
+        out.append(f"--activation-checkpointing: saves {(best.total - with_ckpt.total) / GiB:.1f} GiB")
     if best.parts["activations"] > over:
         out.append(f"a shorter --seq-len or --micro-batch-size: activations are {best.parts['activations'] / GiB:.1f}"
                    " GiB")
@@ -403,7 +538,8 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
             out.append(f"--gpus {gpus} would fit")
             break
     if best.choice.ep_size == shape.num_experts:
-        out.append(f"more experts (--num-experts {2 * shape.num_experts}"
+        more = [e for e in valid_experts(shape) if e > shape.num_experts and e % shape.num_experts == 0]
+        out.append(f"more experts (--num-experts {more[0] if more else 2 * shape.num_experts}"
                    f"{', converting the dense model again' if shape.converted else ''}) allow ep_size above "
                    f"E={shape.num_experts}")
     return out
@@ -425,15 +561,17 @@ def ds_config_for(choice: Choice, cfg: PlanConfig) -> str:
 def report(plan: Plan, cfg: PlanConfig) -> str:
     s = plan.shape
     unit = "process" if cfg.device == "cpu" else "GPU"
+    shared_expert = (f", shared expert S={s.shared_intermediate} ({s.shared_expert_params / 1e9:.2f}B, data parallel)"
+                     if s.shared_intermediate else "")
     lines = [f"model {s.name}: {s.total_params / 1e9:.2f}B params ({s.shared_params / 1e9:.2f}B shared, "
              f"{s.expert_params / 1e9:.2f}B in experts), {s.layers} layers, E={s.num_experts}, k={s.top_k}, "
-             f"{s.routing} routing",
-             f"run: {cfg.gpus} ranks, {cfg.dtype}, seq_len {cfg.seq_len} x micro-batch {cfg.micro_batch_size}, "
+             f"{s.routing} routing{shared_expert}",
+             f"run: {cfg.gpus} ranks, {cfg.dtype}, seq_len {seq_len_of(cfg, s)} x micro-batch {cfg.micro_batch_size}, "
              f"prior {cfg.prior}; budget {plan.budget / GiB:.1f} GiB per {unit}",
              "",
-             f"{'GiB per ' + unit:<22}" + "".join(f"{h:>9}" for h in HEADERS.values()) + f"{'total':>9}  fits"]
+             f"{'GiB per ' + unit:<26}" + "".join(f"{h:>9}" for h in HEADERS.values()) + f"{'total':>9}  fits"]
     for e in plan.estimates:
-        row = f"{e.choice.label():<22}" + "".join(f"{e.parts[k] / GiB:9.2f}" for k in HEADERS)
+        row = f"{e.choice.label():<26}" + "".join(f"{e.parts[k] / GiB:9.2f}" for k in HEADERS)
         row += f"{e.total / GiB:9.2f}  {'yes' if e.fits else 'no'}"
         if cfg.device == "gpu":
             row += f"  host {host_per_node(e, cfg) / GiB:.0f}/node"
@@ -446,9 +584,42 @@ def report(plan: Plan, cfg: PlanConfig) -> str:
     if plan.recommended:
         r = plan.recommended
         lines.append(f"recommended: --ep-size {r.choice.ep_size}, ZeRO-{r.choice.zero}"
-                     f"{' with optimizer offload' if r.choice.offload else ''} (--ds-config {ds_config_for(r.choice, cfg)})"
+                     f"{' with optimizer offload' if r.choice.offload else ''}"
+                     f"{' and activation checkpointing' if r.choice.activation_checkpointing else ''}"
+                     f" (--ds-config {ds_config_for(r.choice, cfg)})"
                      f": {r.total / GiB:.1f} of {plan.budget / GiB:.1f} GiB per {unit}")
+        lines += ["", *commands(plan, cfg, r.choice)]
     return "\n".join(lines)
+
+
+def commands(plan: Plan, cfg: PlanConfig, choice: Choice) -> list[str]:
+    """The convert (for a dense model) and launch commands of ``choice``; DATA and OUT are placeholders."""
+    s = plan.shape
+    lines = []
+    if s.converted:
+        moe = cfg.model
+    else:
+        moe = f"runs/{Path(s.name).name}-moe-e{s.num_experts}"
+        dense = f"/path/to/{s.name}" if s.name in BUILTIN_MODELS else s.name
+        shared = (f" --shared-neurons {cfg.shared_neurons} --calib-data CALIB.txt" if s.shared_intermediate else "")
+        lines += ["convert:", f"  factorllm-ds convert --model {dense} --out {moe} --num-experts {s.num_experts} "
+                              f"--top-k {s.top_k}{shared}"]
+    flags = (f"--seq-len {seq_len_of(cfg, s)} --micro-batch-size {cfg.micro_batch_size} --prior {cfg.prior}"
+             f"{' --activation-checkpointing' if choice.activation_checkpointing else ''}")
+    ds = ds_config_for(choice, cfg)
+    lines += ["train (the flags of every rank):",
+              f"  factorllm-ds train --model {moe} --data DATA.jsonl --out runs/OUT --ep-size {choice.ep_size} "
+              f"--ds-config {ds} {flags}"]
+    if cfg.device == "cpu":
+        lines += ["launch:", f"  DEVICE=cpu NPROC={cfg.gpus} launch/torchrun.sh --model {moe} --data DATA.jsonl "
+                             f"--out runs/OUT --ep-size {choice.ep_size} --ds-config {ds} {flags}"]
+        return lines
+    per_node = cfg.gpus_per_node or min(cfg.gpus, 8)
+    nodes = math.ceil(cfg.gpus / per_node)
+    script = "slurm/train_multinode.sbatch" if nodes > 1 else "slurm/train_1node.sbatch"
+    lines += ["sbatch:", f"  MODEL={moe} DATA=DATA.jsonl EP_SIZE={choice.ep_size} DS_CONFIG={ds} sbatch "
+                         f"{f'--nodes={nodes} ' if nodes > 1 else ''}--gpus-per-node={per_node} {script} {flags}"]
+    return lines
 
 
 def no_fit_message(plan: Plan, cfg: PlanConfig) -> str:
@@ -470,18 +641,19 @@ def no_fit_message(plan: Plan, cfg: PlanConfig) -> str:
     return msg
 
 
-def as_json(plan: Plan) -> dict:
+def as_json(plan: Plan, cfg: PlanConfig) -> dict:
     return {"model": asdict(plan.shape), "budget_bytes": plan.budget,
             "estimates": [{**asdict(e.choice), "parts": e.parts, "total": e.total, "fits": e.fits,
                            "host_offload": e.host_offload, "host_load": e.host_load} for e in plan.estimates],
             "recommended": asdict(plan.recommended.choice) if plan.recommended else None,
+            "commands": commands(plan, cfg, plan.recommended.choice) if plan.recommended else None,
             "smallest": {**asdict(plan.smallest.choice), "total": plan.smallest.total},
             "hints": plan.hints}
 
 
 def run_command(cfg: PlanConfig) -> int:
     plan = make_plan(cfg)
-    print(json.dumps(as_json(plan), indent=2) if cfg.json else report(plan, cfg))
+    print(json.dumps(as_json(plan, cfg), indent=2) if cfg.json else report(plan, cfg))
     if plan.recommended is None:
         print(f"factorllm-ds plan: {no_fit_message(plan, cfg)}", file=sys.stderr)
         return 1

@@ -42,11 +42,12 @@ from factorllm_ds.errors import UserError
 log = logging.getLogger("factorllm_ds")
 
 __all__ = [
-    "check_output", "temp_dir_for", "remove_stale_temps", "RunLock",
+    "check_output", "output_problems", "check_output_file", "temp_dir_for", "old_dir_for", "remove_stale_temps",
+    "recover_replaced", "RunLock",
     "CHECKSUM_FILE", "hash_files", "write_checksums", "verify_checksums", "newest_intact",
     "MODEL_STATE_GLOBALS", "OPTIM_STATE_GLOBALS", "safe_torch_load",
     "check_finite", "finite_float", "parse_finite_float",
-    "Preemption", "agree", "REQUEUE_EXIT_CODES",
+    "Preemption", "agree", "agree_max", "REQUEUE_EXIT_CODES",
 ]
 
 
@@ -72,7 +73,7 @@ def _replace_problems(out: Path, flag: str, inputs: Mapping[str, Path],
         problems.append("it is a file, not a folder this tool wrote; move it away or pick another path")
     else:
         try:
-            entries = list(out.iterdir())
+            entries = [e for e in out.iterdir() if e.name != LOCK_FILE]  # a run lock alone holds no data
         except OSError as err:
             entries = None
             problems.append(f"its contents cannot be listed ({err.strerror}); pick another path")
@@ -82,6 +83,8 @@ def _replace_problems(out: Path, flag: str, inputs: Mapping[str, Path],
                             "will not delete it; pick another path, or empty or remove it yourself")
     real_out = _resolved(out)
     for flag, path in inputs.items():
+        if path is None:  # an optional input the user did not pass
+            continue
         real_in = _resolved(path)
         if _is_within(real_in, real_out):
             where = "is" if real_in == real_out else "holds"
@@ -109,6 +112,28 @@ def _parent_problems(out: Path) -> list[str]:
     return []
 
 
+def output_problems(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Path],
+                    own_markers: Sequence[str]) -> list[str]:
+    """The reasons :func:`check_output` would give, each starting ``FLAG OUT:`` (empty: writing ``out`` is safe),
+    for a command that reports them with its other problems."""
+    return [f"{flag} {out}: {p}" for p in _output_problems(out, flag, overwrite, inputs, own_markers)]
+
+
+def _output_problems(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Path],
+                     own_markers: Sequence[str]) -> list[str]:
+    out = Path(out)
+    problems = []
+    if out.exists() or out.is_symlink():
+        replace = _replace_problems(out, flag, inputs, own_markers)
+        if not overwrite:
+            fix = ("pick another path, or pass --overwrite to replace it" if not replace else
+                   "pick another path (--overwrite would be refused too: " + "; ".join(replace) + ")")
+            problems.append(f"it already exists; {fix}")
+        else:
+            problems += [f"--overwrite refused: {p}" for p in replace]
+    return problems + _parent_problems(out)
+
+
 def check_output(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Path],
                  own_markers: Sequence[str]) -> None:
     """Raise one :class:`UserError` listing every reason writing ``out`` is unsafe; return if it is safe.
@@ -121,20 +146,49 @@ def check_output(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Pat
     is fine: nothing is replaced). Its nearest existing ancestor must be a writable folder.
     Call it before any work starts; it changes nothing on disk.
     """
-    out = Path(out)
-    problems = []
-    if out.exists() or out.is_symlink():
-        replace = _replace_problems(out, flag, inputs, own_markers)
-        if not overwrite:
-            fix = ("pick another path, or pass --overwrite to replace it" if not replace else
-                   "pick another path (--overwrite would be refused too: " + "; ".join(replace) + ")")
-            problems.append(f"it already exists; {fix}")
-        else:
-            problems += [f"--overwrite refused: {p}" for p in replace]
-    problems += _parent_problems(out)
+    problems = _output_problems(out, flag, overwrite, inputs, own_markers)
     if problems:
         bullet = "\n  - ".join(problems)
         raise UserError(f"{flag} {out}: cannot write the output there:\n  - {bullet}")
+
+
+# Reports and plots carry this in their first bytes (a JSON key, a PNG text chunk): an existing
+# file that does not is the user's, and is never replaced.
+FILE_MARKER = b"factorllm_ds"
+
+
+def check_output_file(path: Path | None, flag: str, inputs: Mapping[str, Path | None]) -> None:
+    """The rule of :func:`check_output` for one output *file* (``eval --report``, ``--plot``).
+
+    An existing ``path`` is replaced only when this tool wrote it (its first 4 KiB hold
+    :data:`FILE_MARKER`) and it is no input and lies inside none; its parent must be creatable.
+    ``None`` (the flag was not given) passes. Changes nothing on disk.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    problems = []
+    if path.is_symlink() or path.is_dir():
+        problems.append("it is a folder or a link, not a file this tool wrote; pick another path")
+    elif path.exists():
+        real = _resolved(path)
+        for name, given in inputs.items():
+            if given is not None and _is_within(real, _resolved(given)):
+                problems.append(f"it is (or lies inside) the input {name} {given}: writing it would destroy input "
+                                "data; pick another path")
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(4096)
+        except OSError as err:
+            head = b""
+            problems.append(f"it cannot be read ({err.strerror})")
+        if FILE_MARKER not in head and not problems:
+            problems.append("it is a file factorllm-ds did not write, so it will not be replaced; pick another path "
+                            "or remove it yourself")
+    problems += _parent_problems(path)
+    if problems:
+        bullet = "\n  - ".join(problems)
+        raise UserError(f"{flag} {path}: cannot write the file there:\n  - {bullet}")
 
 
 # ============================================================================ temp folders
@@ -144,6 +198,8 @@ def check_output(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Pat
 # several nodes, where a PID says nothing. (".OUT.tmp-PID", without a host, is the older form: such
 # folders are taken to be this host's.)
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:@(?P<host>[^@/]+))?$")
+# While OUT is replaced, the previous OUT waits as ".OUT.old-PID@HOST" (see recover_replaced).
+_OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)(?:@(?P<host>[^@/]+))?$")
 
 
 def _host() -> str:
@@ -154,6 +210,12 @@ def temp_dir_for(out: Path, pid: int | None = None) -> Path:
     """The hidden sibling folder in which ``out`` is built by process ``pid`` (default: this one)."""
     out = Path(out)
     return out.parent / f".{out.name}.tmp-{os.getpid() if pid is None else pid}@{_host()}"
+
+
+def old_dir_for(out: Path, pid: int | None = None) -> Path:
+    """Where process ``pid`` parks the previous ``out`` while it moves the new one in."""
+    out = Path(out)
+    return out.parent / f".{out.name}.old-{os.getpid() if pid is None else pid}@{_host()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -195,6 +257,36 @@ def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
             log.warning("removed %s, left by process %s, which no longer runs", entry, match["pid"])
             removed.append(entry)
     return removed
+
+
+def recover_replaced(out: Path) -> list[Path]:
+    """Finish the replacements of ``out`` that a dead process of this host left half done.
+
+    Replacing ``out`` is two renames: ``out`` -> :func:`old_dir_for`, then the temp folder ->
+    ``out``. A crash between them leaves no ``out`` and the previous one parked: it is renamed
+    back. A crash after both leaves the parked copy beside the new ``out``: it is deleted. A live
+    process's parked folder, another host's, a file or a link is never touched. Returns the
+    parked folders dealt with.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    done = []
+    for entry in sorted(out.parent.iterdir()):
+        match = _OLD_RE.match(entry.name)
+        if match is None or match["name"] != out.name or entry.is_symlink() or not entry.is_dir():
+            continue
+        if (match["host"] or _host()) != _host() or _pid_alive(int(match["pid"])):
+            continue
+        if not out.exists() and not out.is_symlink():
+            entry.rename(out)
+            log.warning("restored %s from %s: process %s was replacing it and stopped before the new one was "
+                        "moved in", out, entry.name, match["pid"])
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.warning("removed %s, the previous %s that process %s replaced", entry, out.name, match["pid"])
+        done.append(entry)
+    return done
 
 
 # ============================================================================ run lock
@@ -544,14 +636,23 @@ def agree(flag: bool, group=None) -> bool:
 
     A collective: every rank of ``group`` must call it at the same point (e.g. once per step).
     """
+    return bool(agree_max(1 if flag else 0, group))
+
+
+def agree_max(value: int, group=None) -> int:
+    """The largest ``value`` over the ranks of ``group`` (``value`` itself without a process group).
+
+    ``agree_max(preemption.exit_code)`` once per step: 0 when no rank was signalled, else the exit
+    code every rank then ends with (a rank the signal did not reach has no code of its own). A collective.
+    """
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
+        return int(value)
     device = torch.device("cpu")
     if "nccl" in str(dist.get_backend(group)):
         device = torch.device("cuda", torch.cuda.current_device())
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item())
+    tensor = torch.tensor([int(value)], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())

@@ -6,6 +6,10 @@ MoE layer L and *global* expert id G, whatever ep_size wrote them. DeepSpeed's
 ``zero_to_fp32`` does not understand the expert files; :class:`DeepSpeedRunSource` does, one
 layer at a time (the big non-expert file is memory-mapped, not loaded).
 
+Checkpoint files are read with ``safety.safe_torch_load`` (tensors and plain containers only:
+nothing in a run folder is executed), after the tag folder has been checked against the
+``checksums.json`` that train wrote when it saved it (:func:`intact_tag`).
+
 This module reads files only through the artifact layout (``layout.py``); it imports no stage.
 """
 
@@ -22,6 +26,7 @@ from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import CheckpointReader, TensorInfo, read_config
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_FILE, MODEL_STATES, PARTITION_FILE, RUN_MANIFEST, latest_tag,
                                  list_tags)
+from factorllm_ds.safety import MODEL_STATE_GLOBALS, newest_intact, safe_torch_load, verify_checksums
 
 class ExportSource:
     """Where an export reads a FactorLLM model from. Subclasses fill in the attributes and methods.
@@ -100,11 +105,26 @@ def ds_to_hf_name(name: str) -> str:
 
 
 def _load(path: Path, what: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise UserError(f"{what} {path}: unreadable checkpoint file ({type(err).__name__}: {err}). It may be "
-                        "truncated; use another --tag or re-save the run.") from err
+    # Never a plain torch.load: a run folder may come from anyone, and unpickling runs the file's code.
+    return safe_torch_load(path, what, MODEL_STATE_GLOBALS)
+
+
+def intact_tag(run_dir: Path, tag: str, flag: str, retry: str, sizes_only: bool = False) -> None:
+    """Raise :class:`UserError` unless checkpoint ``tag`` of ``run_dir`` matches its checksum manifest.
+
+    The message names the first bad file and the newest intact tag (``retry`` formats how to use it,
+    e.g. ``"--tag {tag}"``). Reads every byte of the tag folder once (``sizes_only``: only their sizes).
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    problems = verify_checksums(root / tag, sizes_only=sizes_only)
+    if not problems:
+        return
+    others = [t for t in reversed(list_tags(run_dir)) if t != tag]
+    good = newest_intact(root, others, sizes_only=True) if others else None
+    fix = (f"the newest intact checkpoint is {good}: use {retry.format(tag=good)}" if good else
+           "no other checkpoint of this run is intact")
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise UserError(f"{flag} {run_dir}: checkpoint {tag} is not intact: {problems[0]}{more}; {fix}.")
 
 
 class DeepSpeedRunSource(ExportSource):
@@ -123,6 +143,8 @@ class DeepSpeedRunSource(ExportSource):
             tag = latest_tag(run_dir) or tags[-1]
         if tag not in tags:
             raise UserError(f"--tag {tag}: no such checkpoint in {root}; available: {', '.join(tags)}")
+        # Every byte is checked against the manifest train wrote after the save, before any is unpickled.
+        intact_tag(run_dir, tag, "--run", "--tag {tag}")
         self.ckpt_dir = root / tag
         self.tag = tag
         self.model_dir = Path(manifest["model"])

@@ -33,7 +33,10 @@ from torch import nn
 
 from factorllm_ds.config import arg, fail_if
 from factorllm_ds.modeling import DTYPE_CHOICES, resolve_device
+from factorllm_ds import __version__
+from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
+from factorllm_ds.safety import FILE_MARKER, check_output_file
 
 
 @dataclass
@@ -76,6 +79,10 @@ class SpeedConfig:
                 problems.append(f"{flag} {value}: must be >= {low}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads {self.threads}: must be >= 1")
+        try:  # before the benchmark: a report that cannot be written must not cost a run
+            check_output_file(self.report, "--report", {"--model": self.model, "--dense": self.dense})
+        except UserError as err:
+            problems.append(str(err))
         fail_if(problems, "bench-speed: bad arguments")
 
 
@@ -207,7 +214,7 @@ def bench_speed(cfg: SpeedConfig) -> dict:
                 return fn(dense)
         return run
 
-    result = {"model": str(cfg.model), "dense": str(cfg.dense), "top_k": k, "num_experts": num_experts,
+    result = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "dense": str(cfg.dense), "top_k": k, "num_experts": num_experts,
               "routing": block.routing, "batch": cfg.batch, "seq_len": cfg.seq_len,
               "decode_tokens": cfg.decode_tokens, "dtype": cfg.dtype, "device": str(device),
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": cfg.reps,

@@ -21,7 +21,8 @@ import torch
 from factorllm_ds.config import Objective, arg, fail_if
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
-                                 checkpoint_tag, latest_tag)
+                                 checkpoint_tag, latest_tag, list_tags)
+from factorllm_ds.safety import CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree_max, output_problems, write_checksums
 
 log = logging.getLogger("factorllm_ds")
 
@@ -62,6 +63,10 @@ class TrainConfig(Objective):
     optimizer: str = arg("adamw or sgd (sgd: for exact cross-topology comparisons)", choices=("adamw", "sgd"),
                          default="adamw")
     train_router_only: bool = arg("freeze the experts too (router-only training)", default=False)
+    activation_checkpointing: bool = arg("recompute each decoder layer in the backward (torch.utils.checkpoint): "
+                                         "activations shrink to one hidden state per layer plus one layer's, for "
+                                         "about one more forward of compute (the PA prior is not recomputed)",
+                                         default=False)
     seed: int = arg("seed for data order", default=0)
     eval_data: list[str] | None = arg("held-out text; default: the last --eval-fraction of --data", default=None)
     eval_fraction: float = arg("share of --data windows held out when --eval-data is not given", default=0.01)
@@ -69,7 +74,13 @@ class TrainConfig(Objective):
     eval_batches: int = arg("max eval micro-batches per rank", default=8)
     save_every: int = arg("checkpoint every N steps (0 = only at the end)", default=0)
     log_every: int = arg("log metrics every N steps", default=1)
-    resume: bool = arg("continue from the latest checkpoint in --out", default=False)
+    resume: bool = arg("continue the run in --out from its newest checkpoint, after checking it against the "
+                       "checksums recorded when it was saved (resuming unpickles DeepSpeed's files: resume only "
+                       "runs you wrote)", default=False)
+    resume_tag: str | None = arg("with --resume: the checkpoint to continue from instead of the newest, e.g. step400 "
+                                 "(an error about a damaged checkpoint names the newest intact one)", default=None)
+    tokenizer: Path | None = arg("folder with the tokenizer files, when --model has none (default: --model)",
+                                 default=None)
     stop_after: int | None = arg("stop (with a checkpoint) after this many steps of this invocation", default=None)
     dist_timeout: int = arg("seconds a rank waits for the others before failing", default=1800)
     progress: bool = arg("rank-0 progress bar", default=True)
@@ -154,13 +165,15 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def validate(cfg: TrainConfig, ds: dict, world: int) -> tuple[TrainConfig, dict]:
+def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[TrainConfig, dict]:
     """All checks that need no process group. Returns the resolved config (``cfg`` is not changed)
-    and the model's config.json."""
-    from factorllm_ds.hf_io import read_config
+    and the model's config.json. ``rank`` 0 also reads every byte of the checkpoint to resume
+    (the others only compare sizes) and asks whether another job holds --out."""
+    from factorllm_ds.hf_io import read_config, tokenizer_dir
 
     problems = []
     model_config = read_config(cfg.model)
+    tokenizer_dir(cfg.model, cfg.tokenizer)
     if model_config.get("model_type") != "factorllm":
         raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
                         f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
@@ -170,6 +183,7 @@ def validate(cfg: TrainConfig, ds: dict, world: int) -> tuple[TrainConfig, dict]
     if cfg.ep_size >= 1 and world % cfg.ep_size:
         problems.append(f"--ep-size {cfg.ep_size} must divide the world size ({world} processes)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    problems += activation_checkpointing_problems(cfg, ds)
     if stage == 3:
         problems.append("--ds-config uses ZeRO stage 3, which DeepSpeed's MoE does not support; use stage 1 or 2 "
                         "(with \"offload_optimizer\" for very large models), e.g. ds_configs/zero2_offload_bf16.json")
@@ -187,30 +201,81 @@ def validate(cfg: TrainConfig, ds: dict, world: int) -> tuple[TrainConfig, dict]
     if cfg.steps is not None and cfg.tokens is not None:
         problems.append("pass --steps or --tokens, not both")
     knob_problems, resolved = resolve_knobs(cfg, ds, world)
-    problems += knob_problems + number_problems(cfg) + run_dir_problems(cfg, model_config)
+    if rank == 0:
+        probe_lock(cfg.out)
+    run_problems, tag = run_dir_problems(cfg, model_config, full_check=rank == 0)
+    problems += knob_problems + number_problems(cfg) + run_problems
     fail_if(problems, "train: bad arguments")
     cfg = dataclasses.replace(cfg, prior_target=cfg.prior_target or model_config.get("prior_target", "share"),
-                              **resolved)
+                              resume=cfg.resume or cfg.resume_tag is not None, resume_tag=tag, **resolved)
     if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
         log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
                     "prefer stage 1/2 for exact clipping")
     return cfg, model_config
 
 
-def run_dir_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
+def activation_checkpointing_problems(cfg: TrainConfig, ds: dict) -> list[str]:
+    """DeepSpeed's "activation_checkpointing" section only configures deepspeed.checkpointing.checkpoint, which
+    this model never calls: its settings (partition_activations, cpu_checkpointing, ...) would be silently ignored."""
+    if "activation_checkpointing" not in ds:
+        return []
+    if cfg.activation_checkpointing:
+        return ["--activation-checkpointing with an \"activation_checkpointing\" section in --ds-config: the flag "
+                "recomputes layers with torch.utils.checkpoint and that section's options (partition_activations, "
+                "cpu_checkpointing: activations offloaded to host memory, ...) cannot take effect. Remove the section"]
+    return ["--ds-config has an \"activation_checkpointing\" section, which this model does not read (it would be "
+            "silently ignored); remove it and pass --activation-checkpointing to recompute activations"]
+
+
+def probe_lock(out: Path) -> None:
+    """Raise the lock's error (naming the holder) if another job is writing ``out`` now; changes nothing."""
+    if (Path(out) / LOCK_FILE).is_file():
+        with RunLock(out):
+            pass
+
+
+def _inputs(cfg: TrainConfig) -> dict:
+    inputs = {"--model": cfg.model, "--ds-config": cfg.ds_config, "--tokenizer": cfg.tokenizer}
+    for flag, sources in (("--data", cfg.data), ("--eval-data", cfg.eval_data or [])):
+        inputs.update({(flag if i == 0 else f"{flag} (file {i + 1})"): Path(p) for i, p in enumerate(sources)
+                       if Path(p).exists()})
+    return inputs
+
+
+def run_dir_problems(cfg: TrainConfig, model_config: dict, full_check: bool = True) -> tuple[list[str], str | None]:
+    """What stops --out from being written (a new run) or resumed; and the checkpoint tag to resume from.
+
+    ``full_check``: verify every checkpoint byte against its checksums (else only the sizes).
+    """
+    from factorllm_ds.sources import intact_tag
+
     out = Path(cfg.out)
     manifest = out / RUN_MANIFEST
-    if not cfg.resume:
-        if out.exists() and any(out.iterdir()):
-            return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"]
-        return []
-    if not manifest.is_file() or latest_tag(out) is None:
-        return [f"--resume: no checkpoint in --out {out}; start without --resume"]
+    resume = cfg.resume or cfg.resume_tag is not None
+    # The rule of every output: a folder this tool wrote (run.json), holding and inside no input.
+    problems = output_problems(out, "--out", True, _inputs(cfg), (RUN_MANIFEST,))
+    if not resume:
+        held = [p.name for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+        if held:
+            return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"], None
+        return problems, None
+    if problems:
+        return problems, None
+    tags = list_tags(out)
+    if not manifest.is_file() or not tags:
+        return [f"--resume: no checkpoint in --out {out}; start without --resume"], None
     previous = json.loads(manifest.read_text())
     if previous.get("model_fingerprint") != model_fingerprint(model_config):
         return [f"--resume: --out {out} was trained from a different model ({previous.get('model')}); "
-                "pass the same --model or a new --out"]
-    return []
+                "pass the same --model or a new --out"], None
+    tag = cfg.resume_tag or latest_tag(out) or tags[-1]
+    if tag not in tags:
+        return [f"--resume-tag {tag}: no such checkpoint in {out / CHECKPOINT_DIR}; available: {', '.join(tags)}"], None
+    try:
+        intact_tag(out, tag, "--resume", "--resume --resume-tag {tag}", sizes_only=not full_check)
+    except UserError as err:
+        return [str(err)], None
+    return [], tag
 
 
 def model_fingerprint(model_config: dict) -> str:
@@ -267,25 +332,50 @@ class Run:
     total_steps: int
     step: int = 0
     metrics: list = field(default_factory=list)
+    lock: RunLock | None = None  # rank 0's hold on --out, for the job's life
+
+
+def take_lock(cfg: TrainConfig, model_config: dict) -> RunLock:
+    """Rank 0's exclusive hold on --out (another job's error names the holder), then the run-folder checks again:
+    another job may have written the folder between the first check and the lock."""
+    lock = RunLock(cfg.out).__enter__()
+    problems, _ = run_dir_problems(cfg, model_config, full_check=False)
+    if problems:
+        lock.__exit__(None, None, None)
+        fail_if(problems, "train: bad arguments")
+    return lock
 
 
 def setup(cfg: TrainConfig) -> Run:
-    import deepspeed
-    from transformers import AutoTokenizer
-
     from factorllm_ds import distributed
-    from factorllm_ds.data import Sampler, prepare
-    from factorllm_ds.ds_moe import build_train_model, ep_rank_of
+    from factorllm_ds.data import prepare
+    from factorllm_ds.hf_io import load_tokenizer
 
     info = distributed.detect()
     ds = load_ds_config(cfg)
-    cfg, _ = validate(cfg, ds, info.world_size)
-    # The folder's config.json names remote code (auto_map): without trust_remote_code=False
-    # transformers stops at an interactive prompt to load a tokenizer that needs none.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
+    cfg, model_config = validate(cfg, ds, info.world_size, info.rank)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     # Before the process group: too little text is a user error, reported without any rendezvous.
     packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
+    lock = take_lock(cfg, model_config) if info.rank == 0 else None
+    try:
+        return start(cfg, ds, packed, lock)
+    except BaseException:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise
+
+
+def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
+    """Process group, model, engine; the manifest of a new run or the state of a resumed one."""
+    import deepspeed
+
+    from factorllm_ds import distributed
+    from factorllm_ds.data import Sampler
+    from factorllm_ds.ds_moe import build_train_model, ep_rank_of
+
     info = distributed.init(cfg.dist_timeout)
+    torch.distributed.barrier()  # no rank goes on (to write anything) before rank 0 holds --out
     torch.manual_seed(cfg.seed)
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
@@ -295,7 +385,8 @@ def setup(cfg: TrainConfig) -> Run:
         new = max(0, cfg.steps // 10)
         log.warning("--warmup-steps %d >= --steps %d: using %d warm-up steps", cfg.warmup_steps, cfg.steps, new)
         cfg = dataclasses.replace(cfg, warmup_steps=new)
-    model = build_train_model(cfg.model, cfg.ep_size, cfg, ep_rank_of(cfg.ep_size))
+    model = build_train_model(cfg.model, cfg.ep_size, cfg, ep_rank_of(cfg.ep_size),
+                              activation_checkpointing=cfg.activation_checkpointing)
     # DeepSpeed keeps fp32 masters only in bf16/fp16 mode; otherwise the weights must be fp32
     # themselves, or Adam's small updates vanish in bf16 rounding.
     model.to(training_dtype(ds))
@@ -309,7 +400,8 @@ def setup(cfg: TrainConfig) -> Run:
     ds.setdefault("zero_allow_untested_optimizer", True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     check_ep_layout(engine, cfg.ep_size)
-    run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps)
+    run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps,
+              lock=lock)
     if cfg.resume:
         resume(run)
     elif run.rank == 0:
@@ -359,8 +451,9 @@ def resume(run: Run) -> None:
         log.warning("resuming a run saved at ep_size %s / world %s at ep_size %s / world %s: model weights and "
                     "step are restored, optimizer state is reset (DeepSpeed cannot reshard it for MoE)",
                     previous["ep_size"], previous["world_size"], cfg.ep_size, run.world)
-    path, client = run.engine.load_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), load_optimizer_states=same_layout,
-                                              load_lr_scheduler_states=same_layout)
+    # validate() checked this tag against its checksums (rank 0: every byte) before anything was loaded.
+    path, client = run.engine.load_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=cfg.resume_tag,
+                                              load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
     if path is None:
         raise UserError(f"--resume: could not load a checkpoint from {Path(cfg.out) / CHECKPOINT_DIR}")
     run.step = int(client["step"])
@@ -429,10 +522,24 @@ def evaluate(run: Run) -> float | None:
 
 
 def save(run: Run) -> None:
+    """A DeepSpeed checkpoint, then (rank 0, once every rank's files are written) its checksum manifest.
+
+    A tag folder without ``checksums.json`` is a save that did not finish; --resume and export refuse it.
+    """
+    import torch.distributed as dist
+
     cfg = run.cfg
     client = {"step": run.step, "samples": run.step * cfg.global_batch_size,
               "tokens": run.step * cfg.global_batch_size * cfg.seq_len}
+    tag_dir = Path(cfg.out) / CHECKPOINT_DIR / checkpoint_tag(run.step)
+    if run.rank == 0:  # a tag saved again (a resume from an older tag) is unverified until its new manifest
+        (tag_dir / CHECKSUM_FILE).unlink(missing_ok=True)
+    dist.barrier()
     run.engine.save_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=checkpoint_tag(run.step), client_state=client)
+    dist.barrier()  # save_checkpoint is collective, but each rank writes its own files: all are on disk now
+    if run.rank == 0:
+        write_checksums(tag_dir)
+    dist.barrier()
 
 
 class MetricsLog:
@@ -485,7 +592,17 @@ def expert_lr(engine) -> float:
     return next((g["lr"] for g in groups if g.get("moe")), groups[0]["lr"])
 
 
-def loop(run: Run) -> dict:
+class Preempted(Exception):
+    """A preemption signal arrived: every rank saved a checkpoint; the job exits with ``exit_code``."""
+
+    def __init__(self, exit_code: int, step: int):
+        super().__init__(f"preempted: saved a checkpoint at step {step}; exit {exit_code} (requeue, then --resume)")
+        self.exit_code = exit_code
+
+
+def loop(run: Run, preemption: Preemption | None = None) -> dict:
+    """Steps until --steps (or --stop-after); on a preemption signal (any rank), every rank finishes
+    its step, the checkpoint is saved and :class:`Preempted` is raised."""
     from tqdm.auto import tqdm
 
     cfg = run.cfg
@@ -494,12 +611,15 @@ def loop(run: Run) -> dict:
                dynamic_ncols=True)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     last = {}
-    steps_here = 0
+    steps_here, stop = 0, False
     while run.step < run.total_steps:
         started = time.perf_counter()
         totals = train_step(run)
         steps_here += 1
         final = run.step == run.total_steps or steps_here == cfg.stop_after
+        # Once per step, on every rank: one rank's signal stops all of them at this same step.
+        exit_code = agree_max(preemption.exit_code if preemption is not None else 0)
+        stop = exit_code != 0 and not final
         if run.step % cfg.log_every == 0 or final:
             reduced = reduce_metrics(totals, run.world)
             row = {"step": run.step, "tokens": run.step * tokens_per_step, "lr": expert_lr(run.engine),
@@ -511,18 +631,26 @@ def loop(run: Run) -> dict:
             last = row
             bar.set_postfix(loss=f"{row['loss']:.4f}", pa=f"{row['pa']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        if (cfg.save_every and run.step % cfg.save_every == 0) or final:
+        if (cfg.save_every and run.step % cfg.save_every == 0) or final or stop:
             save(run)
-        if steps_here == cfg.stop_after:
+        if steps_here == cfg.stop_after or stop:
             break
     bar.close()
     metrics.close()
+    if stop:
+        raise Preempted(exit_code, run.step)
     return last
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = setup(cfg)
-    last = loop(run)
+    # SIGTERM/SIGUSR1/SIGINT only set a flag from here on: the loop saves and exits at the end of a step.
+    with Preemption() as preemption:
+        run = setup(cfg)
+        try:
+            last = loop(run, preemption)
+        finally:
+            if run.lock is not None:
+                run.lock.__exit__(None, None, None)
     if run.rank == 0:
         log.info("done: step %d, %s", run.step, json.dumps({k: v for k, v in last.items() if v is not None}))
     return last
@@ -533,7 +661,7 @@ def check(cfg: TrainConfig) -> int:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolved, _ = validate(cfg, load_ds_config(cfg), world)
+    resolved, _ = validate(cfg, load_ds_config(cfg), world, rank=0)
     print(f"train --check: OK ({world} process(es), ep_size {resolved.ep_size}, micro-batch "
           f"{resolved.micro_batch_size}, global batch {resolved.global_batch_size})")
     return 0
@@ -549,6 +677,9 @@ def run_command(cfg: TrainConfig) -> int:
         return check(cfg)
     try:
         train(cfg)
+    except Preempted as err:
+        log.warning("%s", err)
+        hard_exit(err.exit_code)
     except BaseException as err:
         if not started():
             raise  # no process group yet: the CLI reports it and exits normally

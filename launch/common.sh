@@ -34,3 +34,33 @@ launch() {  # a line from launch_line
     if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "$1"; exit 0; fi
     eval "exec env $1"
 }
+
+# A line from launch_line, run so that a preempted job comes back: SIGUSR1/SIGTERM to this shell are
+# passed to the launcher (srun gives them to its tasks); when train then exits with a requeue code
+# (138 SIGUSR1, 143 SIGTERM: safety.REQUEUE_EXIT_CODES) or the launcher fails after such a signal
+# (torchrun reports its own code), the SLURM job is requeued. Exits with the launcher's code.
+launch_preemptible() {
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "$1"; exit 0; fi
+    local pid rc again signalled=0
+    eval "env $1 &"
+    pid=$!
+    trap 'signalled=1; kill -USR1 "$pid" 2>/dev/null' USR1
+    trap 'signalled=1; kill -TERM "$pid" 2>/dev/null' TERM
+    while :; do
+        wait "$pid"; rc=$?
+        # wait returns early (128 + n) when a trapped signal arrives: go on waiting while the launcher runs
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    wait "$pid" 2>/dev/null; again=$?
+    if (( again != 127 )); then rc=$again; fi
+    trap - USR1 TERM
+    if [[ $rc == 138 || $rc == 143 ]] || (( signalled && rc != 0 && rc != 2 )); then
+        if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+            echo "$SCRIPT: preempted (exit $rc): requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint" >&2
+            scontrol requeue "$SLURM_JOB_ID"
+        else
+            echo "$SCRIPT: preempted (exit $rc); run the same command again to resume from the last checkpoint" >&2
+        fi
+    fi
+    exit "$rc"
+}

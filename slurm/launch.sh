@@ -12,6 +12,13 @@
 # REPO              the factorllm_ds checkout (default: where sbatch was run)
 # DRY_RUN=1         print the srun command instead of running it (works outside an allocation too)
 # VENV, PYTHON, DEVICE, CHECK: see launch/common.sh. Extra arguments are passed to `factorllm-ds train`.
+#
+# Preemption and requeue (the sbatch scripts ask for --signal=B:USR1@120 and --requeue): SIGUSR1 or
+# SIGTERM to this script goes to srun, which passes it to its tasks; torchrun passes it on to the ranks
+# (TORCHELASTIC_SIGNALS_TO_HANDLE below) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default 110) seconds
+# for their save. Every rank finishes its step, a checkpoint is saved and train exits 138 (USR1) or 143
+# (TERM); this script then runs `scontrol requeue`. A job that starts with a checkpoint in OUT (a requeued
+# one: OUT defaults to runs/slurm-$SLURM_JOB_ID, which a requeue keeps) passes --resume.
 set -euo pipefail
 SCRIPT=slurm/launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/common.sh"
@@ -67,7 +74,11 @@ fi
 
 # shellcheck disable=SC2206  # DATA is a space-separated list of files
 TRAIN=(--model "$MODEL" --data $DATA --out "$OUT" --ds-config "$DS_CONFIG" --ep-size "$EP_SIZE" --no-progress "$@")
+# A checkpoint in OUT: this job was requeued (or resubmitted with the same OUT); train verifies it first.
+if [[ -f "$OUT/run.json" && -f "$OUT/checkpoints/latest" ]]; then TRAIN+=(--resume); fi
 check_train "$WORLD" "${TRAIN[@]}"
 LINE="$(launch_line "${OPTS[@]}" --master-addr "$HEAD_NODE" --master-port "$MASTER_PORT" -- train "${TRAIN[@]}")"
 echo "job ${JOB_ID}: $WHAT = $WORLD ranks, ep_size $EP_SIZE, $DEVICE, master $HEAD_NODE:$MASTER_PORT" >&2
-launch "$LINE"
+export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}"
+launch_preemptible "$LINE"

@@ -189,12 +189,18 @@ def test_existing_out_refused_by_cli(tmp_path, tiny_moe_dir, capsys):
     code = main(["export", "--model", str(tiny_moe_dir), "--out", str(out), "--format", "dense"])
     assert code == 2
     err = capsys.readouterr().err
-    assert f"--out {out} already exists" in err and "--overwrite" in err
+    assert f"--out {out}" in err and "already exists" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(UserError, match="already exists"):
         export(FolderSource(tiny_moe_dir), out, "dense", progress=False)
+    # --overwrite replaces only a folder this tool wrote (docs/reliability.md): keep.txt is the user's.
+    assert main(["export", "--model", str(tiny_moe_dir), "--out", str(out), "--format", "dense", "--overwrite"]) == 2
+    assert "factorllm-ds did not write it" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose
     assert main(["export", "--model", str(tiny_moe_dir), "--out", str(out), "--format", "dense", "--overwrite"]) == 0
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert main(["export", "--model", str(tiny_moe_dir), "--out", str(out), "--format", "dense", "--overwrite"]) == 0
+    assert (out / "config.json").is_file()
 
 
 def test_export_needs_exactly_one_source(tmp_path, tiny_moe_dir):

@@ -20,7 +20,8 @@ import pytest
 import distributed_utils as du
 from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
-from factorllm_ds.plan import CPU_RUNTIME_BYTES, GiB, Choice, PlanConfig, estimate, make_plan, parse_memory, shape_of
+from factorllm_ds.plan import (BUILTIN_MODELS as BUILTIN_CONFIGS, CPU_RUNTIME_BYTES, GiB, Choice, PlanConfig, estimate,
+                               make_plan, parse_memory, shape_of)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,8 @@ def test_json_output(capsys):
     assert main(["plan", "--model", "smollm2-135m", "--gpus", "2", "--gpu-memory", "24GB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"]["shared_params"] + plan["model"]["expert_params"] == KNOWN_DENSE_PARAMS["smollm2-135m"]
-    assert plan["recommended"] == {"ep_size": 1, "zero": 2, "offload": False}
+    assert plan["recommended"] == {"ep_size": 1, "zero": 2, "offload": False, "activation_checkpointing": False}
+    assert any("factorllm-ds train" in line for line in plan["commands"])
     assert all(e["total"] == max(0, e["total"]) for e in plan["estimates"])
 
 
@@ -162,6 +164,102 @@ def test_parse_memory():
     assert parse_memory("1.5T", "--x") == int(1.5 * 2**40)
 
 
+# ----------------------------------------------------------------------------- shared expert, checkpointing, E
+
+
+def test_shared_expert_is_counted_as_dense_trainable_weights():
+    """--shared-neurons 0.25 of LLaMA-3-70B: S = 7168; the routed experts split the other 21504 neurons."""
+    plain = plan_cfg(model="llama3-70b", gpus=64, num_experts=16)
+    cfg = replace(plain, shared_neurons="0.25")
+    shape, dense = shape_of(cfg), shape_of(plain)
+    assert shape.shared_intermediate == 7168 and shape.routed_intermediate == 21504
+    assert shape.shared_expert_params == 3 * 80 * 8192 * 7168
+    assert shape.expert_params + shape.shared_expert_params == dense.expert_params
+    assert shape.total_params == dense.total_params
+    choice = Choice(ep_size=16, zero=2, offload=False)
+    e, d = estimate(shape, cfg, choice), estimate(dense, plain, choice)
+    p_sh, moved = shape.shared_expert_params, shape.shared_expert_params / 16  # per rank, out of the routed experts
+    # on every rank: the shared expert (bf16), its frozen copy, its ZeRO partition of optimizer state (over all 64)
+    assert e.parts["experts"] == pytest.approx(d.parts["experts"] + 2 * (p_sh - moved), abs=16)
+    assert e.parts["optimizer"] == pytest.approx(d.parts["optimizer"] + 12 * (p_sh / 64 - moved / 4), abs=16)
+    selfish = estimate(shape, replace(cfg, prior="self"), choice)
+    assert e.parts["pa_teacher"] - selfish.parts["pa_teacher"] > 2 * (p_sh + shape.expert_params / 16)
+
+
+def test_converted_folder_with_shared_expert(tmp_path, capsys):
+    config = {"model_type": "factorllm", "num_experts": 32, "num_experts_per_tok": 2, "routing": "hard",
+              "router_bias": True, "shared_intermediate_size": 1024, "expert_intermediate_size": 864,
+              "text_config": {"model_type": "llama", **{k: v for k, v in BUILTIN_CONFIGS["llama3-70b"].items()
+                                                       if k != "model_type"}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = shape_of(plan_cfg(model=str(tmp_path)))
+    assert (shape.num_experts, shape.shared_intermediate, shape.converted) == (32, 1024, True)
+    assert shape.expert_params == 3 * 80 * 8192 * 32 * 864
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "8", "--shared-neurons", "0.25"]) == 2
+    assert "is converted with a shared expert of S=1024 neurons; drop the flag" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_keeps_one_hidden_state_per_layer():
+    cfg = plan_cfg(model="llama3-70b", gpus=64, num_experts=64, seq_len=4096)
+    shape = shape_of(cfg)
+    plain, ckpt = (estimate(shape, cfg, Choice(16, 2, False, c)) for c in (False, True))
+    tokens, h, b = 4096, 8192, 2
+    per_layer = 8 * h + 4 * h * b + 4 * h + 2 * 1.5 * (h + 4 * 28672 // 64) * b
+    logits = 128256 * 14
+    assert plain.parts["activations"] == int(tokens * (80 * per_layer + logits + 4 * h))
+    # a bf16 hidden state and the PA prior's k int64 choices per layer, + the larger of one layer's recompute
+    # and the loss's logits
+    assert ckpt.parts["activations"] == int(tokens * 80 * (h * b + 8 * 2)) + int(tokens * (max(per_layer, logits) + 4 * h))
+    assert ckpt.total < plain.total - 60 * GiB
+    assert {k: v for k, v in ckpt.parts.items() if k != "activations"} == \
+        {k: v for k, v in plain.parts.items() if k != "activations"}
+
+
+def test_recommendation_is_the_fastest_that_fits():
+    """No offload when something without it fits; activation checkpointing only when it is what makes it fit."""
+    base = dict(model="llama3-70b", gpus=64, num_experts=64, gpu_memory="80GB")
+    short = make_plan(plan_cfg(**base, seq_len=512)).recommended.choice
+    assert not short.offload and not short.activation_checkpointing
+    long = make_plan(plan_cfg(**base, seq_len=4096))
+    assert long.recommended.choice.activation_checkpointing and not long.recommended.choice.offload
+    assert not any(e.fits for e in long.estimates if not e.choice.activation_checkpointing)
+    refused = make_plan(plan_cfg(**base, seq_len=4096, activation_checkpointing=False))
+    assert refused.recommended is None and any("--activation-checkpointing" in h or "activations" in h
+                                               for h in refused.hints)
+    assert make_plan(plan_cfg(**base, seq_len=8192)).recommended.choice.offload  # only offload + ckpt fit there
+
+
+@pytest.mark.parametrize("experts", [8, 16, 32, 64])
+def test_every_ep_size_up_to_e_is_planned(experts):
+    plan = make_plan(plan_cfg(model="llama3-70b", gpus=64, num_experts=experts, gpu_memory="80GB", zero=2,
+                              offload=False, activation_checkpointing=True))
+    assert sorted(e.choice.ep_size for e in plan.estimates) == [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= experts]
+    totals = [e.total for e in sorted(plan.estimates, key=lambda e: e.choice.ep_size)]
+    assert totals == sorted(totals, reverse=True)  # more expert parallelism, fewer experts per GPU
+
+
+def test_e_not_dividing_the_routed_ffn_names_the_e_that_would(capsys):
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "64", "--num-experts", "48", "--shared-neurons",
+                 "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-experts 48 must divide the 27672 routed neurons (intermediate size 28672 - 1000 shared)" in err
+    assert "E from 2 to 64 that would: 2, 3, 4, 6, 8, 12, 24" in err, err
+
+
+def test_plan_prints_the_convert_train_and_sbatch_commands(capsys):
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "64", "--gpu-memory", "80GB", "--num-experts", "64",
+                 "--seq-len", "4096", "--shared-neurons", "1024", "--prior", "self"]) == 0
+    out = capsys.readouterr().out
+    assert ("factorllm-ds convert --model /path/to/llama3-70b --out runs/llama3-70b-moe-e64 --num-experts 64 "
+            "--top-k 2 --shared-neurons 1024 --calib-data CALIB.txt") in out
+    rec = make_plan(plan_cfg(model="llama3-70b", gpus=64, gpu_memory="80GB", num_experts=64, seq_len=4096,
+                             shared_neurons="1024", prior="self")).recommended.choice
+    assert (f"MODEL=runs/llama3-70b-moe-e64 DATA=DATA.jsonl EP_SIZE={rec.ep_size} DS_CONFIG=ds_configs/zero2_bf16.json "
+            "sbatch --nodes=8 --gpus-per-node=8 slurm/train_multinode.sbatch --seq-len 4096 --micro-batch-size 1 "
+            "--prior self --activation-checkpointing") in out
+    assert f"factorllm-ds train --model runs/llama3-70b-moe-e64 --data DATA.jsonl --out runs/OUT --ep-size {rec.ep_size}" in out
+
+
 # ----------------------------------------------------------------------------- measured
 
 
@@ -195,14 +293,16 @@ def weighty_moe(tmp_path_factory):
     return moe, data, root
 
 
-def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: int) -> list[int]:
+def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: int, ckpt: bool = False) -> list[int]:
     """Peak RSS in bytes of each of 2 training ranks (ZeRO-2, 2 steps, then a checkpoint)."""
     wrapper = root / "rss_wrapper.py"
     wrapper.write_text(RSS_WRAPPER)
-    peaks_dir = root / f"peaks-ep{ep_size}"
+    name = f"ep{ep_size}-T{seq_len}{'-ckpt' if ckpt else ''}"
+    peaks_dir = root / f"peaks-{name}"
     peaks_dir.mkdir()
-    args = du.train_args(model, data, root / f"run-ep{ep_size}", steps=2, ep_size=ep_size, seq_len=seq_len,
-                         lr=1e-3, ds_config=REPO / "ds_configs/zero2.json", extra=["--eval-batches", "1"])
+    args = du.train_args(model, data, root / f"run-{name}", steps=2, ep_size=ep_size, seq_len=seq_len,
+                         lr=1e-3, ds_config=REPO / "ds_configs/zero2.json",
+                         extra=["--eval-batches", "1", *(["--activation-checkpointing"] if ckpt else [])])
     cmd = [str(du.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={du.free_port()}", str(wrapper), *args]
     res = subprocess.run(cmd, env=du.worker_env({"PEAK_RSS_DIR": str(peaks_dir)}), capture_output=True, text=True,
                          timeout=600)
@@ -211,19 +311,20 @@ def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: in
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("ep_size", [1, 2])
-def test_prediction_within_15_percent_of_measured_peak(weighty_moe, ep_size):
+@pytest.mark.parametrize("ep_size, seq_len, ckpt", [(1, 128, False), (2, 128, False), (2, 128, True),
+                                                    (2, 512, False), (2, 512, True)])
+def test_prediction_within_15_percent_of_measured_peak(weighty_moe, ep_size, seq_len, ckpt):
     model, data, root = weighty_moe
-    seq_len = 128
     out = subprocess.run([sys.executable, "-m", "factorllm_ds", "plan", "--model", str(model), "--gpus", "2",
                           "--device", "cpu", "--dtype", "fp32", "--zero", "2", "--ep-size", str(ep_size),
-                          "--seq-len", str(seq_len), "--gpu-memory", "16GB", "--json"],
+                          "--seq-len", str(seq_len), "--gpu-memory", "16GB", "--json",
+                          "--activation-checkpointing" if ckpt else "--no-activation-checkpointing"],
                          capture_output=True, text=True, check=True).stdout
-    predicted = json.loads(out)["estimates"][0]
-    peaks = measure_peaks(model, data, root, ep_size, seq_len)
+    (predicted,) = json.loads(out)["estimates"]
+    peaks = measure_peaks(model, data, root, ep_size, seq_len, ckpt)
     measured = max(peaks)
     ratio = predicted["total"] / measured
-    report = (f"ep_size {ep_size}: predicted {predicted['total'] / 2**20:.0f} MiB, measured peak RSS per rank "
+    report = (f"ep_size {ep_size}, seq_len {seq_len}, checkpointing {ckpt}: predicted {predicted['total'] / 2**20:.0f} MiB, measured peak RSS per rank "
               f"{[round(p / 2**20) for p in peaks]} MiB, ratio {ratio:.3f}; parts (MiB) "
               f"{ {k: round(v / 2**20) for k, v in predicted['parts'].items()} }")
     print(report)

@@ -390,7 +390,9 @@ def test_resume_from_a_different_model_is_refused(train_cli, runs: Runs, tmp_pat
                                                   tiny_moe_dir) -> None:
     previous = runs("ep2_adamw")
     out = tmp_path / "out"
-    (out / "checkpoints").mkdir(parents=True)  # what validation reads of a run; the run itself stays untouched
+    # What validation reads of a run (its manifest, the latest checkpoint and its checksums); the run stays untouched.
+    latest = (previous / "checkpoints" / "latest").read_text().strip()
+    shutil.copytree(previous / "checkpoints" / latest, out / "checkpoints" / latest)
     shutil.copy(previous / "run.json", out / "run.json")
     shutil.copy(previous / "checkpoints" / "latest", out / "checkpoints" / "latest")
     code, err = train_cli("--resume", model=other_moe_dir, ep_size=2, world=2)
