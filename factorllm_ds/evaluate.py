@@ -12,7 +12,7 @@ to ``windows * seq_len * k``); ``shares`` divides by that sum.
 
 Router overrides (``--router``), for analysis of a FactorLLM model:
 ``learned`` the model's router; ``random`` k experts drawn uniformly per token (seeded);
-``oracle`` per token, the PA prior's choice of METHOD.md section 3 under the model's
+``oracle`` per token, the PA prior's choice of docs/method.md §4 under the model's
 ``prior_target`` (``share``: the k experts whose outputs are closest to their share k/E of
 the teacher ``t``; ``subset``: the k experts whose combined output is closest to t). Here
 the teacher is the sum of all the model's *current* experts (the ``self`` prior), not the

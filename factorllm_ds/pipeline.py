@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from factorllm_ds.config import PRIOR_TARGETS, arg
@@ -39,14 +39,19 @@ class DemoConfig:
     eval_data: Path | None = arg("held-out text, not from --data's domain (default: Botchan, from PyPI)",
                                  default=None)
     work: Path | None = arg("work folder for every stage (default: <cache>/demo)", default=None)
-    num_experts: int = arg("E", default=4)
-    top_k: int = arg("k", default=2)
-    split: str = arg("partition method (coactivation on --data measured best, bench/RESULTS.md)",
-                     choices=SPLIT_METHODS, default="coactivation")
-    prior_target: str = arg("PA prior target (subset measured better than the paper's share, bench/RESULTS.md)",
-                            choices=PRIOR_TARGETS, default="subset")
-    combine_scale: float = arg("s, the hard-routing combine scale (paper: E/k; 1 measured better, bench/RESULTS.md)",
-                               default=1.0)
+    shared_neurons: str | None = arg("always-on shared expert: the FFN's most important neurons on --data (a "
+                                     "fraction or a count; docs/method.md)", default="0.125")
+    num_experts: int = arg("E, routed experts over the remaining neurons", default=14)
+    top_k: int = arg("k, routed experts per token (12.5%% shared + 6 of 14 routed = half of the FFN active)",
+                     default=6)
+    split: str = arg("partition method of the routed neurons (coactivation on --data measured best, "
+                     "bench/RESULTS.md)", choices=SPLIT_METHODS, default="coactivation")
+    prior_target: str | None = arg("PA prior target (default: subset with a shared expert, as convert)",
+                                   choices=PRIOR_TARGETS, default=None)
+    combine_scale: float | None = arg("s, the hard-routing combine scale (default: convert's, 1 with a shared "
+                                      "expert)", default=None)
+    calib_tokens: int = arg("calibration tokens of --data for the shared neurons, the split and the router fit",
+                            default=8192)
     tokens: int = arg("training tokens", default=49152)
     seq_len: int = arg("training sequence length", default=256)
     micro_batch_size: int = arg("sequences per rank per forward", default=2)
@@ -58,6 +63,22 @@ class DemoConfig:
     eval_windows: int = arg("held-out windows of --eval-seq-len tokens", default=16)
     eval_seq_len: int = arg("tokens per evaluation window", default=256)
     fresh: bool = arg("delete --work first and redo every stage", default=False)
+
+    def validate(self) -> "DemoConfig":
+        """Every flag problem at once; the convert and train settings are checked again by their stages."""
+        from factorllm_ds.config import fail_if
+
+        problems = [f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1"
+                    for name in ("num_experts", "top_k", "tokens", "seq_len", "micro_batch_size", "global_batch_size",
+                                 "nproc", "ep_size", "eval_windows", "eval_seq_len", "calib_tokens")
+                    if getattr(self, name) < 1]
+        if not self.lr > 0:
+            problems.append(f"--lr {self.lr}: must be > 0")
+        if self.ep_size >= 1 and (self.num_experts % self.ep_size or self.nproc % self.ep_size):
+            problems.append(f"--ep-size {self.ep_size} must divide --num-experts ({self.num_experts}) and --nproc "
+                            f"({self.nproc})")
+        fail_if(problems, "demo: bad arguments")
+        return replace(self)
 
 
 SETTINGS_FILE = "demo_settings.json"
@@ -143,6 +164,7 @@ def demo(cfg: DemoConfig) -> dict:
     from factorllm_ds.speed import SpeedConfig, bench_speed
 
     started = time.time()
+    cfg = cfg.validate()
     work = Path(cfg.work or _default_work())
     # Before anything is deleted (--fresh, changed settings): --work must be a demo's own folder, holding no input.
     check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data},
@@ -161,10 +183,10 @@ def demo(cfg: DemoConfig) -> dict:
     _stage("2/5 convert")
     moe = work / "moe"
     if not (moe / MANIFEST_FILE).is_file():
-        calib = {"calib_data": data} if cfg.split == "coactivation" else {}
         convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
-                              combine_scale=cfg.combine_scale, prior_target=cfg.prior_target, overwrite=True,
-                              **calib))
+                              shared_neurons=cfg.shared_neurons, combine_scale=cfg.combine_scale,
+                              prior_target=cfg.prior_target, calib_data=data, calib_tokens=cfg.calib_tokens,
+                              overwrite=True))
     else:
         print(f"convert: {moe} exists; skipping", file=sys.stderr)
 
@@ -184,7 +206,7 @@ def demo(cfg: DemoConfig) -> dict:
     reports = work / "reports"
     rows = {
         "dense": _eval(dense, held_out, reports / "dense.json", cfg),
-        "converted, untrained router": _eval(moe, held_out, reports / "converted.json", cfg),
+        "converted, before training": _eval(moe, held_out, reports / "converted.json", cfg),
         "trained (paper code: random router)": _eval(exported, held_out, reports / "random.json", cfg,
                                                      router="random"),
         "trained": _eval(exported, held_out, reports / "trained.json", cfg, plot=work / "usage.png",
@@ -228,13 +250,3 @@ def print_summary(s: dict) -> None:
           f"(Amdahl limit {s['prefill_amdahl_limit']:.3f})")
     print(f"reports: {s['report_dir']}\nexpert usage plot: {s['usage_plot']}\nsample: {s['sample']!r}")
 
-
-def _demo_command(ns) -> int:
-    from factorllm_ds.config import from_namespace
-
-    demo(from_namespace(DemoConfig, ns))
-    return 0
-
-
-CLI_COMMANDS = {"demo": ("factorllm_ds.pipeline:DemoConfig", _demo_command,
-                         "the whole job on SmolLM2 + KJV on CPU: convert, train (EP=2), export, evaluate")}

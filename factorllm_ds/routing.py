@@ -1,6 +1,6 @@
 """The gate: top-k routing, the Prior-Approximate (PA) loss and the balance loss.
 
-Losses are pure functions of tensors the forward returns (METHOD.md §3). The DeepSpeed
+Losses are pure functions of tensors the forward returns (docs/method.md §5). The DeepSpeed
 gate at the bottom adapts FactorLLM routing to ``MOELayer``'s sparse-route contract.
 """
 
@@ -111,7 +111,7 @@ class FactorLLMGate(nn.Module):
         bias = None if self.router.bias is None else self.router.bias.float()
         logits_TE = F.linear(x_TH.float(), self.router.weight.float(), bias)
         idx_TK, weights_TK = route(logits_TE, self.k, self.routing, self.scale)
-        # The auxiliary losses train the router only (METHOD §2: experts learn from the LM loss),
+        # The auxiliary losses train the router only (docs/method.md §5: experts learn from the LM loss),
         # so their probabilities see a detached input: no gradient into earlier layers' experts.
         aux_logits_TE = logits_TE if not x_TH.requires_grad else F.linear(x_TH.detach().float(),
                                                                           self.router.weight.float(), bias)

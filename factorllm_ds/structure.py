@@ -1,4 +1,4 @@
-"""Pure functions: an MoE whose experts keep the model (METHOD.md §8).
+"""Pure functions: an MoE whose experts keep the model (docs/method.md §2, §4).
 
 An equal split of a SwiGLU FFN throws away, on every token, half of the heavy-tailed neurons
 that every token needs. Here the most important neurons form an always-on *shared expert* and

@@ -220,7 +220,7 @@ def read_metrics(out: Path) -> list[dict[str, float | None]]:
 
 def checkpoint_problems(out: Path, step: int, num_layers: int, num_experts: int, world: int,
                         optim_prefix: str = "") -> list[str]:
-    """What is missing from ``out/checkpoints/step{step}`` (DeepSpeed's MoE layout, METHOD §5).
+    """What is missing from ``out/checkpoints/step{step}`` (DeepSpeed's MoE layout, docs/method.md §5).
 
     ``optim_prefix``: "bf16_" for bf16 runs, whose ZeRO files are ``bf16_zero_pp_rank_*``.
     """

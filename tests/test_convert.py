@@ -1,6 +1,6 @@
 """convert: lossless for every split and family, the output layout, the CLI, and every bad input.
 
-The first invariant (METHOD.md §1): with all experts active in hard mode at scale 1 the
+The first invariant (docs/method.md §1): with all experts active in hard mode at scale 1 the
 MoE reproduces the dense logits. Each lossless check also runs a negative control (k < E),
 which must miss the tolerance by orders of magnitude, so the check can fail.
 """

@@ -7,7 +7,7 @@ on others, because "each expert close to t*k/E" does not make the routed sum clo
 when the experts are unrelated random functions. So the tests do two honest things
 instead of asserting an ordering that does not hold:
 
-1. the oracle's defining property, checked token by token against METHOD.md's formula;
+1. the oracle's defining property, checked token by token against docs/method.md §4;
 2. the ordering on a model built so the prior's target is reachable: two experts are exact
    copies carrying the whole FFN and two are zero, so with hard routing at scale 1 and
    k = 2 the oracle's pick reproduces the dense model exactly, while a random pick
@@ -75,7 +75,7 @@ def test_oracle_picks_the_experts_closest_to_their_share(tiny_moe_dir):
     x_TH, idx_TK, weights_TK = seen["out"]
     k, num_experts = block.top_k, block.num_experts
     out_ETH = torch.stack([expert(x_TH) for expert in block.experts])
-    share_TH = out_ETH.sum(0) * k / num_experts  # METHOD.md 3: m_i = mean_h (E_i(x) - t k/E)^2
+    share_TH = out_ETH.sum(0) * k / num_experts  # docs/method.md §4: m_i = mean_h (E_i(x) - t k/E)^2
     dist_TE = (out_ETH - share_TH).pow(2).mean(-1).T
     chosen = torch.zeros_like(dist_TE, dtype=torch.bool).scatter_(1, idx_TK, True)
     assert bool((dist_TE.masked_fill(~chosen, -1).amax(1) <= dist_TE.masked_fill(chosen, 1e9).amin(1)).all())

@@ -2,7 +2,7 @@
 
 Loading: with ``trust_remote_code`` in a process where factorllm_ds cannot be imported,
 and through the Auto classes once factorllm_ds is imported. Routing: the sparse block
-(only the selected experts run) against a naive dense evaluation of METHOD.md §2.
+(only the selected experts run) against a naive dense evaluation of docs/method.md §3.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def make_block(routing: str, k: int, seed: int = 0, router_bias: bool = True) ->
 
 
 def naive_moe(block, x_TH: torch.Tensor, chosen_TK: torch.Tensor | None = None) -> torch.Tensor:
-    """METHOD.md §2 evaluated densely: every expert on every token, a [T, E] weight matrix."""
+    """docs/method.md §3 evaluated densely: every expert on every token, a [T, E] weight matrix."""
     out_TEH = torch.stack([expert(x_TH) for expert in block.experts], dim=1)
     p_TE = F.softmax(block.router(x_TH), dim=-1)
     if chosen_TK is None:

@@ -23,13 +23,14 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     cmd = [sys.executable, "-m", "factorllm_ds", "demo", "--work", str(work), "--tokens", "8192", "--seq-len", "128",
-           "--global-batch-size", "8", "--micro-batch-size", "2", "--eval-windows", "6", "--eval-seq-len", "128"]
+           "--global-batch-size", "8", "--micro-batch-size", "2", "--eval-windows", "6", "--eval-seq-len", "128",
+           "--calib-tokens", "2048"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "held-out perplexity" in proc.stdout
     summary = json.loads((work / "summary.json").read_text())
     ppl = summary["perplexity"]
-    assert set(ppl) == {"dense", "converted, untrained router", "trained (paper code: random router)", "trained",
+    assert set(ppl) == {"dense", "converted, before training", "trained (paper code: random router)", "trained",
                         "trained, oracle router"}
     assert all(v > 1 for v in ppl.values())
     assert ppl["trained"] < ppl["trained (paper code: random router)"], ppl

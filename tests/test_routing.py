@@ -1,4 +1,4 @@
-"""The gate and the FactorLLM losses (METHOD.md §2-3), checked against numbers worked out by hand.
+"""The gate and the FactorLLM losses (docs/method.md §3-5), checked against numbers worked out by hand.
 
 No processes, no process group: DeepSpeed's MoE layer runs in-process at ep_size 1.
 """
@@ -32,7 +32,7 @@ def test_prior_distribution_e4_k2_is_0366_0134() -> None:
     q = prior_distribution(torch.tensor([[0, 1], [3, 1]]), num_experts=4)
     expected = torch.tensor([[Q_ON, Q_ON, Q_OFF, Q_OFF], [Q_OFF, Q_ON, Q_OFF, Q_ON]])
     torch.testing.assert_close(q, expected, rtol=0, atol=1e-7)
-    assert round(Q_ON, 3) == 0.366 and round(Q_OFF, 3) == 0.134  # the values METHOD.md quotes
+    assert round(Q_ON, 3) == 0.366 and round(Q_OFF, 3) == 0.134  # the values docs/method.md §5 quotes
 
 
 def test_prior_distribution_temperature() -> None:
@@ -265,7 +265,7 @@ def dense(tiny_dense_dir):
 
 
 def all_experts(model) -> None:
-    """k = E, hard, scale 1: the MoE must equal the dense model (METHOD §1-2)."""
+    """k = E, hard, scale 1: the MoE must equal the dense model (docs/method.md §1, §3)."""
     for block in model.blocks():
         block.gate.k = block.k = block.num_experts
         block.gate.routing = "hard"
@@ -335,12 +335,12 @@ def test_hard_mode_router_learns_only_from_pa_and_balance(tiny_moe_dir, prior: s
     assert not is_zero(g_aux)
     for a, t in zip(g_aux, g_total):
         assert torch.equal(a, t)  # exactly: the router's gradient is that of alpha L_PA + beta L_bal
-    # No expert gets gradient from any PA/balance term (METHOD §2: experts learn from the LM loss):
+    # No expert gets gradient from any PA/balance term (docs/method.md §5: experts learn from the LM loss):
     # the prior is chosen without gradient, and the routers' auxiliary probabilities see a
     # detached input, so nothing flows back into earlier layers' experts either.
     assert not is_zero(grads(ce, expert_params(model)))
     assert is_zero(grads(aux, expert_params(model)))
-    # The engine's objective is L = CE + alpha * sum L_PA + beta * sum L_bal (METHOD §3).
+    # The engine's objective is L = CE + alpha * sum L_PA + beta * sum L_bal (docs/method.md §5).
     loss, metrics = model(ids, labels=ids)
     assert loss.item() == pytest.approx(total.item(), rel=1e-6)
     assert metrics["pa"].item() == pytest.approx(pa.item(), rel=1e-6) and pa.item() > 0

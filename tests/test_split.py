@@ -116,7 +116,7 @@ def test_expert_slice_is_plain_indexing(kind, dtype):
 
 
 def test_expert_slices_are_the_dense_ffn_exactly():
-    """Σ_i E_i(x) = y for any partition (METHOD.md §1), checked on the arithmetic itself."""
+    """Σ_i E_i(x) = y for any partition (docs/method.md §1), checked on the arithmetic itself."""
     gate, up, down = synthetic_ffn(64, 16)
     x = torch.randn(10, 16, generator=GEN().manual_seed(9), dtype=torch.float64)
     gate, up, down = gate.double(), up.double(), down.double()

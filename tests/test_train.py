@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = REPO / "ds_configs"
 NUM_EXPERTS, NUM_LAYERS, TOP_K = 4, 2, 2
 SEQ_LEN, GLOBAL_BATCH = 64, 2
-# Same global batch, seeds and data: EP=2 over 2 ranks must match EP=1 on 1 rank (METHOD §5
+# Same global batch, seeds and data: EP=2 over 2 ranks must match EP=1 on 1 rank (docs/method.md §5
 # measured 2e-7 relative; these runs differ by ~2e-6 absolute on a loss of ~10.4).
 SGD_TOL = 1e-5
 ADAMW_TOL = 1e-4  # Adam divides by sqrt(v): tiny gradient differences can grow a little
