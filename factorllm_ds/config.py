@@ -23,7 +23,7 @@ from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared
 
 PRIOR_TEACHERS = ("frozen", "self", "none")
-BALANCE_KINDS = ("paper", "switch")
+BALANCE_KINDS = ("paper", "switch", "bias")
 ROUTER_INITS = ("normal", "prior")
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
 _MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
@@ -130,8 +130,12 @@ class Objective:
 
     pa_weight: float = arg("alpha: weight of the Prior-Approximate loss (summed over layers)", default=0.05)
     balance_weight: float = arg("beta: weight of the balance loss (summed over layers)", default=0.01)
-    balance_kind: str = arg("paper: mean sum top-k p; switch: Switch/GShard l_aux", choices=BALANCE_KINDS,
+    balance_kind: str = arg("paper: mean sum top-k p; switch: Switch/GShard l_aux; bias: no balance loss, a "
+                            "per-expert bias on the selection logits nudged after each step towards equal load "
+                            "(DeepSeek-V3's auxiliary-loss-free rule; hard routing)", choices=BALANCE_KINDS,
                             default="paper")
+    balance_bias_rate: float = arg("--balance-kind bias: how far each step moves an expert's selection bias (in "
+                                   "logit units), up when under-loaded, down when over-loaded", default=1e-3)
     prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
                      "none disables the PA loss", choices=PRIOR_TEACHERS, default="frozen")
     prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
@@ -144,6 +148,8 @@ class Objective:
         problems = [f"--{name.replace('_', '-')} {value}: must be a finite number >= 0"
                     for name, value in (("pa_weight", self.pa_weight), ("balance_weight", self.balance_weight))
                     if not (math.isfinite(value) and value >= 0)]
+        if not (math.isfinite(self.balance_bias_rate) and self.balance_bias_rate >= 0):
+            problems.append(f"--balance-bias-rate {self.balance_bias_rate}: must be a finite number >= 0")
         if not (math.isfinite(self.prior_tau) and self.prior_tau > 0):
             problems.append(f"--prior-tau {self.prior_tau}: must be a finite number > 0")
         return problems

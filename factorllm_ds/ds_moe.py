@@ -160,8 +160,8 @@ class DeepSpeedMoEBlock(nn.Module):
             out = out + self.shared_expert(hidden_states)
         probs_TE = self.gate.last_probs
         zero = probs_TE.new_zeros(())
-        bal = switch_balance_loss(probs_TE, self.k) if self.weights.balance_kind == "switch" else \
-            balance_loss(probs_TE, self.k)
+        bal = {"switch": switch_balance_loss, "paper": balance_loss}.get(self.weights.balance_kind, lambda *_: zero)(
+            probs_TE, self.k)
         aux = BlockAux(
             pa=pa_loss(probs_TE, prior_idx, self.weights.prior_tau) if prior_idx is not None else zero,
             balance=bal,
@@ -275,6 +275,7 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
             state[name] = reader.get(name)
     for layer, block in enumerate(model.blocks()):
         state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.weight"] = reader.get(keys.ROUTER_WEIGHT.format(layer=layer))
+        state[f"model.layers.{layer}.mlp.{GATE_PREFIX[:-len('router')]}selection_bias"] = torch.zeros(config.num_experts)
         if config.router_bias:
             state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
         teacher = {"gate": [], "up": [], "down": []}

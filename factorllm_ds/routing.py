@@ -84,6 +84,13 @@ def fit_router(x_NH: torch.Tensor, prior_idx_NK: torch.Tensor, num_experts: int,
     return w_EH.detach(), b_E
 
 
+@torch.no_grad()
+def update_selection_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: b_e += rate * sign(mean load - load_e), in place."""
+    counts = counts_E.float()
+    bias_E += rate * torch.sign(counts.mean() - counts).to(bias_E)
+
+
 class FactorLLMGate(nn.Module):
     """A DeepSpeed ``MOELayer`` gate with FactorLLM routing; no token is ever dropped.
 
@@ -99,6 +106,9 @@ class FactorLLMGate(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=bias)
         self.num_experts, self.k, self.routing, self.scale = num_experts, k, routing, scale
         self.ep_group = None
+        # --balance-kind bias: added to the logits for the top-k choice only (hard routing weights are constant,
+        # so it changes who is picked, not by how much); export folds it into the router bias.
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
         self.last_probs: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
 
@@ -110,7 +120,7 @@ class FactorLLMGate(nn.Module):
             raise NotImplementedError("FactorLLMGate supports only DeepSpeed's sparse-route dispatch (no tutel)")
         bias = None if self.router.bias is None else self.router.bias.float()
         logits_TE = F.linear(x_TH.float(), self.router.weight.float(), bias)
-        idx_TK, weights_TK = route(logits_TE, self.k, self.routing, self.scale)
+        idx_TK, weights_TK = route(logits_TE + self.selection_bias.float(), self.k, self.routing, self.scale)
         # The auxiliary losses train the router only (docs/method.md §5: experts learn from the LM loss),
         # so their probabilities see a detached input: no gradient into earlier layers' experts.
         aux_logits_TE = logits_TE if not x_TH.requires_grad else F.linear(x_TH.detach().float(),

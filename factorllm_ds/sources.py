@@ -104,6 +104,27 @@ def ds_to_hf_name(name: str) -> str:
     return _DS_ROUTER.sub(r"\1router.\2", name)
 
 
+_SELECTION_BIAS = re.compile(r"(model\.layers\.\d+\.mlp\.)moe\.deepspeed_moe\.gate\.selection_bias")
+
+
+def fold_selection_bias(states: dict[str, torch.Tensor], description: str) -> dict[str, torch.Tensor]:
+    """``--balance-kind bias`` keeps a per-expert selection bias beside the router; under hard routing (the only
+    routing it trains with) adding it to the router bias gives the same top-k, so the export holds a plain router."""
+    out = {}
+    for name, tensor in states.items():
+        m = _SELECTION_BIAS.fullmatch(name)
+        if m is None:
+            out.setdefault(name, tensor)
+            continue
+        if not bool(tensor.any()):
+            continue
+        bias_name = m.group(1) + "router.bias"
+        if bias_name not in states:
+            raise UserError(f"{description}: {name} is set but the router has no bias to fold it into")
+        out[bias_name] = (states[bias_name].float() + tensor.float()).to(states[bias_name].dtype)
+    return out
+
+
 def _load(path: Path, what: str) -> dict:
     # Never a plain torch.load: a run folder may come from anyone, and unpickling runs the file's code.
     return safe_torch_load(path, what, MODEL_STATE_GLOBALS)
@@ -167,7 +188,7 @@ class DeepSpeedRunSource(ExportSource):
                             f"{missing[0]}); the save was interrupted or files were removed. Use another --tag.")
         states = _load(self.ckpt_dir / MODEL_STATES, "--run")
         self.step = states.get("step")
-        self.shared = {ds_to_hf_name(k): v for k, v in states["module"].items()}
+        self.shared = fold_selection_bias({ds_to_hf_name(k): v for k, v in states["module"].items()}, self.description)
         sample = self._expert_file(0, 0)
         self.expert_dtype = next(iter(sample.values())).dtype
         size = int(self.config["expert_intermediate_size"])

@@ -178,6 +178,10 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
         raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
                         f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
     num_experts = model_config["num_experts"]
+    if cfg.balance_kind == "bias" and (model_config.get("routing") != "hard" or not model_config.get("router_bias")):
+        problems.append(f"--balance-kind bias needs hard routing with a router bias (it is folded into that bias on "
+                        f"export); --model {cfg.model} has routing {model_config.get('routing')!r}, router_bias "
+                        f"{model_config.get('router_bias')}. Use --balance-kind paper or switch")
     if cfg.ep_size < 1 or num_experts % cfg.ep_size:
         problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({num_experts})")
     if cfg.ep_size >= 1 and world % cfg.ep_size:
@@ -484,6 +488,18 @@ def train_step(run: Run) -> dict:
     return totals
 
 
+def rebalance(run: Run, counts_LE: torch.Tensor) -> None:
+    """--balance-kind bias: every rank applies the same update from the global load of this step."""
+    import torch.distributed as dist
+
+    from factorllm_ds.routing import update_selection_bias
+
+    counts = counts_LE.clone()
+    dist.all_reduce(counts)
+    for block, layer_counts in zip(run.engine.module.blocks(), counts):
+        update_selection_bias(block.gate.selection_bias, layer_counts, run.cfg.balance_bias_rate)
+
+
 def reduce_metrics(totals: dict, world: int) -> dict:
     import torch.distributed as dist
 
@@ -615,6 +631,8 @@ def loop(run: Run, preemption: Preemption | None = None) -> dict:
     while run.step < run.total_steps:
         started = time.perf_counter()
         totals = train_step(run)
+        if cfg.balance_kind == "bias":
+            rebalance(run, totals["expert_counts"])
         steps_here += 1
         final = run.step == run.total_steps or steps_here == cfg.stop_after
         # Once per step, on every rank: one rank's signal stops all of them at this same step.

@@ -360,3 +360,20 @@ def test_prior_none_gives_no_pa_term(tiny_moe_dir) -> None:
     ids = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
     _, pa, bal = objective_parts(model, ids)
     assert pa.item() == 0.0 and bal.item() > 0
+
+
+def test_selection_bias_changes_who_is_picked_not_the_weights():
+    from factorllm_ds.routing import FactorLLMGate, update_selection_bias
+
+    torch.manual_seed(0)
+    gate = FactorLLMGate(8, 4, 2, "hard", 1.0, bias=True)
+    x = torch.randn(64, 8)
+    before = gate(x)[3].t()
+    counts = torch.bincount(before.flatten(), minlength=4)
+    update_selection_bias(gate.selection_bias, counts, 10.0)  # a big step: the least loaded experts now win
+    assert torch.equal(torch.sign(gate.selection_bias), torch.sign(counts.float().mean() - counts.float()))
+    after_idx, weights = gate(x)[3].t(), gate(x)[5]
+    assert not torch.equal(before, after_idx)
+    assert torch.equal(weights, torch.ones_like(weights))  # hard routing, scale 1: weights stay constant
+    under = torch.nonzero(counts.float() < counts.float().mean()).flatten()
+    assert torch.isin(after_idx, under).float().mean() > torch.isin(before, under).float().mean()

@@ -114,3 +114,40 @@ def test_exports_equal_the_engine(runs, tmp_path):
     with torch.no_grad():
         want, got = moe(probe["ids"]).logits, dense(probe["ids"]).logits
     assert (want - got).abs().max() / want.abs().max() < 1e-5
+
+
+def test_bias_balancing_moves_loads_and_the_export_routes_like_the_engine(runs, tmp_path):
+    """--balance-kind bias (DeepSeek-V3's rule): no balance loss, a selection bias per expert updated each step;
+    the export folds it into the router bias, so the exported model picks what the engine picks."""
+    from factorllm_ds.cli import main
+
+    out = runs.root / "bias"
+    du.run("torchrun", 2, runs.args(out, 2, ("--balance-kind", "bias", "--balance-bias-rate", "0.05")),
+           cwd=ROOT).check()
+    rows = du.read_metrics(out)
+    assert len(rows) == 4 and all(r["balance"] == 0 for r in rows)
+    states = torch.load(out / "checkpoints" / "step4" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=True)["module"]
+    bias = states["model.layers.0.mlp.moe.deepspeed_moe.gate.selection_bias"]
+    # 4 steps of +-0.05 (or 0 at exactly mean load) per expert: it moved, in whole steps, at most 4 of them.
+    steps = bias / 0.05
+    assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4
+    probe = tmp_path / "engine.pt"
+    du.run_command([du.BIN / "torchrun", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    f"--master_port={du.free_port()}", SCRIPTS / "engine_logits.py", out, 2, probe], cwd=ROOT).check()
+    probe = torch.load(probe)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf"), "--format", "factorllm"]) == 0
+    from factorllm_ds.modeling import load_moe
+
+    with torch.no_grad():
+        got = load_moe(tmp_path / "hf")(probe["ids"]).logits
+    assert (got - probe["logits"]).abs().max() / probe["logits"].abs().max() < 1e-5
+
+
+def test_bias_balancing_refused_for_softmax_routing(tmp_path, llama_dir, calib_text):
+    from factorllm_ds.cli import main
+
+    moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir, routing="softmax")
+    rc = main(["train", "--check", "--model", str(moe), "--data", str(calib_text), "--out", str(tmp_path / "run"),
+               "--balance-kind", "bias"])
+    assert rc == 2
