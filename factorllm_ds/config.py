@@ -22,7 +22,8 @@ from factorllm_ds.hf_model.modeling_factorllm import PRIOR_TARGETS
 from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared
 
-PRIOR_TEACHERS = ("frozen", "self", "none")
+PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the paper's)
+MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
 BALANCE_KINDS = ("paper", "switch", "bias")
 ROUTER_INITS = ("normal", "prior")
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
@@ -137,7 +138,7 @@ class Objective:
     balance_bias_rate: float = arg("--balance-kind bias: how far each step moves an expert's selection bias (in "
                                    "logit units), up when under-loaded, down when over-loaded", default=1e-3)
     prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
-                     "none disables the PA loss", choices=PRIOR_TEACHERS, default="frozen")
+                     "none disables the PA loss", choices=PRIOR_TEACHERS, default=PRIOR_TEACHERS[0])
     prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
     prior_target: str | None = arg("what the PA prior picks: share (paper: the k experts each closest to their "
                                    "share t*k/E of the teacher output t) or subset (the k experts whose combined "
@@ -185,7 +186,7 @@ class ConvertConfig(MoEShape):
                             default=4096)
     calib_seq_len: int = arg("calibration sequence length", default=512)
     seed: int = arg("seed for the random split, k-means initialisation and router initialisation", default=0)
-    max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default="2GB")
+    max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default=MAX_SHARD_SIZE)
     overwrite: bool = arg("replace --out if it exists (only a folder convert or export wrote)", default=False)
     tokenizer: Path | None = arg("folder with the tokenizer files, when --model has none (e.g. the base model's "
                                  "folder); they are copied into --out", default=None)

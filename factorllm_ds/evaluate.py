@@ -40,7 +40,7 @@ from factorllm_ds.config import arg, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
-from factorllm_ds.modeling import DTYPE_CHOICES, resolve_device
+from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds.safety import FILE_MARKER, check_output_file
 
 ROUTERS = ("learned", "oracle", "random")
@@ -63,8 +63,8 @@ class EvalConfig:
                       "random (seeded)",
                       choices=ROUTERS, default="learned")
     seed: int = arg("seed of --router random", default=0)
-    dtype: str = arg("dtype the model runs in", choices=DTYPE_CHOICES, default="float32")
-    device: str = arg("device: cpu, cuda, cuda:1, ... or auto (cuda when available)", default="auto")
+    dtype: str = arg("dtype the model runs in", choices=DTYPE_CHOICES, default=DTYPE_CHOICES[0])
+    device: str = arg("device: cpu, cuda, cuda:1, ... or auto (cuda when available)", default=DEVICE_DEFAULT)
     report: Path | None = arg("write the full JSON report here", default=None)
     plot: Path | None = arg("FactorLLM only: save a layers x experts usage heatmap (PNG; needs matplotlib)",
                             default=None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factorllm_ds import keys
-from factorllm_ds.config import arg, fail_if, parse_size
+from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
 from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key, open_format
 from factorllm_ds.hf_io import FolderWriter, TensorInfo, copy_side_files
 from factorllm_ds.layout import MANIFEST_FILE
@@ -99,7 +99,7 @@ class ExportConfig:
     model: Path | None = arg("instead of --run: a FactorLLM HF folder (from convert or a previous export)",
                              default=None)
     format: str = arg("output format", choices=tuple(FORMATS), default="factorllm")
-    max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default="2GB")
+    max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default=MAX_SHARD_SIZE)
     overwrite: bool = arg("replace --out if it exists", default=False)
 
     def validate(self) -> None:

@@ -17,7 +17,8 @@ __all__ = ["FactorLLMConfig", "FactorLLMForCausalLM", "FactorLLMSparseMoeBlock",
            "prior_topk", "route", "all_experts_mode"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = tuple(DTYPES)
+DTYPE_CHOICES = tuple(DTYPES)  # the first is the default of every command that runs a model
+DEVICE_DEFAULT = "auto"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -70,7 +70,7 @@ class PlanConfig:
                               "when that is smaller)", default=None)
     micro_batch_size: int = arg("sequences per rank per forward", default=1)
     prior: str = arg("PA teacher: frozen (a frozen copy of the local experts), self (none kept), none",
-                     choices=PRIOR_TEACHERS, default="frozen")
+                     choices=PRIOR_TEACHERS, default=PRIOR_TEACHERS[0])
     dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
     num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
     top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)

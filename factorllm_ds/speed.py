@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from factorllm_ds.config import arg, fail_if
-from factorllm_ds.modeling import DTYPE_CHOICES, resolve_device
+from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
@@ -49,8 +49,8 @@ class SpeedConfig:
     seq_len: int = arg("prompt tokens per sequence (prefill length)", default=256)
     decode_tokens: int = arg("single-token decode steps after the prefill (0: skip decode)", default=32)
     top_k: int | None = arg("experts per token (default: the model's k)", default=None)
-    dtype: str = arg("dtype both models run in", choices=DTYPE_CHOICES, default="float32")
-    device: str = arg("device: cpu, cuda, cuda:N or auto (cuda when available)", default="auto")
+    dtype: str = arg("dtype both models run in", choices=DTYPE_CHOICES, default=DTYPE_CHOICES[0])
+    device: str = arg("device: cpu, cuda, cuda:N or auto (cuda when available)", default=DEVICE_DEFAULT)
     reps: int = arg("timed repetitions per variant (the median is reported)", default=5)
     warmup: int = arg("untimed warm-up runs per variant", default=1)
     threads: int | None = arg("torch CPU threads (default: torch's choice)", default=None)

@@ -24,7 +24,7 @@ class VerifyConfig:
     batch_size: int = arg("sequences per batch", default=2)
     seq_len: int = arg("tokens per sequence", default=64)
     dtype: str = arg("dtype both models run in (bfloat16 is compared against the dense model's own bf16 noise)",
-                     choices=DTYPE_CHOICES, default="float32")
+                     choices=DTYPE_CHOICES, default=DTYPE_CHOICES[0])
     tolerance: float = arg("max |Δ logits| / max |logits| allowed in float32", default=1e-5)
     seed: int = arg("seed for the token batches", default=0)
 

@@ -76,3 +76,37 @@ def test_the_checker_sees_a_stage_import(tmp_path):
     planted = tmp_path / "mod.py"
     planted.write_text("def f():\n    from factorllm_ds.train import TrainConfig\n    from factorllm_ds import convert\n")
     assert imports_of(planted) == {"train", "convert"}
+
+
+
+def literal_defaults(path: Path) -> list[tuple[str, str, str]]:
+    """(class, field, literal) for each dataclass field whose ``arg(..., default=...)`` is written as a literal."""
+    found = []
+    for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+        for stmt in cls.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(stmt.value, ast.Call)):
+                continue
+            for kw in stmt.value.keywords:
+                if kw.arg == "default" and isinstance(kw.value, ast.Constant) and kw.value.value not in (None, False):
+                    found.append((cls.name, stmt.target.id, repr(kw.value.value)))
+    return found
+
+
+def test_no_default_is_written_twice():
+    """The same flag with the same literal default in two configs is one default written twice: it belongs in a
+    shared base class or constant that both derive from (a different value, e.g. the demo's lr, is a choice)."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        for cls, name, value in literal_defaults(path):
+            seen.setdefault((name, value), []).append(f"{path.stem}.{cls}")
+    # The same number for different things: the demo's training sequence length vs bench-speed's prompt length.
+    unrelated = {("seq_len", "256")}
+    twice = {key: owners for key, owners in seen.items() if len(owners) > 1 and key not in unrelated}
+    assert not twice, twice
+
+
+def test_the_default_checker_sees_a_literal(tmp_path):
+    planted = tmp_path / "mod.py"
+    planted.write_text("class A:\n    x: int = arg('h', default=3)\n    y: str = arg('h', default=NAME)\n")
+    assert literal_defaults(planted) == [("A", "x", "3")]
