@@ -74,8 +74,9 @@ class PlanConfig:
     dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
     num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
     top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)
-    shared_neurons: str | None = arg("shared expert of a dense model, as convert --shared-neurons: a fraction of the FFN "
-                                     "(0.25) or a neuron count (384); default none. A converted folder has its own",
+    shared_neurons: str | None = arg("shared expert of a dense model, as convert --shared-neurons: a fraction of "
+                                     "the FFN (0.25) or a neuron count (384); default none. A converted folder has "
+                                     "its own",
                                      default=None)
     activation_checkpointing: bool | None = arg("train --activation-checkpointing (recompute each layer in the "
                                                 "backward); default: try without, then with", default=None)

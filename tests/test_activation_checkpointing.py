@@ -64,6 +64,50 @@ def runs(tmp_path_factory, tiny_moe_dir, shared_moe, text) -> Runs:
     return Runs(tmp_path_factory.mktemp("ckpt-runs"), {"plain": tiny_moe_dir, "shared": shared_moe}, text)
 
 
+@pytest.mark.parametrize("prior", ["frozen", "self", "none"])
+def test_in_process_gradients_equal_and_each_layer_replayed_once(tiny_moe_dir, prior, monkeypatch) -> None:
+    """One process, ep_size 1: loss and every gradient equal with and without checkpointing; with it each
+    MoE block runs twice (forward, replay), the PA target once, and the loss keeps the first forward's aux."""
+    from factorllm_ds.config import Objective
+    from factorllm_ds.ds_moe import DeepSpeedMoEBlock, build_train_model
+
+    calls = {"forward": 0, "pa_target": 0}
+    forward, targets = DeepSpeedMoEBlock.forward, DeepSpeedMoEBlock.all_expert_outputs
+
+    def counted_forward(self, *args):
+        calls["forward"] += 1
+        return forward(self, *args)
+
+    def counted_targets(self, *args):
+        calls["pa_target"] += 1
+        return targets(self, *args)
+
+    monkeypatch.setattr(DeepSpeedMoEBlock, "forward", counted_forward)
+    monkeypatch.setattr(DeepSpeedMoEBlock, "all_expert_outputs", counted_targets)
+    ids = torch.randint(0, 32000, (2, 48), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for ckpt in (False, True):
+        calls.update(forward=0, pa_target=0)
+        model = build_train_model(tiny_moe_dir, 1, Objective(prior=prior, prior_target="share"), 0,
+                                  activation_checkpointing=ckpt).train()
+        loss, metrics = model(ids, labels=ids)
+        aux = [block.last_aux for block in model.blocks()]
+        loss.backward()
+        assert [block.last_aux for block in model.blocks()] == aux  # the replay left the forward's aux alone
+        assert all(block.replay_prior_idx is None for block in model.blocks())  # consumed by the replay
+        layers = len(model.blocks())
+        assert calls == {"forward": layers * (2 if ckpt else 1), "pa_target": layers if prior != "none" else 0}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[ckpt] = (loss.detach(), {k: v for k, v in metrics.items()}, grads)
+    (loss0, m0, g0), (loss1, m1, g1) = results[False], results[True]
+    assert torch.equal(loss0, loss1)
+    for key in m0:
+        assert torch.equal(m0[key], m1[key]), key
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name  # same ops on the same inputs: bit-identical
+
+
 def expert_loads(out: Path) -> list[list[list[int]]]:
     return [json.loads(line)["counts"] for line in (out / "expert_load.jsonl").read_text().splitlines()]
 

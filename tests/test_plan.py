@@ -1,8 +1,8 @@
 """factorllm-ds plan: parameter counts, the formulas' behaviour, refusals, and measured peak memory.
 
 The measured test trains a model whose weights dominate its memory (hidden 1024, FFN 4096, 4 layers,
-vocab 32000, fp32: 132M parameters, 530 MB) on 2 CPU ranks at ep_size 1 and 2, records each rank's
-peak RSS (VmHWM, written by a wrapper just before the rank's deliberate exit) and requires the
+vocab 32000, fp32: 132M parameters, 530 MB) on 2 CPU ranks at ep_size 1 and 2, and at ep_size 2 with
+and without --activation-checkpointing at 128 and 512 tokens, records each rank's peak RSS (VmHWM, written by a wrapper just before the rank's deliberate exit) and requires the
 planner's --device cpu estimate to be within 15% of the largest rank's peak.
 """
 
@@ -209,7 +209,8 @@ def test_activation_checkpointing_keeps_one_hidden_state_per_layer():
     assert plain.parts["activations"] == int(tokens * (80 * per_layer + logits + 4 * h))
     # a bf16 hidden state and the PA prior's k int64 choices per layer, + the larger of one layer's recompute
     # and the loss's logits
-    assert ckpt.parts["activations"] == int(tokens * 80 * (h * b + 8 * 2)) + int(tokens * (max(per_layer, logits) + 4 * h))
+    checkpoints = int(tokens * 80 * (h * b + 8 * 2))
+    assert ckpt.parts["activations"] == checkpoints + int(tokens * (max(per_layer, logits) + 4 * h))
     assert ckpt.total < plain.total - 60 * GiB
     assert {k: v for k, v in ckpt.parts.items() if k != "activations"} == \
         {k: v for k, v in plain.parts.items() if k != "activations"}
@@ -257,7 +258,8 @@ def test_plan_prints_the_convert_train_and_sbatch_commands(capsys):
     assert (f"MODEL=runs/llama3-70b-moe-e64 DATA=DATA.jsonl EP_SIZE={rec.ep_size} DS_CONFIG=ds_configs/zero2_bf16.json "
             "sbatch --nodes=8 --gpus-per-node=8 slurm/train_multinode.sbatch --seq-len 4096 --micro-batch-size 1 "
             "--prior self --activation-checkpointing") in out
-    assert f"factorllm-ds train --model runs/llama3-70b-moe-e64 --data DATA.jsonl --out runs/OUT --ep-size {rec.ep_size}" in out
+    assert ("factorllm-ds train --model runs/llama3-70b-moe-e64 --data DATA.jsonl --out runs/OUT "
+            f"--ep-size {rec.ep_size}") in out
 
 
 # ----------------------------------------------------------------------------- measured
@@ -324,7 +326,8 @@ def test_prediction_within_15_percent_of_measured_peak(weighty_moe, ep_size, seq
     peaks = measure_peaks(model, data, root, ep_size, seq_len, ckpt)
     measured = max(peaks)
     ratio = predicted["total"] / measured
-    report = (f"ep_size {ep_size}, seq_len {seq_len}, checkpointing {ckpt}: predicted {predicted['total'] / 2**20:.0f} MiB, measured peak RSS per rank "
+    report = (f"ep_size {ep_size}, seq_len {seq_len}, checkpointing {ckpt}: predicted "
+              f"{predicted['total'] / 2**20:.0f} MiB, measured peak RSS per rank "
               f"{[round(p / 2**20) for p in peaks]} MiB, ratio {ratio:.3f}; parts (MiB) "
               f"{ {k: round(v / 2**20) for k, v in predicted['parts'].items()} }")
     print(report)
