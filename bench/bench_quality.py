@@ -8,6 +8,24 @@ trained/oracle, with the training tokens and wall time of each run. Results are 
 per run in --work, so an interrupted benchmark continues.
 
     python bench/bench_quality.py [--splits contiguous kmeans] [--configs 4,2 4,1 8,2] [--tokens 24576]
+
+Shared experts against static pruning (issue 13): ``--jobs`` switches to that table. Each job
+is run in the order given (so the list is the priority) and cached under --work/issue13:
+
+  static:F:T     static pruning: a real dense LlamaForCausalLM keeping the fraction F of each FFN's
+                 neurons (the top by contribution importance, mean |a_i| * ||W_down[:, i]||, on the
+                 conversion's KJV calibration tokens, each layer on the pruned layers' hidden states),
+                 untrained (T=0) or fine-tuned on T tokens with a plain one-process torch loop that
+                 reproduces `train` (same windows in the same order, AdamW betas (0.9, 0.95), weight
+                 decay 1e-5, warm-up max(1, steps // 10) then cosine to lr x 0.001, clipping 1.0;
+                 only the MLP weights train, as in the MoE recipe);
+  moe:S,E,K:T    convert with a shared expert of S (fraction or count), E routed co-activation
+                 experts, k=K, router fitted at conversion; T=0: evaluated untrained with the fitted
+                 router and with the oracle router; T>0: trained (DeepSpeed EP, torchrun) on T tokens;
+  paper:T        the paper's recipe: contiguous E=4, k=2, N(0, 0.02) router, scale E/k, share prior.
+
+    python bench/bench_quality.py --lr 1e-3 --jobs static:0.5:0 moe:0.125,14,6:0 static:0.5:49152 \
+        moe:0.125,14,6:49152 moe:0.25,6,2:49152
 """
 
 from __future__ import annotations
@@ -38,6 +56,12 @@ def parse() -> argparse.Namespace:
                    "'combine_scale=1 prior_target=subset router_init=prior'")
     p.add_argument("--tag", default="", help="name suffix for this variant's cache entries")
     p.add_argument("--work", type=Path, default=None, help="default: <cache>/bench_quality")
+    p.add_argument("--jobs", nargs="+", default=None,
+                   help="issue 13 table: static:F:T, moe:S,E,K:T, paper:T jobs, run in this order (see above)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="--jobs: KJV calibration tokens (convert and "
+                   "static pruning)")
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--table-only", action="store_true", help="--jobs: print the table of the cached jobs, run none")
     p.add_argument("--keep", action="store_true",
                    help="keep each run's converted model and DeepSpeed checkpoints (several GB a run); by default "
                         "only the metrics, reports and the exported model stay")
@@ -46,6 +70,8 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    if args.jobs:
+        return issue13(args)
     from factorllm_ds import assets
     from factorllm_ds.config import ConvertConfig
     from factorllm_ds.convert import convert
@@ -121,6 +147,280 @@ def print_table(rows: list[dict]) -> None:
               f"{r['trained_oracle']:9.2f} {r['trained_over_dense']:8.3f} {r['trained_over_oracle']:8.3f}")
     print("conv+rand: converted, untrained (random-init) router; paper: trained experts, random router "
           "(the paper's public code never trains the router); oracle: the PA prior's experts")
+
+
+# ----------------------------------------------------------------------------- issue 13: shared experts vs static pruning
+
+
+def _parse_job(spec: str) -> dict:
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "static":
+            frac, tokens = rest.split(":")
+            return {"kind": kind, "frac": float(frac), "tokens": int(tokens), "name": f"static{frac}-T{tokens}"}
+        if kind == "moe":
+            shape, tokens = rest.split(":")
+            s, e, k = shape.split(",")
+            return {"kind": kind, "shared": s, "E": int(e), "k": int(k), "tokens": int(tokens),
+                    "struct": f"S{s}-E{e}k{k}", "name": f"S{s}-E{e}k{k}-T{tokens}"}
+        if kind == "paper":
+            return {"kind": kind, "E": 4, "k": 2, "tokens": int(rest), "struct": "paper-contiguous-E4k2",
+                    "name": f"paper-contiguous-E4k2-T{rest}"}
+    except ValueError:
+        pass
+    raise SystemExit(f"--jobs {spec}: expected static:F:T, moe:S,E,K:T or paper:T")
+
+
+def _calib_ids(args, tokenizer, kjv: Path):
+    """The conversion's calibration tokens (calibration.CalibrationRunner): the first --calib-tokens of KJV."""
+    import torch
+
+    from factorllm_ds.data import read_text
+
+    ids = tokenizer(read_text(kjv, "kjv"), add_special_tokens=False)["input_ids"]
+    seq = min(args.calib_seq_len, args.calib_tokens)
+    n = max(args.calib_tokens, seq) // seq
+    return torch.tensor(ids[: n * seq]).view(n, seq)
+
+
+def build_static(args, dense: Path, kjv: Path, frac: float):
+    """SmolLM2 with each FFN cut to its top ``frac`` neurons by contribution importance: a real LlamaForCausalLM
+    with intermediate_size round(frac * I). Each layer's importance is measured on the calibration tokens as the
+    already-pruned layers below it transform them (the stream convert calibrates on)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factorllm_ds import structure as st
+
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, attn_implementation="sdpa").eval()
+    inter = model.config.intermediate_size
+    keep = round(frac * inter)
+    calib = _calib_ids(args, tokenizer, kjv)
+    inner = model.model
+    with torch.no_grad():
+        hidden = inner.embed_tokens(calib)
+        pos = torch.arange(calib.shape[1]).unsqueeze(0)
+        pos_emb = inner.rotary_emb(hidden, pos)
+
+        def run(layer, h):
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pos_emb)
+            return out[0] if isinstance(out, tuple) else out
+
+        for layer in inner.layers:
+            mlp = layer.mlp
+            seen = {}
+            hook = mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("act", a[0]))
+            run(layer, hidden)
+            hook.remove()
+            imp_I = st.neuron_importance(seen["act"].reshape(-1, inter), mlp.down_proj.weight, "contribution")
+            idx = torch.topk(imp_I, keep).indices.sort().values
+            mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight[idx].clone())
+            mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight[idx].clone())
+            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, idx].clone())
+            for lin, (o, i) in ((mlp.gate_proj, (keep, None)), (mlp.up_proj, (keep, None)), (mlp.down_proj, (None, keep))):
+                if o:
+                    lin.out_features = o
+                else:
+                    lin.in_features = i
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = keep
+            hidden = run(layer, hidden)
+    model.config.intermediate_size = keep
+    return model, tokenizer
+
+
+def finetune_static(args, model, tokenizer, kjv: Path, tokens: int) -> dict:
+    """`train`'s schedule and data order on one process: AdamW, warm-up then cosine, clipping 1.0, MLP weights only."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from factorllm_ds.data import Sampler, prepare
+    from factorllm_ds.train import TrainConfig, lr_lambda
+
+    defaults = TrainConfig(model=Path("."), data=["x"], out=Path("."))
+    gbs, micro = args.global_batch_size, args.micro_batch_size
+    steps = max(1, tokens // (gbs * args.seq_len))  # as pipeline.train_stage
+    warmup = max(1, steps // 10)
+    packed = prepare([str(kjv)], None, tokenizer, args.seq_len, defaults.eval_fraction)
+    sampler = Sampler(len(packed.train), defaults.seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp." in name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(defaults.beta1, defaults.beta2),
+                            weight_decay=defaults.weight_decay)
+    sched_cfg = type("C", (), {"warmup_steps": warmup, "min_lr_ratio": defaults.min_lr_ratio})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sched_cfg, steps))
+    model.train()
+    accum = gbs // micro
+    losses = []
+    for step in range(steps):
+        total = 0.0
+        for m in range(accum):
+            first = step * gbs + m * micro
+            ids = torch.from_numpy(np.stack([packed.train[sampler.window(first + b)] for b in range(micro)]))
+            loss = model(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        if not math.isfinite(total):
+            raise RuntimeError(f"static fine-tune: loss {total} at step {step}")
+        print(f"static fine-tune step {step + 1}/{steps} loss {total:.4f} ({time.strftime('%H:%M:%S')})", file=sys.stderr,
+              flush=True)
+    model.eval()
+    return {"steps": steps, "warmup_steps": warmup, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def issue13(args) -> None:
+    from factorllm_ds import assets
+    from factorllm_ds.config import ConvertConfig
+    from factorllm_ds.convert import convert
+    from factorllm_ds.evaluate import EvalConfig, evaluate
+    from factorllm_ds.export import ExportConfig, run_export
+    from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE
+    from factorllm_ds.pipeline import DemoConfig, train_stage
+
+    work = (args.work or assets.cache_dir() / "bench_quality") / "issue13"
+    (work / "reports").mkdir(parents=True, exist_ok=True)
+    dense, kjv, botchan = assets.smollm2_model_dir(), assets.kjv_text(), assets.botchan_text()
+    jobs = [_parse_job(j) for j in args.jobs]
+
+    def report(model: Path, name: str, **kw) -> dict:
+        path = work / "reports" / f"{name}.json"
+        if not path.is_file():
+            evaluate(EvalConfig(model=model, data=[botchan], seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                                report=path, sample_tokens=0, **kw), progress=False)
+        return json.loads(path.read_text())
+
+    def usage(rep: dict) -> dict | None:
+        u = rep.get("expert_usage")
+        if not u:
+            return None
+        return {"per_layer_max_share": [max(r) for r in u["shares"]], "per_layer_min_share": [min(r) for r in u["shares"]],
+                "max_share": u["max_share"], "min_share": u["min_share"]}
+
+    settings = {"seq_len": args.seq_len, "global_batch_size": args.global_batch_size,
+                "micro_batch_size": args.micro_batch_size, "lr": args.lr, "nproc": args.nproc, "ep_size": args.ep_size,
+                "calib_tokens": args.calib_tokens, "calib_seq_len": args.calib_seq_len,
+                "eval": f"botchan {args.eval_windows}x{args.eval_seq_len}"}
+    dense_ppl = report(dense, "dense")["perplexity"]
+    for job in ([] if args.table_only else jobs):
+        result_file = work / f"{job['name']}.json"
+        if result_file.is_file():
+            continue
+        started = time.time()
+        row = {"job": job, "settings": settings, "dense": dense_ppl}
+        print(f"== {job['name']}", file=sys.stderr, flush=True)
+        if job["kind"] == "static":
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            # the pruned, untrained model: built once per fraction, shared by its untrained and fine-tuned jobs
+            pruned = work / f"static{job['frac']}-pruned"
+            if not (pruned / "config.json").is_file():
+                model, tokenizer = build_static(args, dense, kjv, job["frac"])
+                model.save_pretrained(pruned)
+                tokenizer.save_pretrained(pruned)
+                del model
+            row["prune_seconds"] = round(time.time() - started, 1)
+            row["active"] = json.loads((pruned / "config.json").read_text())["intermediate_size"] / json.loads(
+                (dense / "config.json").read_text())["intermediate_size"]
+            folder = pruned
+            if job["tokens"]:
+                model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32, attn_implementation="sdpa")
+                tokenizer = AutoTokenizer.from_pretrained(pruned)
+                row["finetune"] = finetune_static(args, model, tokenizer, kjv, job["tokens"])
+                folder = work / job["name"] / "model"
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+                del model
+            row["train_seconds"] = round(time.time() - started - row["prune_seconds"], 1)
+            row["ppl"] = report(folder, job["name"])["perplexity"]
+            if not args.keep and job["tokens"]:
+                shutil.rmtree(work / job["name"], ignore_errors=True)
+        else:
+            moe = work / job["struct"] / "moe"
+            if not (moe / MANIFEST_FILE).is_file():
+                if job["kind"] == "moe":
+                    cfg = ConvertConfig(model=dense, out=moe, num_experts=job["E"], top_k=job["k"],
+                                        split="coactivation", shared_neurons=job["shared"], calib_data=kjv,
+                                        calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+                                        overwrite=True)
+                else:
+                    cfg = ConvertConfig(model=dense, out=moe, num_experts=4, top_k=2, split="contiguous",
+                                        overwrite=True)
+                convert(cfg, progress=False)
+            manifest_cfg = json.loads((moe / "config.json").read_text())
+            row["active"] = _active_share(manifest_cfg)
+            row["moe_config"] = {k: manifest_cfg.get(k) for k in manifest_cfg if k in (
+                "num_experts", "num_experts_per_tok", "expert_intermediate_size", "shared_intermediate_size", "routing",
+                "combine_scale", "prior_target", "router_bias")}
+            if job["tokens"] == 0:
+                fitted = report(moe, job["name"] + "-fitted")
+                row["ppl"] = fitted["perplexity"]
+                row["usage"] = usage(fitted)
+                row["ppl_oracle"] = report(moe, job["name"] + "-oracle", router="oracle")["perplexity"]
+                row["train_seconds"] = 0.0
+            else:
+                run, exported = work / job["name"] / "run", work / job["name"] / "export"
+                demo = DemoConfig(tokens=job["tokens"], seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                                  global_batch_size=args.global_batch_size, lr=args.lr, nproc=args.nproc,
+                                  ep_size=min(args.ep_size, job["E"]), launcher="torchrun")
+                train_stage(demo, moe, kjv, run, extra=args.train_args.split())
+                row["train_seconds"] = round(time.time() - started, 1)
+                if not (exported / "config.json").is_file():
+                    run_export(ExportConfig(run=run, out=exported, format="factorllm", overwrite=True), progress=False)
+                trained = report(exported, job["name"])
+                row["ppl"] = trained["perplexity"]
+                row["usage"] = usage(trained)
+                if not args.keep:
+                    shutil.rmtree(run / CHECKPOINT_DIR, ignore_errors=True)
+        row["over_dense"] = row["ppl"] / dense_ppl
+        row["seconds"] = round(time.time() - started, 1)
+        result_file.write_text(json.dumps(row, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("usage", "settings")}), file=sys.stderr, flush=True)
+    print_issue13(work, jobs, dense_ppl)
+
+
+def _active_share(cfg: dict) -> float:
+    shared, per_expert = cfg.get("shared_intermediate_size") or 0, cfg["expert_intermediate_size"]
+    return (shared + cfg["num_experts_per_tok"] * per_expert) / (shared + cfg["num_experts"] * per_expert)
+
+
+def _ratio(num: float, den: float | None) -> str:
+    return "–" if den is None else f"{num / den:.3f}"
+
+
+def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
+    """Markdown table of every cached job; ppl / static pruning against the static row of the same active share
+    and the same training tokens."""
+    rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    static = {(round(r["active"], 4), r["job"]["tokens"]): r["ppl"] for r in rows if r["job"]["kind"] == "static"}
+    order = {j["name"]: i for i, j in enumerate(jobs)}
+    rows.sort(key=lambda r: (-round(r["active"], 4), order.get(r["job"]["name"], 10**6), r["job"]["tokens"]))
+    print(f"\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning |\n|---|---|---|---|---|---|")
+    print(f"| 1 | dense | 0 | {dense_ppl:.2f} | 1 | – |")
+    for r in rows:
+        j = r["job"]
+        ref = static.get((round(r["active"], 4), j["tokens"]))
+        label = {"static": "static pruning", "paper": "paper recipe (contiguous E=4 k=2, scale 2, share)"}.get(
+            j["kind"], j.get("struct", ""))
+        if j["kind"] == "moe":
+            label += ", fitted router" + (", untrained" if j["tokens"] == 0 else ", trained")
+        elif j["kind"] == "static":
+            label += ", untrained" if j["tokens"] == 0 else ", fine-tuned (MLP)"
+        print(f"| {r['active']:.3f} | {label} | {j['tokens']} | {r['ppl']:.2f} | {r['over_dense']:.3f} | "
+              f"{_ratio(r['ppl'], ref)} |")
+        if "ppl_oracle" in r:
+            ref0 = static.get((round(r["active"], 4), 0))
+            print(f"| {r['active']:.3f} | {j['struct']}, oracle router, untrained | 0 | {r['ppl_oracle']:.2f} | "
+                  f"{r['ppl_oracle'] / dense_ppl:.3f} | {_ratio(r['ppl_oracle'], ref0)} |")
 
 
 if __name__ == "__main__":
