@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from factorllm_ds import keys
 from factorllm_ds.data import read_text
+from factorllm_ds.hf_io import load_tokenizer
 from factorllm_ds.errors import UserError
 
 
@@ -25,10 +26,7 @@ class CalibrationRunner:
         text_cfg = {k: v for k, v in dense_config.items() if k != "model_type"}
         self.config = AutoConfig.for_model(dense_config["model_type"], **text_cfg)
         self.config._attn_implementation = "sdpa"  # causal without building a mask
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(getattr(cfg, "tokenizer", None) or cfg.model)
-        except Exception as err:
-            raise UserError(f"--model {cfg.model}: no usable tokenizer for the calibration text ({err}).") from err
+        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
         ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
         seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
         need = max(cfg.calib_tokens, seq_len)

@@ -20,7 +20,7 @@ from factorllm_ds.keys import SUPPORTED_FAMILIES
 from factorllm_ds.hf_model.configuration_factorllm import ROUTING_MODES, FactorLLMConfig, default_combine_scale
 from factorllm_ds.hf_model.modeling_factorllm import PRIOR_TARGETS
 from factorllm_ds.split import SPLIT_METHODS
-from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared
+from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared, valid_num_experts
 
 PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the paper's)
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
@@ -104,7 +104,7 @@ class MoEShape:
         if self.num_experts < 1:
             problems.append(f"--num-experts {self.num_experts}: must be >= 1")
         elif routed is not None and (routed < self.num_experts or routed % self.num_experts):
-            divisors = [d for d in range(2, routed + 1) if routed % d == 0]
+            divisors = [d for d in valid_num_experts(intermediate_size, num_shared) if d >= 2]
             what = (f"the FFN intermediate size {intermediate_size}" if not num_shared else
                     f"the {routed} routed neurons (intermediate size {intermediate_size} - {num_shared} shared)")
             problems.append(f"--num-experts {self.num_experts} does not divide {what}; valid E: "

@@ -144,8 +144,8 @@ def moe_config(dense_config: dict, cfg: ConvertConfig):
 def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     dense_config = read_config(cfg.model)
     cfg = cfg.validate(dense_config)
-    check_output(cfg.out, "--out", cfg.overwrite, {"--model": cfg.model, "--calib-data": cfg.calib_data,
-                                                   "--tokenizer": cfg.tokenizer}, (MANIFEST_FILE,))
+    inputs = {"--model": cfg.model, "--calib-data": cfg.calib_data, "--tokenizer": cfg.tokenizer}
+    check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,))  # before any work; FolderWriter re-checks
     if cfg.tokenizer is not None or cfg.needs_calibration():
         tokenizer_dir(cfg.model, cfg.tokenizer)  # the error names the folder and suggests --tokenizer
     reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
@@ -168,7 +168,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     # shard_writer is looked up here, not in hf_io, so that a test can count bytes instead of writing them.
     with FolderWriter(cfg.out, plan, parse_size(cfg.max_shard_size), command="convert", overwrite=cfg.overwrite,
                       progress=progress, shard_writer=StreamingSafetensorsWriter,
-                      inputs={"--model": cfg.model}) as folder:
+                      inputs=inputs) as folder:
         # Every layer's MLP has the same shapes: read them into the same three buffers, so that
         # no 3 x [I, H] blocks are freed and reallocated per layer (glibc would keep them).
         mlp_buffers: dict[str, torch.Tensor] = {}

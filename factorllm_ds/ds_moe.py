@@ -30,6 +30,7 @@ from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_ag
 
 EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
 GATE_PREFIX = "moe.deepspeed_moe.gate.router"
+SELECTION_BIAS = "moe.deepspeed_moe.gate.selection_bias"  # --balance-kind bias (sources.py folds it on export)
 
 
 @dataclass
@@ -160,8 +161,8 @@ class DeepSpeedMoEBlock(nn.Module):
             out = out + self.shared_expert(hidden_states)
         probs_TE = self.gate.last_probs
         zero = probs_TE.new_zeros(())
-        bal = {"switch": switch_balance_loss, "paper": balance_loss}.get(self.weights.balance_kind, lambda *_: zero)(
-            probs_TE, self.k)
+        kind = self.weights.balance_kind
+        bal = zero if kind == "bias" else (switch_balance_loss if kind == "switch" else balance_loss)(probs_TE, self.k)
         aux = BlockAux(
             pa=pa_loss(probs_TE, prior_idx, self.weights.prior_tau) if prior_idx is not None else zero,
             balance=bal,
@@ -275,7 +276,7 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
             state[name] = reader.get(name)
     for layer, block in enumerate(model.blocks()):
         state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.weight"] = reader.get(keys.ROUTER_WEIGHT.format(layer=layer))
-        state[f"model.layers.{layer}.mlp.{GATE_PREFIX[:-len('router')]}selection_bias"] = torch.zeros(config.num_experts)
+        state[f"model.layers.{layer}.mlp.{SELECTION_BIAS}"] = torch.zeros(config.num_experts)
         if config.router_bias:
             state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
         teacher = {"gate": [], "up": [], "down": []}

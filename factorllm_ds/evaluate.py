@@ -39,7 +39,7 @@ from factorllm_ds import __version__
 from factorllm_ds.config import arg, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import read_config
+from factorllm_ds.hf_io import load_tokenizer, read_config
 from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds.safety import FILE_MARKER, check_output_file
 
@@ -115,13 +115,6 @@ class EvalConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces other modules call
-
-
-def load_tokenizer(model_dir: Path, tokenizer: Path | None = None):
-    """The tokenizer of ``--tokenizer`` or else the model folder; one clear error when there is none."""
-    from factorllm_ds.hf_io import load_tokenizer as load
-
-    return load(model_dir, tokenizer, "--model")
 
 
 def token_windows(token_ids: list[int] | torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -276,7 +269,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     started = time.time()
     is_moe = cfg.validate(read_config(cfg.model, "--model"))
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, "--model")
     text = read_text(cfg.data, "--data")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     windows = token_windows(ids, cfg.seq_len, cfg.max_windows)
