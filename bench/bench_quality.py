@@ -283,6 +283,7 @@ def issue13(args) -> None:
     from factorllm_ds.convert import convert
     from factorllm_ds.evaluate import EvalConfig, evaluate
     from factorllm_ds.export import ExportConfig, run_export
+    from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
     from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE
     from factorllm_ds.pipeline import DemoConfig, train_stage
 
@@ -290,6 +291,10 @@ def issue13(args) -> None:
     (work / "reports").mkdir(parents=True, exist_ok=True)
     dense, kjv, botchan = assets.smollm2_model_dir(), assets.kjv_text(), assets.botchan_text()
     jobs = [_parse_job(j) for j in args.jobs]
+    for job in jobs:  # a training variant (--train-args) is its own cache entry, named by --tag
+        if job["tokens"] and job["kind"] != "static" and args.tag:
+            job["name"] += args.tag
+            job["train_args"] = args.train_args
 
     def report(model: Path, name: str, **kw) -> dict:
         path = work / "reports" / f"{name}.json"
@@ -357,7 +362,7 @@ def issue13(args) -> None:
                                         overwrite=True)
                 convert(cfg, progress=False)
             manifest_cfg = json.loads((moe / "config.json").read_text())
-            row["active"] = _active_share(manifest_cfg)
+            row["active"] = FactorLLMConfig.from_pretrained(moe).active_fraction
             row["moe_config"] = {k: manifest_cfg.get(k) for k in manifest_cfg if k in (
                 "num_experts", "num_experts_per_tok", "expert_intermediate_size", "shared_intermediate_size", "routing",
                 "combine_scale", "prior_target", "router_bias")}
@@ -388,11 +393,6 @@ def issue13(args) -> None:
     print_issue13(work, jobs, dense_ppl)
 
 
-def _active_share(cfg: dict) -> float:
-    shared, per_expert = cfg.get("shared_intermediate_size") or 0, cfg["expert_intermediate_size"]
-    return (shared + cfg["num_experts_per_tok"] * per_expert) / (shared + cfg["num_experts"] * per_expert)
-
-
 def _ratio(num: float, den: float | None) -> str:
     return "–" if den is None else f"{num / den:.3f}"
 
@@ -413,6 +413,8 @@ def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
             j["kind"], j.get("struct", ""))
         if j["kind"] == "moe":
             label += ", fitted router" + (", untrained" if j["tokens"] == 0 else ", trained")
+        if j.get("train_args"):
+            label += f" (`{j['train_args']}`)"
         elif j["kind"] == "static":
             label += ", untrained" if j["tokens"] == 0 else ", fine-tuned (MLP)"
         print(f"| {r['active']:.3f} | {label} | {j['tokens']} | {r['ppl']:.2f} | {r['over_dense']:.3f} | "

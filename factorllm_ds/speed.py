@@ -14,8 +14,9 @@ decoder layer's MLP swapped for a module returning zeros, and ``f = 1 - t(no FFN
 That measures what the FFNs actually cost in this run (kernels, memory traffic, launch
 overhead), with none of the per-module synchronization a hook-based timer would add on a GPU.
 
-With k of E equal experts, only k/E of the FFN's work remains, so Amdahl's law bounds the
-speedup: ``limit = 1 / ((1 - f) + f * k / E)``. ``speedup / limit`` says how much of that
+With a shared expert of S neurons and k of E routed experts of I_e neurons each, only the active
+fraction a = (S + k I_e) / (S + E I_e) of the FFN's work remains (k/E without a shared expert), so
+Amdahl's law bounds the speedup: ``limit = 1 / ((1 - f) + f * a)``. ``speedup / limit`` says how much of that
 bound the sparse dispatch realises (routing, gather/scatter and small matmuls cost extra).
 """
 
@@ -107,9 +108,9 @@ def ffn_removed(model):
             layer.mlp = mlp
 
 
-def amdahl_limit(ffn_share: float, top_k: int, num_experts: int) -> float:
-    """Best possible speedup when the FFN part (share f of the time) shrinks to k/E of its work."""
-    return 1.0 / ((1.0 - ffn_share) + ffn_share * top_k / num_experts)
+def amdahl_limit(ffn_share: float, active_fraction: float) -> float:
+    """Best possible speedup when the FFN part (share f of the time) shrinks to the active fraction of its work."""
+    return 1.0 / ((1.0 - ffn_share) + ffn_share * active_fraction)
 
 
 def _sync(device: torch.device) -> None:
@@ -168,11 +169,11 @@ def _time_variants(variants: dict, reps: int, warmup: int) -> dict[str, list[flo
     return times
 
 
-def _phase_result(times: dict[str, list[float]], tokens: int, top_k: int, num_experts: int) -> dict:
+def _phase_result(times: dict[str, list[float]], tokens: int, active_fraction: float) -> dict:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ffn_share = min(max(1.0 - med["dense_no_ffn"] / med["dense"], 0.0), 1.0)
     speedup = med["dense"] / med["moe"]
-    limit = amdahl_limit(ffn_share, top_k, num_experts)
+    limit = amdahl_limit(ffn_share, active_fraction)
     return {
         "tokens": tokens,
         "dense_tokens_per_s": tokens / med["dense"],
@@ -201,7 +202,7 @@ def bench_speed(cfg: SpeedConfig) -> dict:
     if cfg.top_k is not None:
         moe.set_top_k(cfg.top_k)
     block = moe.moe_blocks()[0]
-    k, num_experts = block.top_k, block.num_experts
+    k, num_experts, active = block.top_k, block.num_experts, moe.config.active_fraction
 
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = dense.config.vocab_size
@@ -215,6 +216,7 @@ def bench_speed(cfg: SpeedConfig) -> dict:
         return run
 
     result = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "dense": str(cfg.dense), "top_k": k, "num_experts": num_experts,
+              "shared_intermediate_size": moe.config.shared_intermediate_size, "active_fraction": active,
               "routing": block.routing, "batch": cfg.batch, "seq_len": cfg.seq_len,
               "decode_tokens": cfg.decode_tokens, "dtype": cfg.dtype, "device": str(device),
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": cfg.reps,
@@ -222,12 +224,12 @@ def bench_speed(cfg: SpeedConfig) -> dict:
     prefill = _time_variants({"dense": lambda: run_prefill(dense, ids),
                               "dense_no_ffn": without_ffn(lambda m: run_prefill(m, ids)),
                               "moe": lambda: run_prefill(moe, ids)}, cfg.reps, cfg.warmup)
-    result["prefill"] = _phase_result(prefill, cfg.batch * cfg.seq_len, k, num_experts)
+    result["prefill"] = _phase_result(prefill, cfg.batch * cfg.seq_len, active)
     if cfg.decode_tokens > 0:
         decode = _time_variants({"dense": lambda: run_decode(dense, ids, step_ids),
                                  "dense_no_ffn": without_ffn(lambda m: run_decode(m, ids, step_ids)),
                                  "moe": lambda: run_decode(moe, ids, step_ids)}, cfg.reps, cfg.warmup)
-        result["decode"] = _phase_result(decode, cfg.batch * cfg.decode_tokens, k, num_experts)
+        result["decode"] = _phase_result(decode, cfg.batch * cfg.decode_tokens, active)
     if cfg.report is not None:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.report).write_text(json.dumps(result, indent=2) + "\n")
@@ -236,7 +238,9 @@ def bench_speed(cfg: SpeedConfig) -> dict:
 
 def summary_lines(result: dict) -> list[str]:
     threads = f" ({result['threads']} threads)" if result["threads"] else ""
-    lines = [f"k/E = {result['top_k']}/{result['num_experts']}, batch {result['batch']} x {result['seq_len']} tokens, "
+    shared = result.get("shared_intermediate_size") or 0
+    lines = [f"k/E = {result['top_k']}/{result['num_experts']}" + (f" + shared expert ({shared} neurons)" if shared else "")
+             + f", active {result['active_fraction']:.3f} of the FFN, batch {result['batch']} x {result['seq_len']} tokens, "
              f"{result['dtype']} on {result['device']}{threads}",
              f"{'phase':8} {'dense tok/s':>12} {'moe tok/s':>12} {'FFN share':>10} {'speedup':>8} {'limit':>7} "
              f"{'ratio':>6}"]

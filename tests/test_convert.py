@@ -569,7 +569,7 @@ def oracle_agreement(moe_dir: Path, text: Path, prior_target: str) -> float:
 
     def hook(block, args):
         x_TH = args[0].reshape(-1, args[0].shape[-1])
-        out_ETH = torch.stack([e(x_TH) for e in block.experts])
+        out_ETH = tiny.expert_outputs(block, x_TH)
         prior = prior_topk(out_ETH, out_ETH.sum(0), block.top_k, prior_target, block.scale)
         scores.append(prior_agreement(torch.softmax(block.router(x_TH), -1), prior).item())
 

@@ -74,7 +74,7 @@ def test_oracle_picks_the_experts_closest_to_their_share(tiny_moe_dir):
     model(torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)))
     x_TH, idx_TK, weights_TK = seen["out"]
     k, num_experts = block.top_k, block.num_experts
-    out_ETH = torch.stack([expert(x_TH) for expert in block.experts])
+    out_ETH = tiny.expert_outputs(block, x_TH)
     share_TH = out_ETH.sum(0) * k / num_experts  # docs/method.md §4: m_i = mean_h (E_i(x) - t k/E)^2
     dist_TE = (out_ETH - share_TH).pow(2).mean(-1).T
     chosen = torch.zeros_like(dist_TE, dtype=torch.bool).scatter_(1, idx_TK, True)
@@ -158,8 +158,22 @@ def test_bench_speed_prints_its_table(tiny_moe_dir, tiny_dense_dir, tmp_path, ca
     out = capsys.readouterr().out
     assert "prefill" in out and "decode" in out and "limit" in out
     result = json.loads(report.read_text())
+    assert result["active_fraction"] == pytest.approx(2 / 4) and result["shared_intermediate_size"] == 0
     for phase in ("prefill", "decode"):
         r = result[phase]
         assert r["moe_tokens_per_s"] > 0 and r["dense_tokens_per_s"] > 0 and 0.0 <= r["ffn_share"] <= 1.0
-        assert r["amdahl_limit"] == pytest.approx(1 / ((1 - r["ffn_share"]) + r["ffn_share"] * 2 / 4))
+        assert r["amdahl_limit"] == pytest.approx(1 / ((1 - r["ffn_share"]) + r["ffn_share"] * 2 / 4))  # k/E
         assert r["speedup_over_limit"] == pytest.approx(r["speedup"] / r["amdahl_limit"])
+
+
+def test_amdahl_limit_counts_the_shared_expert():
+    """The shared expert always runs: 12.5% shared + 6 of 14 routed experts is half the FFN, not 6/14 of it."""
+    from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
+    from factorllm_ds.speed import amdahl_limit
+
+    config = FactorLLMConfig(text_config=tiny.dense_config("llama").to_dict(), num_experts=14, num_experts_per_tok=6,
+                             expert_intermediate_size=96, shared_intermediate_size=192)
+    assert config.active_fraction == pytest.approx(0.5)
+    assert amdahl_limit(0.6, config.active_fraction) == pytest.approx(1 / (0.4 + 0.3))
+    config.num_experts_per_tok = 14
+    assert config.active_fraction == 1.0 and amdahl_limit(0.6, 1.0) == 1.0

@@ -126,7 +126,7 @@ def _oracle_agreement(moe_dir: Path, text: Path) -> float:
 
     def hook(block, args):
         x_TH = args[0].reshape(-1, args[0].shape[-1])
-        out_ETH = torch.stack([e(x_TH) for e in block.experts])
+        out_ETH = tiny.expert_outputs(block, x_TH)
         oracle = prior_topk(out_ETH, out_ETH.sum(0), block.top_k, "subset", 1.0)
         learned = torch.topk(block.router(x_TH), block.top_k, dim=-1).indices
         scores.append(topk_agreement(learned, oracle))

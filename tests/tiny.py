@@ -93,3 +93,17 @@ def write_calibration_text(path: Path, chars: int = 20_000) -> Path:
     text = botchan_text().read_text(encoding="utf-8")[:chars]
     Path(path).write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def expert_output(block, e: int, x_TH: torch.Tensor) -> torch.Tensor:
+    """Routed expert ``e`` of a shipped-model MoE block on x, from its own slices of the stacked weights
+    (gate rows, then up rows; docs/method.md §1), written out independently of the model's kernels."""
+    inter = block.experts.intermediate_size
+    gate_up, down = block.experts.gate_up_proj[e], block.experts.down_proj[e]
+    act = block.experts.act_fn
+    return torch.nn.functional.linear(act(x_TH @ gate_up[:inter].T) * (x_TH @ gate_up[inter:].T), down)
+
+
+def expert_outputs(block, x_TH: torch.Tensor) -> torch.Tensor:
+    """Every routed expert on every token: [E, T, H]."""
+    return torch.stack([expert_output(block, e, x_TH) for e in range(block.num_experts)])

@@ -85,6 +85,12 @@ class FactorLLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @property
+    def active_fraction(self) -> float:
+        """The share of the FFN's neurons each token runs: (shared + k routed) / (shared + E routed)."""
+        shared, routed = self.shared_intermediate_size, self.expert_intermediate_size
+        return (shared + self.num_experts_per_tok * routed) / (shared + self.num_experts * routed)
+
+    @property
     def scale(self) -> float:
         """The combine scale s actually used (resolves the ``None`` default)."""
         return default_combine_scale(self.routing, self.num_experts, self.num_experts_per_tok, self.combine_scale)

@@ -11,7 +11,10 @@ keys match the dense model's except under ``.mlp.``::
     model.layers.{L}.mlp.shared_expert.{gate,up,down}_proj.weight   (when shared_intermediate_size > 0)
 
 The shared expert runs on every token with weight 1; of the routed experts only the selected
-ones run on each token (sparse dispatch).
+ones run on each token (sparse dispatch). In memory the routed experts of a layer are stacked
+(``experts.gate_up_proj`` [E, 2*I_e, H], ``experts.down_proj`` [E, H, I_e]) so that all selected
+experts run as one grouped computation; loading and saving keep the per-expert keys above
+(a transformers weight conversion, the one Mixtral uses; torch's ``load_state_dict`` accepts them too).
 """
 
 from __future__ import annotations
@@ -113,6 +116,119 @@ class FactorLLMExpert(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+class FactorLLMExperts(nn.Module):
+    """A layer's routed experts, stacked: ``gate_up_proj`` [E, 2*I_e, H] (gate rows, then up rows) and
+    ``down_proj`` [E, H, I_e]. Two kernels (docs/method.md §8):
+
+    - many tokens (prefill, training): only the selected experts run. The (token, expert) pairs are
+      sorted by expert once and each expert multiplies one contiguous slice:
+      ``torch.nn.functional.grouped_mm`` (one call for all experts) where the device and strides allow
+      it, else one matmul pair per expert that has tokens; no per-expert mask, gather or scatter.
+    - at most ``few_tokens`` tokens (decode): reading the weights, not the arithmetic, is the cost, and
+      nearly every expert is hit by some token; every expert runs on every token in one matmul over the
+      stacked weights and the unselected ones get weight 0, so decoding costs what the dense FFN does,
+      with no per-expert launches.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act_fn = ACT2FN[hidden_act]
+        self.kernel = "auto"  # auto | grouped | loop | all (tests pin one)
+        self.few_tokens = 16
+        with torch.no_grad():  # nn.Linear's default init, per expert (a checkpoint overwrites it)
+            self.gate_up_proj.uniform_(-hidden_size ** -0.5, hidden_size ** -0.5)
+            self.down_proj.uniform_(-max(intermediate_size, 1) ** -0.5, max(intermediate_size, 1) ** -0.5)
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def all_outputs(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: [E, T, H] (the oracle router and analysis need them all)."""
+        gate_ETI, up_ETI = torch.matmul(x_TH, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        return torch.matmul(self.act_fn(gate_ETI) * up_ETI, self.down_proj.transpose(1, 2))
+
+    def _kernel(self, x_TH: torch.Tensor) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        if x_TH.shape[0] <= self.few_tokens:
+            return "all"
+        aligned = all(t.stride(-2) * t.element_size() % 16 == 0 and t.stride(-1) == 1
+                      for t in (x_TH, self.gate_up_proj, self.down_proj))
+        return "grouped" if _GROUPED_MM is not None and x_TH.is_cuda and aligned else "loop"
+
+    def _all_experts(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        num_experts, inter = self.num_experts, self.intermediate_size
+        h_TEXI = F.linear(x_TH, self.gate_up_proj.view(-1, x_TH.shape[-1])).view(-1, num_experts, 2, inter)
+        w_TE = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.float32, device=x_TH.device)
+        w_TE.scatter_(1, idx_TK, weights_TK.float())
+        a_TEI = self.act_fn(h_TEXI[:, :, 0]) * h_TEXI[:, :, 1]
+        a_ETI = (a_TEI.float() * w_TE.unsqueeze(-1)).to(x_TH.dtype).transpose(0, 1)
+        return torch.bmm(a_ETI, self.down_proj.transpose(1, 2)).float().sum(dim=0)
+
+    def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """sum over the k selected experts of weight * expert(x), accumulated in fp32: [T, H]."""
+        kernel = self._kernel(x_TH)
+        if kernel == "all":
+            return self._all_experts(x_TH, idx_TK, weights_TK)
+        num_tokens, k = idx_TK.shape
+        expert_N = idx_TK.reshape(-1)
+        order_N = torch.argsort(expert_N, stable=True)
+        token_N = order_N // k
+        counts_E = torch.bincount(expert_N, minlength=self.num_experts)
+        x_NH = x_TH[token_N]
+        if kernel == "grouped":
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            gate_NI, up_NI = _GROUPED_MM(x_NH, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+            y_NH = _GROUPED_MM((self.act_fn(gate_NI) * up_NI).contiguous(), self.down_proj.transpose(1, 2),
+                               offs=offs_E)
+        else:
+            pieces, start = [], 0
+            for e, n in enumerate(counts_E.tolist()):  # one host sync; experts without tokens cost nothing
+                if n:
+                    gate_nI, up_nI = F.linear(x_NH[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    pieces.append(F.linear(self.act_fn(gate_nI) * up_nI, self.down_proj[e]))
+                    start += n
+            y_NH = torch.cat(pieces) if pieces else x_NH.new_zeros(0, x_TH.shape[-1])
+        y_NH = y_NH.float() * weights_TK.reshape(-1)[order_N, None].float()
+        out_TH = torch.zeros(num_tokens, x_TH.shape[-1], dtype=torch.float32, device=x_TH.device)
+        return out_TH.index_add_(0, token_N, y_NH)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """torch ``load_state_dict`` with per-expert keys (``{e}.gate_proj.weight`` ...): stacked here."""
+        per_expert = f"{prefix}0.gate_proj.weight"
+        if per_expert in state_dict and f"{prefix}gate_up_proj" not in state_dict:
+            num = self.num_experts
+            parts = {w: [state_dict.pop(f"{prefix}{e}.{w}_proj.weight") for e in range(num)]
+                     for w in ("gate", "up", "down")}
+            state_dict[f"{prefix}gate_up_proj"] = torch.stack(
+                [torch.cat([g, u]) for g, u in zip(parts["gate"], parts["up"])])
+            state_dict[f"{prefix}down_proj"] = torch.stack(parts["down"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _register_checkpoint_layout() -> None:
+    """Per-expert checkpoint keys <-> stacked parameters, for ``from_pretrained`` and ``save_pretrained``."""
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    register_checkpoint_conversion_mapping(FactorLLMConfig.model_type, [
+        WeightConverter(source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+                        target_patterns="mlp.experts.gate_up_proj",
+                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+        WeightConverter(source_patterns=["mlp.experts.*.down_proj.weight"], target_patterns="mlp.experts.down_proj",
+                        operations=[MergeModulelist(dim=0)]),
+    ], overwrite=True)
+
+
+_register_checkpoint_layout()
+
+
 class FactorLLMSparseMoeBlock(nn.Module):
     """Router + experts in place of a dense MLP; computes only the selected experts."""
 
@@ -126,10 +242,8 @@ class FactorLLMSparseMoeBlock(nn.Module):
         self.router_override = config.router_override
         self.prior_target = getattr(config, "prior_target", "share")
         self.router = nn.Linear(text.hidden_size, config.num_experts, bias=config.router_bias)
-        self.experts = nn.ModuleList(
-            FactorLLMExpert(text.hidden_size, config.expert_intermediate_size, text.hidden_act)
-            for _ in range(config.num_experts)
-        )
+        self.experts = FactorLLMExperts(config.num_experts, text.hidden_size, config.expert_intermediate_size,
+                                        text.hidden_act)
         shared_size = getattr(config, "shared_intermediate_size", 0) or 0
         self.shared_expert = FactorLLMExpert(text.hidden_size, shared_size, text.hidden_act) if shared_size else None
         # Opt-in usage counter for analysis: set to a zero tensor [E] to accumulate counts.
@@ -147,7 +261,7 @@ class FactorLLMSparseMoeBlock(nn.Module):
         elif self.router_override == "oracle":
             # The target is the whole FFN (shared + every routed expert); with the shared expert always
             # on, the routed experts must complete it: their target is that sum minus the shared output.
-            out_ETH = torch.stack([expert(x_TH) for expert in self.experts])
+            out_ETH = self.experts.all_outputs(x_TH)
             idx_TK = prior_topk(out_ETH, out_ETH.sum(dim=0), self.top_k, self.prior_target,
                                 prior_weight(self.routing, self.scale, self.top_k))
         else:
@@ -167,16 +281,9 @@ class FactorLLMSparseMoeBlock(nn.Module):
         if self.usage_counts is not None:
             self.usage_counts += torch.bincount(idx_TK.flatten(), minlength=self.num_experts).to(self.usage_counts)
         # fp32 accumulation: summing k expert outputs in bf16 loses precision.
+        out_TH = self.experts(x_TH, idx_TK, weights_TK)
         if self.shared_expert is not None:
-            out_TH = self.shared_expert(x_TH).float()
-        else:
-            out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        for e, expert in enumerate(self.experts):
-            token_ids, slot_ids = torch.where(idx_TK == e)
-            if token_ids.numel() == 0:
-                continue
-            y = expert(x_TH[token_ids]).float() * weights_TK[token_ids, slot_ids, None]
-            out_TH.index_add_(0, token_ids, y)
+            out_TH += self.shared_expert(x_TH).float()
         return out_TH.to(hidden_states.dtype).reshape(shape)
 
 
@@ -196,6 +303,9 @@ class FactorLLMPreTrainedModel(PreTrainedModel):
             module.router.weight.normal_(0.0, 0.02)
             if module.router.bias is not None:
                 module.router.bias.zero_()
+        elif isinstance(module, FactorLLMExperts):
+            module.gate_up_proj.normal_(0.0, 0.02)
+            module.down_proj.normal_(0.0, 0.02)
         elif isinstance(module, nn.Linear):
             module.weight.normal_(0.0, 0.02)
             if module.bias is not None:
