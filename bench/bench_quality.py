@@ -404,7 +404,7 @@ def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
     static = {(round(r["active"], 4), r["job"]["tokens"]): r["ppl"] for r in rows if r["job"]["kind"] == "static"}
     order = {j["name"]: i for i, j in enumerate(jobs)}
     rows.sort(key=lambda r: (-round(r["active"], 4), order.get(r["job"]["name"], 10**6), r["job"]["tokens"]))
-    print(f"\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning |\n|---|---|---|---|---|---|")
+    print("\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning |\n|---|---|---|---|---|---|")
     print(f"| 1 | dense | 0 | {dense_ppl:.2f} | 1 | – |")
     for r in rows:
         j = r["job"]

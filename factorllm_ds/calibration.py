@@ -8,7 +8,6 @@ the ``coactivation`` split, which needs each layer's FFN activations on real tex
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from factorllm_ds.launcher import LAUNCHERS, Launch, train_argv
+from factorllm_ds.launcher import Launch, train_argv
 from factorllm_ds.launcher import command as launch_command
 
 BIN = Path(sys.executable).parent

@@ -113,38 +113,13 @@ def test_shared_neurons_are_the_most_important_on_the_calibration_text(llama_dir
     assert shared == set(torch.topk(importance, 32).indices.tolist())
 
 
-def _oracle_agreement(moe_dir: Path, text: Path) -> float:
-    """Share of the learned router's picks that the oracle (best k-subset for t - shared) also makes."""
-    from transformers import AutoTokenizer
-
-    from factorllm_ds.hf_model.modeling_factorllm import prior_topk
-    from factorllm_ds.structure import topk_agreement
-
-    model = load_moe(moe_dir)
-    ids = AutoTokenizer.from_pretrained(moe_dir)(text.read_text()[-3000:], return_tensors="pt")["input_ids"][:, :256]
-    scores = []
-
-    def hook(block, args):
-        x_TH = args[0].reshape(-1, args[0].shape[-1])
-        out_ETH = tiny.expert_outputs(block, x_TH)
-        oracle = prior_topk(out_ETH, out_ETH.sum(0), block.top_k, "subset", 1.0)
-        learned = torch.topk(block.router(x_TH), block.top_k, dim=-1).indices
-        scores.append(topk_agreement(learned, oracle))
-
-    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in model.model.layers]
-    with torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return sum(scores) / len(scores)
-
-
 def test_router_fitted_at_conversion_agrees_with_the_oracle(llama_dir, calib_text, tmp_path):
     fitted = _convert_shared(llama_dir, tmp_path / "fitted", calib_text)  # --calib-data: the fitted router by default
     normal = _convert_shared(llama_dir, tmp_path / "normal", calib_text, router_init="normal")
     manifest = json.loads((fitted / "factorllm_manifest.json").read_text())
     assert manifest["settings"]["router_init"] == "prior"
-    got, chance = _oracle_agreement(fitted, calib_text), _oracle_agreement(normal, calib_text)
+    got = tiny.oracle_agreement(fitted, calib_text, tail=True)
+    chance = tiny.oracle_agreement(normal, calib_text, tail=True)
     assert got > chance + 0.1, (got, chance)
 
 

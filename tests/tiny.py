@@ -107,3 +107,32 @@ def expert_output(block, e: int, x_TH: torch.Tensor) -> torch.Tensor:
 def expert_outputs(block, x_TH: torch.Tensor) -> torch.Tensor:
     """Every routed expert on every token: [E, T, H]."""
     return torch.stack([expert_output(block, e, x_TH) for e in range(block.num_experts)])
+
+
+def oracle_agreement(moe_dir: Path, text: Path, prior_target: str = "subset", tail: bool = False) -> float:
+    """Mean over layers of the share of the learned router's top-k that the oracle (the PA prior's best k for the
+    routed experts' own sum, docs/method.md §4) also picks, on 256 tokens of ``text`` (its head, or its tail)."""
+    from transformers import AutoTokenizer
+
+    from factorllm_ds.hf_model.modeling_factorllm import prior_topk
+    from factorllm_ds.modeling import load_moe
+    from factorllm_ds.structure import topk_agreement
+
+    model = load_moe(moe_dir)
+    chars = text.read_text()
+    ids = AutoTokenizer.from_pretrained(moe_dir)(chars[-3000:] if tail else chars[:4000],
+                                                  return_tensors="pt")["input_ids"][:, :256]
+    scores = []
+
+    def hook(block, args):
+        x_TH = args[0].reshape(-1, args[0].shape[-1])
+        out_ETH = expert_outputs(block, x_TH)
+        oracle = prior_topk(out_ETH, out_ETH.sum(0), block.top_k, prior_target, block.scale)
+        scores.append(topk_agreement(torch.topk(block.router(x_TH), block.top_k, dim=-1).indices, oracle))
+
+    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return sum(scores) / len(scores)
