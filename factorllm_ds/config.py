@@ -145,6 +145,11 @@ class Objective:
                                    "output is closest to t). Default: the model's config (set by convert)",
                                    choices=PRIOR_TARGETS, default=None)
 
+    def for_model(self, model_config: dict):
+        """This objective with the prior target resolved: the flag, else the model's config (set by convert)."""
+        target = self.prior_target or model_config.get("prior_target") or PRIOR_TARGETS[0]
+        return dataclasses.replace(self, prior_target=target)
+
     def objective_problems(self) -> list[str]:
         problems = [f"--{name.replace('_', '-')} {value}: must be a finite number >= 0"
                     for name, value in (("pa_weight", self.pa_weight), ("balance_weight", self.balance_weight))

@@ -8,7 +8,6 @@ local id), so host memory per rank does not grow with the experts other ranks ho
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,8 +263,7 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
     ``activation_checkpointing``: recompute each decoder layer in the backward (enable_activation_checkpointing).
     """
     config = FactorLLMConfig.from_pretrained(moe_dir)
-    if weights.prior_target is None:  # the objective follows the model's own prior target unless told otherwise
-        weights = dataclasses.replace(weights, prior_target=config.prior_target)
+    weights = weights.for_model(config.to_dict())  # no-op when train resolved it already
     with torch.device("meta"):
         model = FactorLLMTrainModel(config, ep_size, weights)
     reader = CheckpointReader(moe_dir)

@@ -210,8 +210,8 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
     run_problems, tag = run_dir_problems(cfg, model_config, full_check=rank == 0)
     problems += knob_problems + number_problems(cfg) + run_problems
     fail_if(problems, "train: bad arguments")
-    cfg = dataclasses.replace(cfg, prior_target=cfg.prior_target or model_config.get("prior_target", "share"),
-                              resume=cfg.resume or cfg.resume_tag is not None, resume_tag=tag, **resolved)
+    cfg = dataclasses.replace(cfg.for_model(model_config), resume=cfg.resume or cfg.resume_tag is not None,
+                              resume_tag=tag, **resolved)
     if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
         log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
                     "prefer stage 1/2 for exact clipping")
