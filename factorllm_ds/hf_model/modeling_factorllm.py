@@ -164,7 +164,7 @@ class FactorLLMExperts(nn.Module):
 
     def _all_experts(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         num_experts, inter = self.num_experts, self.intermediate_size
-        h_TEXI = F.linear(x_TH, self.gate_up_proj.view(-1, x_TH.shape[-1])).view(-1, num_experts, 2, inter)
+        h_TEXI = F.linear(x_TH, self.gate_up_proj.reshape(-1, x_TH.shape[-1])).view(-1, num_experts, 2, inter)
         w_TE = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.float32, device=x_TH.device)
         w_TE.scatter_(1, idx_TK, weights_TK.float())
         a_TEI = self.act_fn(h_TEXI[:, :, 0]) * h_TEXI[:, :, 1]
