@@ -160,6 +160,23 @@ def test_prior_topk_subset_greedy_beyond_512_subsets() -> None:
     assert torch.equal(idx.sort(-1).values, planted.sort(-1).values)
 
 
+def test_prior_topk_fine_grained_never_enumerates_subsets(monkeypatch) -> None:
+    # E = 64, k = 32 has 1.8e18 subsets: the greedy path must be chosen before any enumeration
+    # (enumerating C(28, 12) = 30 million subsets alone ran a 24 GiB machine out of memory).
+    from factorllm_ds.hf_model import modeling_factorllm
+
+    def no_enumeration(*args):
+        raise AssertionError(f"itertools.combinations{args} called for a greedy-sized search")
+
+    monkeypatch.setattr(modeling_factorllm.itertools, "combinations", no_enumeration)
+    gen = torch.Generator().manual_seed(2)
+    out_ETH = torch.randn(64, 8, 512, generator=gen)
+    planted = torch.stack([torch.randperm(64, generator=gen)[:32] for _ in range(8)])  # [T, 32]
+    target_TH = out_ETH[planted.T, torch.arange(8)].sum(dim=0)
+    idx = prior_topk(out_ETH, target_TH, 32, target="subset")
+    assert torch.equal(idx.sort(-1).values, planted.sort(-1).values)
+
+
 def test_prior_topk_unknown_target_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown prior target 'closest'"):
         prior_topk(torch.zeros(4, 2, 3), torch.zeros(2, 3), 2, target="closest")
