@@ -150,30 +150,22 @@ def test_prior_topk_subset_is_the_best_k_subset_by_brute_force(num_experts, k, w
     assert (subset_error(out_ETH, target_TH, share, weight) >= got - 1e-5).all()
 
 
-def test_prior_topk_subset_greedy_beyond_512_subsets() -> None:
-    # C(16, 4) = 1820 subsets: greedy. Planted answer: the target is exactly 4 experts' sum.
-    gen = torch.Generator().manual_seed(1)
-    out_ETH = torch.randn(16, 40, 32, generator=gen)
-    planted = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(40)])  # [T, 4]
-    target_TH = out_ETH[planted.T, torch.arange(40)].sum(dim=0)
-    idx = prior_topk(out_ETH, target_TH, 4, target="subset")
-    assert torch.equal(idx.sort(-1).values, planted.sort(-1).values)
-
-
-def test_prior_topk_fine_grained_never_enumerates_subsets(monkeypatch) -> None:
-    # E = 64, k = 32 has 1.8e18 subsets: the greedy path must be chosen before any enumeration
+@pytest.mark.parametrize("num_experts,tokens,hidden,k", [(16, 40, 32, 4), (64, 8, 512, 32)])
+def test_prior_topk_subset_greedy_beyond_512_subsets(monkeypatch, num_experts, tokens, hidden, k) -> None:
+    # C(16, 4) = 1820 and C(64, 32) = 1.8e18 subsets: greedy, chosen before any enumeration
     # (enumerating C(28, 12) = 30 million subsets alone ran a 24 GiB machine out of memory).
+    # Planted answer: the target is exactly k experts' sum.
     from factorllm_ds.hf_model import modeling_factorllm
 
     def no_enumeration(*args):
         raise AssertionError(f"itertools.combinations{args} called for a greedy-sized search")
 
     monkeypatch.setattr(modeling_factorllm.itertools, "combinations", no_enumeration)
-    gen = torch.Generator().manual_seed(2)
-    out_ETH = torch.randn(64, 8, 512, generator=gen)
-    planted = torch.stack([torch.randperm(64, generator=gen)[:32] for _ in range(8)])  # [T, 32]
-    target_TH = out_ETH[planted.T, torch.arange(8)].sum(dim=0)
-    idx = prior_topk(out_ETH, target_TH, 32, target="subset")
+    gen = torch.Generator().manual_seed(1)
+    out_ETH = torch.randn(num_experts, tokens, hidden, generator=gen)
+    planted = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(tokens)])  # [T, k]
+    target_TH = out_ETH[planted.T, torch.arange(tokens)].sum(dim=0)
+    idx = prior_topk(out_ETH, target_TH, k, target="subset")
     assert torch.equal(idx.sort(-1).values, planted.sort(-1).values)
 
 
