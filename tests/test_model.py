@@ -210,29 +210,35 @@ def count_expert_rows(block):
 @pytest.mark.parametrize("routing", ["hard", "softmax"])
 @pytest.mark.parametrize("kernel", ["all", "grouped"])
 def test_kernels_equal_the_per_expert_loop(routing, kernel):
-    """The decode kernel (every expert on every token, unselected ones weighted 0) and grouped_mm (the GPU path; it
-    also runs on CPU when strides are 16-byte aligned) give the loop's output and gradients, including for experts
-    that get no token; the auto choice picks the decode kernel for a handful of tokens only."""
+    """The every-expert kernel (unselected experts weighted 0) and grouped_mm (the GPU path; it also runs on CPU
+    when strides are 16-byte aligned) give the loop's output and gradients, including for experts that get no
+    token; the auto choice takes the every-expert kernel for a handful of tokens, and on CPU for thin experts."""
     if kernel == "grouped" and getattr(F, "grouped_mm", None) is None:
         pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     block = make_block(routing, 2)
     x = tokens(n=40)
     x[:2] = x[:1, :1]  # 16 tokens the same: some experts get many tokens, some few or none
-    results = []
-    for name in ("loop", kernel):
-        block.zero_grad()
-        block.experts.kernel = name
-        out = block(x)
-        out.square().sum().backward()
-        grads = [block.experts.gate_up_proj.grad.clone(), block.experts.down_proj.grad.clone()]
-        if routing == "softmax":
-            grads.append(block.router.weight.grad.clone())
-        results.append((out.detach(), *grads))
-    for got, want in zip(results[1], results[0]):
-        assert rel(got, want) <= 1e-5
-    block.experts.kernel = "auto"
-    assert block.experts._kernel(x.view(-1, H)[: block.experts.few_tokens]) == "all"
-    assert block.experts._kernel(x.view(-1, H)) != "all"
+    # 40 tokens: "all" takes its dense-width down projection; 16 (= few_tokens): its per-expert bmm
+    for x in (x, x[:2]):
+        results = []
+        for name in ("loop", kernel):
+            block.zero_grad()
+            block.experts.kernel = name
+            out = block(x)
+            out.square().sum().backward()
+            grads = [block.experts.gate_up_proj.grad.clone(), block.experts.down_proj.grad.clone()]
+            if routing == "softmax":
+                grads.append(block.router.weight.grad.clone())
+            results.append((out.detach(), *grads))
+        for got, want in zip(results[1], results[0]):
+            assert rel(got, want) <= 1e-5
+    experts, x_TH = block.experts, tokens(n=40).view(-1, H)
+    experts.kernel = "auto"
+    assert experts._kernel(x_TH[: experts.few_tokens]) == "all"
+    experts.loop_min_intermediate = experts.intermediate_size  # CPU, many tokens: thin experts run as one pass
+    assert experts._kernel(x_TH) == "loop"
+    experts.loop_min_intermediate = experts.intermediate_size + 1
+    assert experts._kernel(x_TH) == "all"
 
 
 def test_save_and_load_keep_the_per_expert_checkpoint_keys(tiny_moe_dir, tmp_path):

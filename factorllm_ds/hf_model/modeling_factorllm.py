@@ -121,7 +121,7 @@ _GROUPED_MM = getattr(F, "grouped_mm", None)
 
 class FactorLLMExperts(nn.Module):
     """A layer's routed experts, stacked: ``gate_up_proj`` [E, 2*I_e, H] (gate rows, then up rows) and
-    ``down_proj`` [E, H, I_e]. Two kernels (docs/method.md §8):
+    ``down_proj`` [E, H, I_e]. Kernels (docs/method.md §8):
 
     - many tokens (prefill, training): only the selected experts run. The (token, expert) pairs are
       sorted by expert once and each expert multiplies one contiguous slice:
@@ -131,6 +131,9 @@ class FactorLLMExperts(nn.Module):
       nearly every expert is hit by some token; every expert runs on every token in one matmul over the
       stacked weights and the unselected ones get weight 0, so decoding costs what the dense FFN does,
       with no per-expert launches.
+    - many tokens on CPU with thin experts (``intermediate_size`` < ``loop_min_intermediate``): the
+      same every-expert pass, with one dense-width matmul for the down projection; it costs what the
+      dense FFN costs, which the per-expert matmuls of a few dozen neurons each do not reach.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
@@ -141,6 +144,9 @@ class FactorLLMExperts(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
         self.kernel = "auto"  # auto | grouped | loop | all (tests pin one)
         self.few_tokens = 16
+        # CPU: below this expert width the per-expert matmuls are too thin to beat one dense-width
+        # pass over every neuron (measured, docs/method.md §8)
+        self.loop_min_intermediate = 64
         with torch.no_grad():  # nn.Linear's default init, per expert (a checkpoint overwrites it)
             self.gate_up_proj.uniform_(-hidden_size ** -0.5, hidden_size ** -0.5)
             self.down_proj.uniform_(-max(intermediate_size, 1) ** -0.5, max(intermediate_size, 1) ** -0.5)
@@ -160,7 +166,9 @@ class FactorLLMExperts(nn.Module):
             return "all"
         aligned = all(t.stride(-2) * t.element_size() % 16 == 0 and t.stride(-1) == 1
                       for t in (x_TH, self.gate_up_proj, self.down_proj))
-        return "grouped" if _GROUPED_MM is not None and x_TH.is_cuda and aligned else "loop"
+        if _GROUPED_MM is not None and x_TH.is_cuda and aligned:
+            return "grouped"
+        return "loop" if self.intermediate_size >= self.loop_min_intermediate else "all"
 
     def _all_experts(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         num_experts, inter = self.num_experts, self.intermediate_size
@@ -168,8 +176,12 @@ class FactorLLMExperts(nn.Module):
         w_TE = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.float32, device=x_TH.device)
         w_TE.scatter_(1, idx_TK, weights_TK.float())
         a_TEI = self.act_fn(h_TEXI[:, :, 0]) * h_TEXI[:, :, 1]
-        a_ETI = (a_TEI.float() * w_TE.unsqueeze(-1)).to(x_TH.dtype).transpose(0, 1)
-        return torch.bmm(a_ETI, self.down_proj.transpose(1, 2)).float().sum(dim=0)
+        a_TEI = (a_TEI.float() * w_TE.unsqueeze(-1)).to(x_TH.dtype)
+        if x_TH.shape[0] <= self.few_tokens:  # decode: read each down weight once, the [E, T, H] sum is small
+            return torch.bmm(a_TEI.transpose(0, 1), self.down_proj.transpose(1, 2)).float().sum(dim=0)
+        # many tokens: one matmul over every neuron, as the dense FFN ([E, T, H] would dwarf the work)
+        down_HN = self.down_proj.permute(1, 0, 2).reshape(x_TH.shape[-1], num_experts * inter)
+        return F.linear(a_TEI.reshape(-1, num_experts * inter), down_HN).float()
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """sum over the k selected experts of weight * expert(x), accumulated in fp32: [T, H]."""
