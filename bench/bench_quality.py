@@ -19,9 +19,13 @@ is run in the order given (so the list is the priority) and cached under --work/
                  reproduces `train` (same windows in the same order, AdamW betas (0.9, 0.95), weight
                  decay 1e-5, warm-up max(1, steps // 10) then cosine to lr x 0.001, clipping 1.0;
                  only the MLP weights train, as in the MoE recipe);
+  static:F:T:R   the same with the kept neurons' down projection refitted (ridge R) to the dense FFN
+                 output on the calibration tokens, as convert --refit-down does for the MoE;
   moe:S,E,K:T    convert with a shared expert of S (fraction or count), E routed co-activation
-                 experts, k=K, router fitted at conversion; T=0: evaluated untrained with the fitted
-                 router and with the oracle router; T>0: trained (DeepSpeed EP, torchrun) on T tokens;
+                 experts, k=K, router fitted at conversion, down projections refitted with convert's
+                 default ridge; T=0: evaluated untrained with the fitted router and with the oracle
+                 router; T>0: trained (DeepSpeed EP, torchrun) on T tokens;
+  moe:S,E,K:T:R  the same with --refit-down R (0: exact slices, the earlier tables);
   paper:T        the paper's recipe: contiguous E=4, k=2, N(0, 0.02) router, scale E/k, share prior.
 
     python bench/bench_quality.py --lr 1e-3 --jobs static:0.5:0 moe:0.125,14,6:0 static:0.5:49152 \
@@ -156,19 +160,26 @@ def _parse_job(spec: str) -> dict:
     kind, _, rest = spec.partition(":")
     try:
         if kind == "static":
-            frac, tokens = rest.split(":")
-            return {"kind": kind, "frac": float(frac), "tokens": int(tokens), "name": f"static{frac}-T{tokens}"}
+            frac, tokens, *refit = rest.split(":")
+            ridge = float(refit[0]) if refit else 0.0
+            tag = f"static{frac}" + (f"-R{ridge:g}" if ridge else "")
+            return {"kind": kind, "frac": float(frac), "tokens": int(tokens), "refit": ridge, "struct": tag,
+                    "name": f"{tag}-T{tokens}"}
         if kind == "moe":
-            shape, tokens = rest.split(":")
+            shape, tokens, *refit = rest.split(":")
             s, e, k = shape.split(",")
-            return {"kind": kind, "shared": s, "E": int(e), "k": int(k), "tokens": int(tokens),
-                    "struct": f"S{s}-E{e}k{k}", "name": f"S{s}-E{e}k{k}-T{tokens}"}
+            from factorllm_ds.config import REFIT_DOWN_RIDGE
+
+            ridge = float(refit[0]) if refit else REFIT_DOWN_RIDGE
+            struct = f"S{s}-E{e}k{k}" + (f"-R{ridge:g}" if ridge else "")
+            return {"kind": kind, "shared": s, "E": int(e), "k": int(k), "tokens": int(tokens), "refit": ridge,
+                    "struct": struct, "name": f"{struct}-T{tokens}"}
         if kind == "paper":
             return {"kind": kind, "E": 4, "k": 2, "tokens": int(rest), "struct": "paper-contiguous-E4k2",
                     "name": f"paper-contiguous-E4k2-T{rest}"}
     except ValueError:
         pass
-    raise SystemExit(f"--jobs {spec}: expected static:F:T, moe:S,E,K:T or paper:T")
+    raise SystemExit(f"--jobs {spec}: expected static:F:T[:R], moe:S,E,K:T[:R] or paper:T")
 
 
 def _calib_ids(args, tokenizer, kjv: Path):
@@ -183,10 +194,12 @@ def _calib_ids(args, tokenizer, kjv: Path):
     return torch.tensor(ids[: n * seq]).view(n, seq)
 
 
-def build_static(args, dense: Path, kjv: Path, frac: float):
+def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
     """SmolLM2 with each FFN cut to its top ``frac`` neurons by contribution importance: a real LlamaForCausalLM
     with intermediate_size round(frac * I). Each layer's importance is measured on the calibration tokens as the
-    already-pruned layers below it transform them (the stream convert calibrates on)."""
+    already-pruned layers below it transform them (the stream convert calibrates on). ``refit`` > 0: the kept
+    neurons' down projection is then refitted to the dense FFN output on those tokens with the ridge convert's
+    --refit-down uses (structure.refit_down), so the baseline gets the same reconstruction as the MoE."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,6 +228,11 @@ def build_static(args, dense: Path, kjv: Path, frac: float):
             hook.remove()
             imp_I = st.neuron_importance(seen["act"].reshape(-1, inter), mlp.down_proj.weight, "contribution")
             idx = torch.topk(imp_I, keep).indices.sort().values
+            if refit:
+                act_TI = seen["act"].reshape(-1, inter)
+                down = st.refit_down(act_TI[:, idx], torch.ones(act_TI.shape[0], keep), mlp.down_proj.weight[:, idx],
+                                     act_TI @ mlp.down_proj.weight.T, refit)
+                mlp.down_proj.weight.data[:, idx] = down
             mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight[idx].clone())
             mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight[idx].clone())
             mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, idx].clone())
@@ -327,9 +345,9 @@ def issue13(args) -> None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             # the pruned, untrained model: built once per fraction, shared by its untrained and fine-tuned jobs
-            pruned = work / f"static{job['frac']}-pruned"
+            pruned = work / f"{job['struct']}-pruned"
             if not (pruned / "config.json").is_file():
-                model, tokenizer = build_static(args, dense, kjv, job["frac"])
+                model, tokenizer = build_static(args, dense, kjv, job["frac"], job["refit"])
                 model.save_pretrained(pruned)
                 tokenizer.save_pretrained(pruned)
                 del model
@@ -356,7 +374,7 @@ def issue13(args) -> None:
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=job["E"], top_k=job["k"],
                                         split="coactivation", shared_neurons=job["shared"], calib_data=kjv,
                                         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                                        overwrite=True)
+                                        refit_down=job["refit"], overwrite=True)
                 else:
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=4, top_k=2, split="contiguous",
                                         overwrite=True)
@@ -398,31 +416,39 @@ def _ratio(num: float, den: float | None) -> str:
 
 
 def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
-    """Markdown table of every cached job; ppl / static pruning against the static row of the same active share
-    and the same training tokens."""
+    """Markdown table of every cached job; ppl / static pruning against the static rows (plain and with the
+    down-projection refit) of the same active share and the same training tokens."""
     rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
-    static = {(round(r["active"], 4), r["job"]["tokens"]): r["ppl"] for r in rows if r["job"]["kind"] == "static"}
+    static: dict[tuple, float] = {}
+    for r in rows:
+        if r["job"]["kind"] == "static":
+            static[(round(r["active"], 4), r["job"]["tokens"], bool(r["job"].get("refit")))] = r["ppl"]
     order = {j["name"]: i for i, j in enumerate(jobs)}
     rows.sort(key=lambda r: (-round(r["active"], 4), order.get(r["job"]["name"], 10**6), r["job"]["tokens"]))
-    print("\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning |\n|---|---|---|---|---|---|")
-    print(f"| 1 | dense | 0 | {dense_ppl:.2f} | 1 | – |")
+    print("\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning | ppl / static pruning + refit |\n"
+          "|---|---|---|---|---|---|---|")
+    print(f"| 1 | dense | 0 | {dense_ppl:.2f} | 1 | – | – |")
+
+    def line(active: float, label: str, tokens: int, ppl: float) -> None:
+        refs = [static.get((round(active, 4), tokens, refit)) for refit in (False, True)]
+        print(f"| {active:.3f} | {label} | {tokens} | {ppl:.2f} | {ppl / dense_ppl:.3f} | "
+              f"{_ratio(ppl, refs[0])} | {_ratio(ppl, refs[1])} |")
+
     for r in rows:
         j = r["job"]
-        ref = static.get((round(r["active"], 4), j["tokens"]))
         label = {"static": "static pruning", "paper": "paper recipe (contiguous E=4 k=2, scale 2, share)"}.get(
             j["kind"], j.get("struct", ""))
+        if j.get("refit"):
+            label += f" + down refit (ridge {j['refit']:g})"
         if j["kind"] == "moe":
             label += ", fitted router" + (", untrained" if j["tokens"] == 0 else ", trained")
         if j.get("train_args"):
             label += f" (`{j['train_args']}`)"
         elif j["kind"] == "static":
             label += ", untrained" if j["tokens"] == 0 else ", fine-tuned (MLP)"
-        print(f"| {r['active']:.3f} | {label} | {j['tokens']} | {r['ppl']:.2f} | {r['over_dense']:.3f} | "
-              f"{_ratio(r['ppl'], ref)} |")
+        line(r["active"], label, j["tokens"], r["ppl"])
         if "ppl_oracle" in r:
-            ref0 = static.get((round(r["active"], 4), 0))
-            print(f"| {r['active']:.3f} | {j['struct']}, oracle router, untrained | 0 | {r['ppl_oracle']:.2f} | "
-                  f"{r['ppl_oracle'] / dense_ppl:.3f} | {_ratio(r['ppl_oracle'], ref0)} |")
+            line(r["active"], f"{j['struct']}, oracle router, untrained", 0, r["ppl_oracle"])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the pap
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
 BALANCE_KINDS = ("paper", "switch", "bias")
 ROUTER_INITS = ("normal", "prior")
+REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
 _MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
 
@@ -185,6 +186,12 @@ class ConvertConfig(MoEShape):
                                   "on the hidden states of the already-converted layers, to the experts the PA prior "
                                   "(the oracle) picks, so the model is routed well before any training. Default: "
                                   "prior when --calib-data is given, else normal", choices=ROUTER_INITS, default=None)
+    refit_down: float | None = arg("ridge strength d of the down-projection refit: after the router is fitted, each "
+                                   "layer's down projection is refitted by ridge regression so that the routed FFN "
+                                   "(shared + the router's picks) reproduces the dense FFN output on the calibration "
+                                   "tokens; gate/up stay exact slices. 0 keeps exact slices (every expert on = the "
+                                   "dense model, what `verify` checks). Default: 4 with --router-init prior, else 0 "
+                                   "(docs/method.md)", default=None)
     calib_data: Path | None = arg("calibration text (.txt/.jsonl/.json/.parquet/.csv) for --shared-neurons, --split "
                                   "coactivation and --router-init prior", default=None)
     calib_tokens: int = arg("calibration tokens for --shared-neurons / --split coactivation / --router-init prior",
@@ -248,6 +255,12 @@ class ConvertConfig(MoEShape):
                 problems.append(f"--calib-data {self.calib_data}: no such file")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
+        refit = (REFIT_DOWN_RIDGE if router_init == "prior" else 0.0) if self.refit_down is None else self.refit_down
+        if not (math.isfinite(refit) and refit >= 0):
+            problems.append(f"--refit-down {self.refit_down}: must be a finite number >= 0 (0 keeps exact slices)")
+        elif refit and router_init != "prior":
+            problems.append(f"--refit-down {self.refit_down} refits the experts to the fitted router's picks: it "
+                            "needs --router-init prior and --calib-data FILE (or pass --refit-down 0)")
         try:
             parse_size(self.max_shard_size)
         except ValueError:
@@ -257,7 +270,7 @@ class ConvertConfig(MoEShape):
         if self.out is not None and self.model is not None and Path(self.out).resolve() == Path(self.model).resolve():
             problems.append("--out must differ from --model")
         fail_if(problems, "convert: bad arguments")
-        return dataclasses.replace(self, router_init=router_init, num_shared=num_shared,
+        return dataclasses.replace(self, router_init=router_init, num_shared=num_shared, refit_down=refit,
                                    prior_target=self.prior_target or ("subset" if num_shared else "share"))
 
 

@@ -98,21 +98,23 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
 
     The inputs are the hidden states of the already-converted layers below, so the router learns the
     inputs it will see. The target is what the routed experts must add up to: the dense FFN output
-    minus the shared expert's. Afterwards the calibration stream continues through the converted layer.
+    minus the shared expert's. With ``--refit-down`` the layer's down projection (``down``, in place) is then
+    refitted to the fitted router's picks. Afterwards the calibration stream continues through the converted
+    layer.
     """
     acts_TI = calib.mlp_activations()
     groups_ER = structure.routed_groups(perm, cfg.num_shared, cfg.num_experts)
     routed_ETH = structure.group_outputs(acts_TI, down, groups_ER)
-    shared_TH = (structure.group_outputs(acts_TI, down, perm[:cfg.num_shared].unsqueeze(0))[0] if cfg.num_shared
-                 else torch.zeros_like(routed_ETH[0]))
     weight = prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k)
     oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
     router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
                                                loss=ROUTER_FIT_LOSS, ridge=ROUTER_FIT_RIDGE)
     idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
-    tokens = torch.arange(idx_TK.shape[0]).unsqueeze(1)
-    calib.replace_mlp_output(shared_TH + (routed_ETH[idx_TK, tokens] * weights_TK.unsqueeze(-1)).sum(dim=1))
+    gates_TI = structure.neuron_gates(idx_TK, weights_TK, perm, cfg.num_shared, cfg.num_experts)
+    if cfg.refit_down:  # the experts absorb what the router's picks leave out (docs/method.md §4)
+        down.copy_(structure.refit_down(acts_TI, gates_TI, down, acts_TI.float() @ down.float().T, cfg.refit_down))
+    calib.replace_mlp_output((acts_TI.float() * gates_TI) @ down.float().T)
     return router, bias
 
 

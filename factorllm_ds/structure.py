@@ -204,6 +204,41 @@ def group_outputs(act_TI: torch.Tensor, down_HI: torch.Tensor, groups_GN: torch.
     return torch.stack([act[:, idx] @ down[:, idx].T for idx in groups_GN])
 
 
+def neuron_gates(idx_TK: torch.Tensor, weights_TK: torch.Tensor, perm: torch.Tensor, num_shared: int,
+                 num_experts: int) -> torch.Tensor:
+    """Each neuron's weight in each token's output, as the MoE computes it: 1 for the shared neurons,
+    the combine weight of the expert for the routed neurons of a selected expert, else 0. [T, I]."""
+    inter = perm.numel()
+    expert_of_I = torch.full((inter,), num_experts, dtype=torch.long)  # column E: the shared expert
+    expert_of_I[perm[num_shared:]] = torch.arange(num_experts).repeat_interleave((inter - num_shared) // num_experts)
+    gates_TE = torch.zeros(idx_TK.shape[0], num_experts + 1)
+    gates_TE[:, num_experts] = 1.0
+    gates_TE.scatter_add_(1, idx_TK, weights_TK.float())
+    return gates_TE[:, expert_of_I]
+
+
+def refit_down(act_TI: torch.Tensor, gates_TI: torch.Tensor, down_HI: torch.Tensor, target_TH: torch.Tensor,
+               ridge: float) -> torch.Tensor:
+    """Down projection refitted so that the routed FFN reproduces ``target`` on the calibration tokens:
+    W = argmin_W ‖(a ⊙ g)·Wᵀ − t‖² + Σ_i d_i·‖W[:, i] − W0[:, i]‖², d_i = ridge · Σ_t a_ti²  (docs/method.md §4).
+
+    a: the neurons' activations act(gate x)·(up x), g: :func:`neuron_gates` (zero where a neuron's expert is
+    not selected), W0 the dense down projection. The penalty pulls each neuron's column toward its dense
+    value in proportion to the neuron's own energy, so rarely selected experts stay close to the slice and
+    ``ridge → ∞`` returns W0. Only the down projection changes: gate/up stay exact slices. [H, I], float32.
+    """
+    a_TI = act_TI.float() * gates_TI
+    w0_IH = down_HI.float().T
+    d_I = ridge * act_TI.float().pow(2).sum(dim=0) + 1e-8
+    lhs_II = a_TI.T @ a_TI
+    lhs_II.diagonal().add_(d_I)
+    rhs_IH = a_TI.T @ target_TH.float() + d_I.unsqueeze(1) * w0_IH
+    chol, info = torch.linalg.cholesky_ex(lhs_II)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs_IH, chol).T.contiguous()
+    return torch.linalg.solve(lhs_II.double(), rhs_IH.double()).T.float().contiguous()  # ill-conditioned: fp64
+
+
 # ----------------------------------------------------------------------------- the oracle
 
 

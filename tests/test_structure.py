@@ -252,3 +252,51 @@ def test_representatives_are_the_most_central_neurons_and_scores_follow_them() -
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="m = 11"):
         st.representative_neurons(act, perm, 8, 4, 11)
+
+
+# ----------------------------------------------------------------------------- down-projection refit
+
+
+def test_neuron_gates_follow_the_routing() -> None:
+    perm = torch.tensor([6, 5, 0, 1, 2, 3, 4, 7])
+    idx_TK = torch.tensor([[0, 2], [1, 2]])
+    weights_TK = torch.tensor([[1.0, 0.5], [2.0, 1.0]])
+    gates_TI = st.neuron_gates(idx_TK, weights_TK, perm, num_shared=2, num_experts=3)
+    # neurons 6, 5 shared; expert 0 = {0, 1}, expert 1 = {2, 3}, expert 2 = {4, 7}
+    want = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 0.5],
+                         [0.0, 0.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0]])
+    assert torch.equal(gates_TI, want)
+
+
+def _refit_problem(seed: int = 0, tokens: int = 400, inter: int = 24, hidden: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    # correlated neurons (as in a real FFN): the ones left on can stand in for the ones switched off
+    act_TI = torch.randn(tokens, 6, generator=gen) @ torch.randn(6, inter, generator=gen)
+    act_TI += 0.1 * torch.randn(tokens, inter, generator=gen)
+    down_HI = torch.randn(hidden, inter, generator=gen)
+    gates_TI = (torch.rand(tokens, inter, generator=gen) < 0.5).float()
+    return act_TI, gates_TI, down_HI, act_TI @ down_HI.T
+
+
+def test_refit_down_minimises_its_objective() -> None:
+    """Stationary point of ‖(a⊙g)Wᵀ − t‖² + Σ d_i‖W_i − W0_i‖² (the objective is convex, so it is the minimum),
+    and its data term is below the dense slice's (the penalty is 0 there)."""
+    act_TI, gates_TI, down_HI, target_TH = _refit_problem()
+    ridge = 0.5
+    w_HI = st.refit_down(act_TI, gates_TI, down_HI, target_TH, ridge).double()
+    a_TI, d_I = (act_TI * gates_TI).double(), ridge * act_TI.double().pow(2).sum(0) + 1e-8
+    grad_IH = a_TI.T @ (a_TI @ w_HI.T - target_TH.double()) + d_I.unsqueeze(1) * (w_HI - down_HI.double()).T
+    assert grad_IH.abs().max() <= 1e-4 * (a_TI.T @ target_TH.double()).abs().max()
+    err = lambda w: (a_TI @ w.double().T - target_TH.double()).pow(2).sum().item()  # noqa: E731
+    assert err(w_HI) < err(down_HI)
+    assert err(st.refit_down(act_TI, gates_TI, down_HI, target_TH, 1e-3)) < 0.9 * err(down_HI)
+
+
+def test_refit_down_limits() -> None:
+    act_TI, gates_TI, down_HI, target_TH = _refit_problem(seed=1)
+    # nothing to correct (every neuron on): the dense slice is the answer at any ridge (fp32 solve, low-rank a)
+    assert torch.allclose(st.refit_down(act_TI, torch.ones_like(gates_TI), down_HI, target_TH, 1e-3), down_HI,
+                          atol=5e-3)
+    # a very strong ridge keeps the dense slice; a weak one moves away from it
+    assert torch.allclose(st.refit_down(act_TI, gates_TI, down_HI, target_TH, 1e6), down_HI, atol=1e-4)
+    assert (st.refit_down(act_TI, gates_TI, down_HI, target_TH, 0.01) - down_HI).abs().max() > 0.1
