@@ -576,6 +576,26 @@ def test_router_init_prior_predicts_the_prior(llama_dir, calib_text, tmp_path):
         assert relative_diff(model(batch).logits, dense(batch).logits) <= FP32_TOL
 
 
+def test_refit_down_without_a_shared_expert(llama_dir, calib_text, tmp_path):
+    """The paper's structure with a fitted router is refitted by default too: only the down projections move."""
+    shape = dict(num_experts=E, top_k=2, combine_scale=1.0, prior_target="subset")
+    refit = tiny.convert_tiny(llama_dir, tmp_path / "refit", calib_data=calib_text, calib_tokens=512,
+                              calib_seq_len=128, **shape)
+    assert json.loads((refit / MANIFEST_FILE).read_text())["settings"]["refit_down"] > 0
+    dense, moe = CheckpointReader(llama_dir), CheckpointReader(refit)
+    size = tiny.SPECS["llama"]["intermediate_size"] // E
+    moved = 0
+    for layer, perm in load_partition(refit).items():
+        gate, down = dense.get(keys.dense_mlp_key("gate", layer)), dense.get(keys.dense_mlp_key("down", layer))
+        for e in range(E):
+            idx = perm[e * size:(e + 1) * size]
+            assert torch.equal(moe.get(keys.expert_key("gate", layer, e)), gate[idx])
+            moved += not torch.equal(moe.get(keys.expert_key("down", layer, e)), down[:, idx])
+    assert moved == E * len(load_partition(refit))
+    with torch.no_grad():
+        assert torch.isfinite(load_moe(refit)(token_batch(llama_dir)).logits).all()
+
+
 # --------------------------------------------------------------------------- interruption
 
 
