@@ -441,8 +441,8 @@ def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
         j = r["job"]
         label = {"static": "static pruning", "paper": "paper recipe (contiguous E=4 k=2, scale 2, share)"}.get(
             j["kind"], j.get("struct", ""))
-        if j.get("refit"):
-            label += f" + down refit (ridge {j['refit']:g})"
+        if j.get("refit"):  # the moe struct names its refit ridge (-R4) already
+            label += f" + down refit (ridge {j['refit']:g})" if j["kind"] == "static" else ""
         if j["kind"] == "moe":
             label += ", fitted router" + (", untrained" if j["tokens"] == 0 else ", trained")
         if j.get("train_args"):
