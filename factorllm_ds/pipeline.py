@@ -40,10 +40,10 @@ class DemoConfig:
                                  default=None)
     work: Path | None = arg("work folder for every stage (default: <cache>/demo)", default=None)
     shared_neurons: str | None = arg("always-on shared expert: the FFN's most important neurons on --data (a "
-                                     "fraction or a count; docs/method.md)", default="0.125")
-    num_experts: int = arg("E, routed experts over the remaining neurons", default=14)
-    top_k: int = arg("k, routed experts per token (12.5%% shared + 6 of 14 routed = half of the FFN active)",
-                     default=6)
+                                     "fraction or a count; docs/method.md)", default="0.25")
+    num_experts: int = arg("E, routed experts over the remaining neurons", default=24)
+    top_k: int = arg("k, routed experts per token (25%% shared + 8 of 24 routed = half of the FFN active)",
+                     default=8)
     split: str = arg("partition method of the routed neurons (coactivation on --data measured best, "
                      "bench/RESULTS.md)", choices=SPLIT_METHODS, default="coactivation")
     prior_target: str | None = arg("PA prior target (default: subset with a shared expert, as convert)",
