@@ -3,7 +3,8 @@
 At any time the process holds one layer's MLP (plus, with calibration text, the
 calibration hidden states and, for ``--refit-down``, one I x I matrix): tensors outside the
 MLP are copied file to file unchanged, and each layer's gate/up/down are read into three
-reused buffers and written expert by expert straight into pre-planned shards. The output appears at ``--out`` only when complete.
+reused buffers and written expert by expert straight into pre-planned shards. The output
+appears at ``--out`` only when complete.
 """
 
 from __future__ import annotations
