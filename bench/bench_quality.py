@@ -228,10 +228,10 @@ def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
             hook = mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("act", a[0]))
             run(layer, hidden)
             hook.remove()
-            imp_I = st.neuron_importance(seen["act"].reshape(-1, inter), mlp.down_proj.weight, "contribution")
+            act_TI = seen["act"].reshape(-1, inter)
+            imp_I = st.neuron_importance(act_TI, mlp.down_proj.weight, "contribution")
             idx = torch.topk(imp_I, keep).indices.sort().values
             if refit:
-                act_TI = seen["act"].reshape(-1, inter)
                 down = st.refit_down(act_TI[:, idx], torch.ones(act_TI.shape[0], keep), mlp.down_proj.weight[:, idx],
                                      act_TI @ mlp.down_proj.weight.T, refit)
                 mlp.down_proj.weight.data[:, idx] = down

@@ -81,6 +81,10 @@ class CalibrationRunner:
         output to the residual stream, so swapping that term is exact without running attention again."""
         self.hidden = self.hidden - self._mlp_output + new_TH.reshape(self._mlp_output.shape).to(self.hidden.dtype)
 
+    def mlp_output(self) -> torch.Tensor:
+        """The dense MLP's output of the current layer, as its forward computed it: [tokens, H]."""
+        return self._mlp_output.reshape(-1, self._mlp_output.shape[-1])
+
     def mlp_activations(self) -> torch.Tensor:
         """act(W_gate x) * (W_up x) of the current layer, as its forward computed it: [tokens, I]."""
         return self._activations.reshape(-1, self._activations.shape[-1])

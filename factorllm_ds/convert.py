@@ -114,7 +114,7 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
     idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
     gates_TI = structure.neuron_gates(idx_TK, weights_TK, perm, cfg.num_shared, cfg.num_experts)
     if cfg.refit_down:  # the experts absorb what the router's picks leave out (docs/method.md §4)
-        down.copy_(structure.refit_down(acts_TI, gates_TI, down, acts_TI.float() @ down.float().T, cfg.refit_down))
+        down.copy_(structure.refit_down(acts_TI, gates_TI, down, calib.mlp_output(), cfg.refit_down))
     calib.replace_mlp_output((acts_TI.float() * gates_TI) @ down.float().T)
     return router, bias
 

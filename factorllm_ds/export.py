@@ -14,7 +14,7 @@ from factorllm_ds import keys
 from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
 from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key, open_format
 from factorllm_ds.hf_io import FolderWriter, TensorInfo, copy_side_files
-from factorllm_ds.layout import MANIFEST_FILE
+from factorllm_ds.layout import MANIFEST_FILE, read_manifest
 from factorllm_ds.sources import ExportSource, open_source
 from factorllm_ds.safety import output_problems
 
@@ -75,8 +75,7 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
 
 
 def _source_manifest(source: ExportSource) -> dict | None:
-    path = Path(source.side_dir) / MANIFEST_FILE if source.side_dir is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    return read_manifest(source.side_dir) if source.side_dir is not None else None
 
 
 def _architecture(folder: Path) -> str:

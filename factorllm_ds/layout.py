@@ -11,6 +11,7 @@ and the next reads is named here, once, with the one loader for each shared file
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,6 +57,12 @@ def latest_tag(run_dir: Path) -> str | None:
 def is_run_dir(path: Path) -> bool:
     """A `train --out` folder with at least one finished checkpoint."""
     return (Path(path) / RUN_MANIFEST).is_file() and latest_tag(path) is not None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The MANIFEST_FILE that convert / export wrote into ``folder``, or None when there is none."""
+    path = Path(folder) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_partition(folder: Path, flag: str = "--model") -> dict[int, torch.Tensor]:

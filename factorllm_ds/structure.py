@@ -208,9 +208,8 @@ def neuron_gates(idx_TK: torch.Tensor, weights_TK: torch.Tensor, perm: torch.Ten
                  num_experts: int) -> torch.Tensor:
     """Each neuron's weight in each token's output, as the MoE computes it: 1 for the shared neurons,
     the combine weight of the expert for the routed neurons of a selected expert, else 0. [T, I]."""
-    inter = perm.numel()
-    expert_of_I = torch.full((inter,), num_experts, dtype=torch.long)  # column E: the shared expert
-    expert_of_I[perm[num_shared:]] = torch.arange(num_experts).repeat_interleave((inter - num_shared) // num_experts)
+    expert_of_I = torch.full((perm.numel(),), num_experts, dtype=torch.long)  # column E: the shared expert
+    expert_of_I[routed_groups(perm, num_shared, num_experts)] = torch.arange(num_experts).unsqueeze(1)
     gates_TE = torch.zeros(idx_TK.shape[0], num_experts + 1)
     gates_TE[:, num_experts] = 1.0
     gates_TE.scatter_add_(1, idx_TK, weights_TK.float())

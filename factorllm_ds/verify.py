@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from factorllm_ds.config import arg, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.layout import MANIFEST_FILE
+from factorllm_ds.layout import read_manifest
 from factorllm_ds.modeling import DTYPE_CHOICES, DTYPES, all_experts_mode, load_dense, load_moe
 
 
@@ -39,8 +38,7 @@ class VerifyConfig:
         for flag, path in (("--model", self.model), ("--dense", self.dense)):
             if not (Path(path) / "config.json").is_file():
                 problems.append(f"{flag} {path}: no config.json there; pass a Hugging Face model folder")
-        manifest = Path(self.model) / MANIFEST_FILE
-        settings = json.loads(manifest.read_text()).get("settings", {}) if manifest.is_file() else {}
+        settings = (read_manifest(self.model) or {}).get("settings", {})
         if settings.get("refit_down"):
             problems.append(f"--model {self.model} was converted with --refit-down {settings['refit_down']}: its "
                             "down projections were refitted to the router's picks, so with every expert on it is "
