@@ -58,6 +58,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-args", default="", help="extra `factorllm-ds train` flags, e.g. '--prior self'")
     p.add_argument("--convert-args", default="", help="extra convert settings as key=value, e.g. "
                    "'combine_scale=1 prior_target=subset router_init=prior'")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="--jobs: distill from the dense model in every fine-tune (moe: `train --teacher DENSE "
+                        "--distill-weight W`; static pruning: the same loss), W = this; names get -KD<W>")
     p.add_argument("--tag", default="", help="name suffix for this variant's cache entries")
     p.add_argument("--work", type=Path, default=None, help="default: <cache>/bench_quality")
     p.add_argument("--jobs", nargs="+", default=None,
@@ -250,14 +253,16 @@ def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
     return model, tokenizer
 
 
-def finetune_static(args, model, tokenizer, kjv: Path, tokens: int) -> dict:
-    """`train`'s schedule and data order on one process: AdamW, warm-up then cosine, clipping 1.0, MLP weights only."""
+def finetune_static(args, model, tokenizer, kjv: Path, tokens: int, teacher=None) -> dict:
+    """`train`'s schedule and data order on one process: AdamW, warm-up then cosine, clipping 1.0, MLP weights only;
+    with a ``teacher``, `train`'s loss (1 - W) CE + W KL(teacher || model), W = --distill."""
     import math
 
     import numpy as np
     import torch
 
     from factorllm_ds.data import Sampler, prepare
+    from factorllm_ds.ds_moe import distill_kl
     from factorllm_ds.train import TrainConfig, lr_lambda
 
     defaults = TrainConfig(model=Path("."), data=["x"], out=Path("."))
@@ -281,7 +286,13 @@ def finetune_static(args, model, tokenizer, kjv: Path, tokens: int) -> dict:
         for m in range(accum):
             first = step * gbs + m * micro
             ids = torch.from_numpy(np.stack([packed.train[sampler.window(first + b)] for b in range(micro)]))
-            loss = model(input_ids=ids, labels=ids).loss / accum
+            out = model(input_ids=ids, labels=ids)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits[:, :-1]
+                loss = (1 - args.distill) * loss + args.distill * distill_kl(out.logits[:, :-1], teacher_logits)
+            loss = loss / accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -311,10 +322,14 @@ def issue13(args) -> None:
     (work / "reports").mkdir(parents=True, exist_ok=True)
     dense, kjv, botchan = assets.smollm2_model_dir(), assets.kjv_text(), assets.botchan_text()
     jobs = [_parse_job(j) for j in args.jobs]
-    for job in jobs:  # a training variant (--train-args) is its own cache entry, named by --tag
+    for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
+        if job["tokens"] and args.distill:
+            job["name"] += f"-KD{args.distill:g}"
         if job["tokens"] and job["kind"] != "static" and args.tag:
             job["name"] += args.tag
             job["train_args"] = args.train_args
+    train_args = args.train_args.split() + (
+        ["--teacher", str(dense), "--distill-weight", str(args.distill)] if args.distill else [])
 
     def report(model: Path, name: str, **kw) -> dict:
         path = work / "reports" / f"{name}.json"
@@ -360,7 +375,9 @@ def issue13(args) -> None:
             if job["tokens"]:
                 model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32, attn_implementation="sdpa")
                 tokenizer = AutoTokenizer.from_pretrained(pruned)
-                row["finetune"] = finetune_static(args, model, tokenizer, kjv, job["tokens"])
+                teacher = (AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, attn_implementation="sdpa")
+                           if args.distill else None)
+                row["finetune"] = finetune_static(args, model, tokenizer, kjv, job["tokens"], teacher)
                 folder = work / job["name"] / "model"
                 model.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
@@ -398,7 +415,7 @@ def issue13(args) -> None:
                 demo = DemoConfig(tokens=job["tokens"], seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                                   global_batch_size=args.global_batch_size, lr=args.lr, nproc=args.nproc,
                                   ep_size=min(args.ep_size, job["E"]), launcher="torchrun")
-                train_stage(demo, moe, kjv, run, extra=args.train_args.split())
+                train_stage(demo, moe, kjv, run, extra=train_args)
                 row["train_seconds"] = round(time.time() - started, 1)
                 if not (exported / "config.json").is_file():
                     run_export(ExportConfig(run=run, out=exported, format="factorllm", overwrite=True), progress=False)

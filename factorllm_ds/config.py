@@ -26,6 +26,7 @@ PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the pap
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
 BALANCE_KINDS = ("paper", "switch", "bias")
 ROUTER_INITS = ("normal", "prior")
+DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.md §5)
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
 _MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
@@ -128,7 +129,13 @@ class MoEShape:
 
 @dataclass
 class Objective:
-    """The training objective, CE + alpha * sum L_PA + beta * sum L_bal; shared by train and the DeepSpeed model."""
+    """The training objective, (1 - w) CE + w KL(teacher || model) + alpha * sum L_PA + beta * sum L_bal; shared
+    by train and the DeepSpeed model (w = 0 without a teacher)."""
+
+    distill_weight: float | None = arg("w: with --teacher, the share of the next-token loss taken by the KL "
+                                       "divergence from the teacher's distribution (the rest is CE on --data). "
+                                       "Default: 1 with --teacher (pure distillation, docs/method.md), else 0",
+                                       default=None)
 
     pa_weight: float = arg("alpha: weight of the Prior-Approximate loss (summed over layers)", default=0.05)
     balance_weight: float = arg("beta: weight of the balance loss (summed over layers)", default=0.01)
@@ -151,10 +158,18 @@ class Objective:
         target = self.prior_target or model_config.get("prior_target") or PRIOR_TARGETS[0]
         return dataclasses.replace(self, prior_target=target)
 
+    def resolved_distill_weight(self, has_teacher: bool) -> float:
+        if self.distill_weight is not None:
+            return self.distill_weight
+        return DISTILL_WEIGHT if has_teacher else 0.0
+
     def objective_problems(self) -> list[str]:
         problems = [f"--{name.replace('_', '-')} {value}: must be a finite number >= 0"
                     for name, value in (("pa_weight", self.pa_weight), ("balance_weight", self.balance_weight))
                     if not (math.isfinite(value) and value >= 0)]
+        if self.distill_weight is not None and not (math.isfinite(self.distill_weight) and
+                                                    0 <= self.distill_weight <= 1):
+            problems.append(f"--distill-weight {self.distill_weight}: must be a number in [0, 1]")
         if not (math.isfinite(self.balance_bias_rate) and self.balance_bias_rate >= 0):
             problems.append(f"--balance-bias-rate {self.balance_bias_rate}: must be a finite number >= 0")
         if not (math.isfinite(self.prior_tau) and self.prior_tau > 0):

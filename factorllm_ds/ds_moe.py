@@ -228,6 +228,14 @@ class FactorLLMTrainModel(nn.Module):
         self.tied = bool(getattr(text, "tie_word_embeddings", False))
         # Tied models reuse the embedding matrix as the output projection: no second copy.
         self.lm_head = None if self.tied else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.teacher: nn.Module | None = None
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """The model whose next-token distribution the KL term pulls towards (train --teacher): frozen, in eval
+        mode, and kept outside this module's parameters, state dict and ``.to()``: DeepSpeed neither
+        optimizes, partitions nor checkpoints it."""
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)
 
     def blocks(self) -> list[DeepSpeedMoEBlock]:
         return [layer.mlp for layer in self.model.layers]
@@ -239,14 +247,28 @@ class FactorLLMTrainModel(nn.Module):
         if labels is None:
             return logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        kd = ce.new_zeros(())
+        distill = self.weights.resolved_distill_weight(self.teacher is not None)
+        if distill:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits[:, :-1]
+            kd = distill_kl(logits[:, :-1], teacher_logits)
         aux = [b.last_aux for b in self.blocks()]
         pa = torch.stack([a.pa for a in aux]).sum()
         bal = torch.stack([a.balance for a in aux]).sum()
-        loss = ce + self.weights.pa_weight * pa + self.weights.balance_weight * bal
-        metrics = {"ce": ce.detach(), "pa": pa.detach(), "balance": bal.detach(),
+        loss = (1 - distill) * ce + distill * kd + self.weights.pa_weight * pa + self.weights.balance_weight * bal
+        metrics = {"ce": ce.detach(), "kd": kd.detach(), "pa": pa.detach(), "balance": bal.detach(),
                    "agreement": torch.stack([a.agreement for a in aux]).mean().detach(),
                    "expert_counts": torch.stack([a.exp_counts for a in aux]).detach()}
         return loss, metrics
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions, in fp32."""
+    vocab = student_logits.shape[-1]
+    log_p = F.log_softmax(teacher_logits.reshape(-1, vocab).float(), dim=-1)
+    log_q = F.log_softmax(student_logits.reshape(-1, vocab).float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
 def ep_rank_of(ep_size: int) -> int:

@@ -67,6 +67,10 @@ class TrainConfig(Objective):
                                          "activations shrink to one hidden state per layer plus one layer's, for "
                                          "about one more forward of compute (the PA prior is not recomputed)",
                                          default=False)
+    teacher: Path | None = arg("dense Hugging Face model folder to distill from, usually the one you converted (same "
+                               "tokenizer): the loss pulls the MoE's next-token distribution towards the teacher's "
+                               "(--distill-weight). Each rank holds a frozen copy in the training dtype",
+                               default=None)
     seed: int = arg("seed for data order", default=0)
     eval_data: list[str] | None = arg("held-out text; default: the last --eval-fraction of --data", default=None)
     eval_fraction: float = arg("share of --data windows held out when --eval-data is not given", default=0.01)
@@ -204,6 +208,7 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
             problems.append(f"--data {source}: no such file")
     if cfg.steps is not None and cfg.tokens is not None:
         problems.append("pass --steps or --tokens, not both")
+    problems += teacher_problems(cfg, model_config)
     knob_problems, resolved = resolve_knobs(cfg, ds, world)
     if rank == 0:
         probe_lock(cfg.out)
@@ -211,11 +216,37 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
     problems += knob_problems + number_problems(cfg) + run_problems
     fail_if(problems, "train: bad arguments")
     cfg = dataclasses.replace(cfg.for_model(model_config), resume=cfg.resume or cfg.resume_tag is not None,
-                              resume_tag=tag, **resolved)
+                              resume_tag=tag, distill_weight=cfg.resolved_distill_weight(cfg.teacher is not None),
+                              **resolved)
     if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
         log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
                     "prefer stage 1/2 for exact clipping")
     return cfg, model_config
+
+
+def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
+    """--teacher must be a dense causal LM over the same vocabulary; --distill-weight > 0 needs one."""
+    from factorllm_ds.hf_io import read_config
+
+    if cfg.teacher is None:
+        if cfg.distill_weight:
+            return [f"--distill-weight {cfg.distill_weight} needs --teacher DENSE_DIR (the dense model you converted)"]
+        return []
+    teacher = read_config(cfg.teacher, "--teacher")
+    if teacher.get("model_type") == "factorllm":
+        return [f"--teacher {cfg.teacher} is a FactorLLM MoE; pass the dense model it was converted from"]
+    vocab, student_vocab = teacher.get("vocab_size"), model_config.get("text_config", {}).get("vocab_size")
+    if vocab != student_vocab:
+        return [f"--teacher {cfg.teacher} has vocab_size {vocab}, --model {cfg.model} has {student_vocab}: the "
+                "teacher must share the model's tokenizer (pass the dense model you converted)"]
+    return []
+
+
+def load_teacher(cfg: TrainConfig, dtype: torch.dtype, device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, attn_implementation="sdpa")
+    return teacher.to(device)
 
 
 def activation_checkpointing_problems(cfg: TrainConfig, ds: dict) -> list[str]:
@@ -239,7 +270,7 @@ def probe_lock(out: Path) -> None:
 
 
 def _inputs(cfg: TrainConfig) -> dict:
-    inputs = {"--model": cfg.model, "--ds-config": cfg.ds_config, "--tokenizer": cfg.tokenizer}
+    inputs = {"--model": cfg.model, "--ds-config": cfg.ds_config, "--tokenizer": cfg.tokenizer, "--teacher": cfg.teacher}
     for flag, sources in (("--data", cfg.data), ("--eval-data", cfg.eval_data or [])):
         inputs.update({(flag if i == 0 else f"{flag} (file {i + 1})"): Path(p) for i, p in enumerate(sources)
                        if Path(p).exists()})
@@ -404,6 +435,8 @@ def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
     ds.setdefault("zero_allow_untested_optimizer", True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     check_ep_layout(engine, cfg.ep_size)
+    if cfg.teacher is not None:
+        engine.module.attach_teacher(load_teacher(cfg, training_dtype(ds), engine.device))
     run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps,
               lock=lock)
     if cfg.resume:
@@ -503,12 +536,12 @@ def rebalance(run: Run, counts_LE: torch.Tensor) -> None:
 def reduce_metrics(totals: dict, world: int) -> dict:
     import torch.distributed as dist
 
-    scalars = torch.stack([totals[k] for k in ("loss", "ce", "pa", "balance", "agreement")])
+    names = ("loss", "ce", "kd", "pa", "balance", "agreement")
+    scalars = torch.stack([totals[k] for k in names])
     dist.all_reduce(scalars)
     counts = totals["expert_counts"].clone()
     dist.all_reduce(counts)
-    loss, ce, pa, bal, agree = (scalars / world).tolist()
-    return {"loss": loss, "ce": ce, "pa": pa, "balance": bal, "agreement": agree, "expert_counts": counts}
+    return {**dict(zip(names, (scalars / world).tolist())), "expert_counts": counts}
 
 
 @torch.no_grad()
@@ -561,7 +594,7 @@ def save(run: Run) -> None:
 class MetricsLog:
     """metrics.csv + expert_load.jsonl + TensorBoard, written by rank 0 only."""
 
-    FIELDS = ("step", "tokens", "lr", "loss", "ce", "pa", "balance", "agreement", "tokens_per_s", "eval_loss")
+    FIELDS = ("step", "tokens", "lr", "loss", "ce", "pa", "balance", "agreement", "tokens_per_s", "eval_loss", "kd")
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled

@@ -351,6 +351,26 @@ def test_dense_model_is_refused(train_cli, tiny_dense_dir) -> None:
     assert code == 2 and f"--model {tiny_dense_dir} is a dense model" in err and "factorllm-ds convert" in err, err
 
 
+def test_bad_teacher_is_refused(train_cli, tiny_dense_dir, tiny_moe_dir, tmp_path) -> None:
+    code, err = train_cli(distill_weight=0.5)
+    assert code == 2 and "--distill-weight 0.5 needs --teacher" in err, err
+    code, err = train_cli(teacher=tiny_dense_dir, distill_weight=1.5)
+    assert code == 2 and "--distill-weight 1.5: must be a number in [0, 1]" in err, err
+    code, err = train_cli(teacher=tiny_moe_dir)
+    assert code == 2 and f"--teacher {tiny_moe_dir} is a FactorLLM MoE" in err, err
+    other = tmp_path / "other-vocab"
+    other.mkdir()
+    config = json.loads((tiny_dense_dir / "config.json").read_text())
+    write_json(other / "config.json", {**config, "vocab_size": config["vocab_size"] + 64})
+    code, err = train_cli(teacher=other)
+    assert code == 2 and f"--teacher {other} has vocab_size {config['vocab_size'] + 64}" in err, err
+    code, err = train_cli(teacher=tmp_path / "missing")
+    assert code == 2 and f"--teacher {tmp_path / 'missing'}: no such folder" in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ReachedProcessGroup):
+        train_cli(teacher=tiny_dense_dir)
+
+
 def test_empty_data_file_is_refused(train_cli, tmp_path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
