@@ -28,6 +28,10 @@ is run in the order given (so the list is the priority) and cached under --work/
   moe:S,E,K:T:R  the same with --refit-down R (0: exact slices, the earlier tables);
   paper:T        the paper's recipe: contiguous E=4, k=2, N(0, 0.02) router, scale E/k, share prior.
 
+--distill W: every fine-tune (T>0) distils from the dense model: the MoE through `train --teacher DENSE
+--distill-weight W`, static pruning with the same loss, (1 - W) CE + W KL(dense || model), so the
+baseline gets the same training signal; such rows are cached as <name>-KD<W>.
+
     python bench/bench_quality.py --lr 1e-3 --jobs static:0.5:0 moe:0.125,14,6:0 static:0.5:49152 \
         moe:0.125,14,6:49152 moe:0.25,6,2:49152
 """
@@ -325,6 +329,7 @@ def issue13(args) -> None:
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
         if job["tokens"] and args.distill:
             job["name"] += f"-KD{args.distill:g}"
+            job["distill"] = args.distill
         if job["tokens"] and job["kind"] != "static" and args.tag:
             job["name"] += args.tag
             job["train_args"] = args.train_args
@@ -442,15 +447,16 @@ def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
     static: dict[tuple, float] = {}
     for r in rows:
         if r["job"]["kind"] == "static":
-            static[(round(r["active"], 4), r["job"]["tokens"], bool(r["job"].get("refit")))] = r["ppl"]
+            static[(round(r["active"], 4), r["job"]["tokens"], bool(r["job"].get("refit")),
+                    r["job"].get("distill", 0))] = r["ppl"]
     order = {j["name"]: i for i, j in enumerate(jobs)}
     rows.sort(key=lambda r: (-round(r["active"], 4), order.get(r["job"]["name"], 10**6), r["job"]["tokens"]))
     print("\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning | ppl / static pruning + refit |\n"
           "|---|---|---|---|---|---|---|")
     print(f"| 1 | dense | 0 | {dense_ppl:.2f} | 1 | – | – |")
 
-    def line(active: float, label: str, tokens: int, ppl: float) -> None:
-        refs = [static.get((round(active, 4), tokens, refit)) for refit in (False, True)]
+    def line(active: float, label: str, tokens: int, ppl: float, distill: float = 0) -> None:
+        refs = [static.get((round(active, 4), tokens, refit, distill)) for refit in (False, True)]
         print(f"| {active:.3f} | {label} | {tokens} | {ppl:.2f} | {ppl / dense_ppl:.3f} | "
               f"{_ratio(ppl, refs[0])} | {_ratio(ppl, refs[1])} |")
 
@@ -466,7 +472,9 @@ def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
             label += f" (`{j['train_args']}`)"
         elif j["kind"] == "static":
             label += ", untrained" if j["tokens"] == 0 else ", fine-tuned (MLP)"
-        line(r["active"], label, j["tokens"], r["ppl"])
+        if j.get("distill"):
+            label += f", distilled from the dense model (w = {j['distill']:g})"
+        line(r["active"], label, j["tokens"], r["ppl"], j.get("distill", 0))
         if "ppl_oracle" in r:
             line(r["active"], f"{j['struct']}, oracle router, untrained", 0, r["ppl_oracle"])
 
