@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import PRIOR_TARGETS, arg
+from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg
 from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
@@ -57,6 +57,9 @@ class DemoConfig:
     micro_batch_size: int = arg("sequences per rank per forward", default=2)
     global_batch_size: int = arg("sequences per optimizer step", default=8)
     lr: float = arg("peak learning rate (1e-3 measured best for short CPU runs, bench/RESULTS.md)", default=1e-3)
+    distill_weight: float = arg("train distils from --model (train --teacher): the KL share of the next-token "
+                                "loss, 0 = CE only as in the paper (distillation measured better, docs/method.md)",
+                                default=DISTILL_WEIGHT)
     nproc: int = arg("training processes", default=2)
     ep_size: int = arg("expert-parallel size", default=2)
     launcher: str = arg("how the training processes start", choices=("deepspeed", "torchrun"), default="deepspeed")
@@ -74,6 +77,8 @@ class DemoConfig:
                     if getattr(self, name) < 1]
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: must be > 0")
+        if not 0 <= self.distill_weight <= 1:
+            problems.append(f"--distill-weight {self.distill_weight}: must be a number in [0, 1]")
         if self.ep_size >= 1 and (self.num_experts % self.ep_size or self.nproc % self.ep_size):
             problems.append(f"--ep-size {self.ep_size} must divide --num-experts ({self.num_experts}) and --nproc "
                             f"({self.nproc})")
@@ -111,7 +116,9 @@ def _stage(name: str) -> None:
     print(f"\n== {name} ==", file=sys.stderr, flush=True)
 
 
-def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None) -> None:
+def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None,
+                teacher: Path | None = None) -> None:
+    """``teacher``: distil from it with --distill-weight (else CE only, whatever the weight)."""
     from factorllm_ds.launcher import Launch, command
     from factorllm_ds.train import TrainConfig
 
@@ -127,7 +134,8 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[s
     train = TrainConfig(model=moe, data=[str(data)], out=run, seq_len=cfg.seq_len, steps=steps, lr=cfg.lr,
                         micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
                         ep_size=cfg.ep_size, warmup_steps=max(1, steps // 10), save_every=max(1, steps // 2),
-                        eval_every=max(1, steps // 2), eval_batches=2, resume=resume)
+                        eval_every=max(1, steps // 2), eval_batches=2, resume=resume, teacher=teacher,
+                        distill_weight=cfg.distill_weight if teacher is not None else None)
     spec = Launch(cfg.launcher, nproc=cfg.nproc, master_port=29500 + os.getpid() % 2000, device="cpu",
                   bin_dir=Path(sys.executable).parent, python=sys.executable)
     argv, env = command(spec, train)
@@ -192,7 +200,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     _stage("3/5 train (expert parallel)")
     run = work / "run"
-    train_stage(cfg, moe, data, run)
+    train_stage(cfg, moe, data, run, teacher=dense if cfg.distill_weight else None)
 
     _stage("4/5 export")
     exported = work / "export"

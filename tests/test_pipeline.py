@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -47,3 +48,13 @@ def test_foreign_folder_is_refused_and_kept(tmp_path):
     with pytest.raises(UserError, match="--work .*thesis.tex.*empty or new folder"):
         _reset_if_settings_changed(work, DemoConfig(work=work))
     assert (work / "thesis.tex").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(distill_weight=1.5), "--distill-weight 1.5: must be a number in [0, 1]"),
+    (dict(num_experts=24, ep_size=5), "--ep-size 5 must divide --num-experts (24)"),
+    (dict(lr=0.0), "--lr 0.0: must be > 0"),
+])
+def test_bad_demo_flags_are_refused(flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        DemoConfig(**flags).validate()

@@ -39,6 +39,12 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
     from factorllm_ds.layout import list_tags
 
     assert len(list_tags(work / "run")) == 1  # intermediate checkpoints dropped after export
+    # The demo distils from the dense model it converted (train --teacher, docs/method.md §5).
+    from factorllm_ds.assets import smollm2_model_dir
+
+    settings = json.loads((work / "run" / "run.json").read_text())["settings"]
+    assert Path(settings["teacher"]) == smollm2_model_dir() and settings["distill_weight"] == 1.0, settings
+    assert "kd" in (work / "run" / "metrics.csv").read_text().splitlines()[0]
     # Running it again resumes: every stage is found complete and skipped.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
