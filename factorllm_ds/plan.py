@@ -72,6 +72,8 @@ class PlanConfig:
     prior: str = arg("PA teacher: frozen (a frozen copy of the local experts), self (none kept), none",
                      choices=PRIOR_TEACHERS, default=PRIOR_TEACHERS[0])
     dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
+    distill: bool = arg("plan for train --teacher (distillation from the dense model): a frozen copy of the whole "
+                        "dense model on every rank, its logits and the KL's", default=False)
     num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
     top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)
     shared_neurons: str | None = arg("shared expert of a dense model, as convert --shared-neurons: a fraction of "
@@ -208,7 +210,7 @@ class Choice:
                 f"{' ckpt' if self.activation_checkpointing else ''}")
 
 
-COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "gradients", "optimizer", "optimizer_step", "activations",
+COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "distill_teacher", "gradients", "optimizer", "optimizer_step", "activations",
               "runtime")
 
 
@@ -250,7 +252,9 @@ def activation_terms(shape: Shape, cfg: PlanConfig) -> tuple[float, float, float
     each expert's input and four (I-S)/E-wide intermediates, and the shared expert's input and
     four S-wide intermediates; softmax routing also keeps the k gathered expert outputs. The
     loss holds 12 bytes per logit at its peak (fp32 log-softmax output, its gradient, the
-    gradient of the logits; +2 for the bf16 logits' gradient).
+    gradient of the logits; +2 for the bf16 logits' gradient). Distillation adds 8: the KL keeps
+    the teacher's and the student's fp32 log-probabilities for the backward (the teacher's logits
+    and the KL's elementwise terms are gone by the loss's peak; measured, tests/test_plan.py).
     """
     b = DTYPE_BYTES[cfg.dtype]
     h, inter_e, s = shape.hidden, shape.routed_intermediate // shape.num_experts, shape.shared_intermediate
@@ -260,7 +264,8 @@ def activation_terms(shape: Shape, cfg: PlanConfig) -> tuple[float, float, float
         per_layer += (h + 4 * s) * b
     if shape.routing == "softmax":
         per_layer += shape.top_k * h * b
-    return per_layer, shape.vocab * (12 + (2 if b < 4 else 0)), 4 * h
+    logits = 12 + (2 if b < 4 else 0) + (8 if cfg.distill else 0)
+    return per_layer, shape.vocab * logits, 4 * h
 
 
 def checkpoint_bytes(shape: Shape, cfg: PlanConfig) -> int:
@@ -346,10 +351,13 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     forward_backward = None
     if checkpointing:  # the PA target is computed in the forward, the recompute happens in the backward
         forward_backward = checkpoint_bytes(shape, cfg) + max(pa_transient, activations - checkpoint_bytes(shape, cfg))
+    # train --teacher: every rank holds the whole dense model (the FFNs = all experts + the shared expert).
+    distill_teacher = (shape.shared_params + shape.expert_params + shape.shared_expert_params) * b if cfg.distill else 0
     parts = {
         "frozen_weights": shape.shared_params * b,
         "experts": trainable_local * b,
         "pa_teacher": teacher + pa_transient,
+        "distill_teacher": distill_teacher,
         "gradients": int(grads),
         "optimizer": int(optimizer),
         "optimizer_step": int(step),
@@ -358,7 +366,7 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     }
     # Each rank reads the shared weights, its experts and (frozen prior) their teacher copy into host
     # memory before DeepSpeed moves the model to its GPU.
-    load = shape.shared_params * b + trainable_local * b + teacher
+    load = shape.shared_params * b + trainable_local * b + teacher + distill_teacher
     return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient,
                     forward_backward=forward_backward)
 
@@ -525,6 +533,9 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
         saved = best.parts["pa_teacher"] - estimate(shape, PlanConfig(**{**asdict(cfg), "prior": "self"}),
                                                     best.choice).parts["pa_teacher"]
         out.append(f"--prior self keeps no frozen expert copy: saves {saved / GiB:.1f} GiB")
+    if cfg.distill:
+        saved = best.total - estimate(shape, PlanConfig(**{**asdict(cfg), "distill": False}), best.choice).total
+        out.append(f"training without --teacher (plan without --distill) saves {saved / GiB:.1f} GiB")
     if not best.choice.activation_checkpointing and cfg.activation_checkpointing is None:
         with_ckpt = estimate(shape, cfg, Choice(best.choice.ep_size, best.choice.zero, best.choice.offload, True))
         out.append(f"--activation-checkpointing: saves {(best.total - with_ckpt.total) / GiB:.1f} GiB")
@@ -549,7 +560,8 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
 # ----------------------------------------------------------------------------- output
 
 
-HEADERS = {"frozen_weights": "frozen", "experts": "experts", "pa_teacher": "teacher", "gradients": "grads",
+HEADERS = {"frozen_weights": "frozen", "experts": "experts", "pa_teacher": "teacher", "distill_teacher": "distil",
+           "gradients": "grads",
            "optimizer": "optim", "optimizer_step": "step", "activations": "activ", "runtime": "runtime"}
 
 
@@ -561,6 +573,7 @@ def ds_config_for(choice: Choice, cfg: PlanConfig) -> str:
 
 def report(plan: Plan, cfg: PlanConfig) -> str:
     s = plan.shape
+    columns = [k for k in HEADERS if k != "distill_teacher" or cfg.distill]
     unit = "process" if cfg.device == "cpu" else "GPU"
     shared_expert = (f", shared expert S={s.shared_intermediate} ({s.shared_expert_params / 1e9:.2f}B, data parallel)"
                      if s.shared_intermediate else "")
@@ -570,9 +583,9 @@ def report(plan: Plan, cfg: PlanConfig) -> str:
              f"run: {cfg.gpus} ranks, {cfg.dtype}, seq_len {seq_len_of(cfg, s)} x micro-batch {cfg.micro_batch_size}, "
              f"prior {cfg.prior}; budget {plan.budget / GiB:.1f} GiB per {unit}",
              "",
-             f"{'GiB per ' + unit:<26}" + "".join(f"{h:>9}" for h in HEADERS.values()) + f"{'total':>9}  fits"]
+             f"{'GiB per ' + unit:<26}" + "".join(f"{HEADERS[k]:>9}" for k in columns) + f"{'total':>9}  fits"]
     for e in plan.estimates:
-        row = f"{e.choice.label():<26}" + "".join(f"{e.parts[k] / GiB:9.2f}" for k in HEADERS)
+        row = f"{e.choice.label():<26}" + "".join(f"{e.parts[k] / GiB:9.2f}" for k in columns)
         row += f"{e.total / GiB:9.2f}  {'yes' if e.fits else 'no'}"
         if cfg.device == "gpu":
             row += f"  host {host_per_node(e, cfg) / GiB:.0f}/node"
@@ -605,7 +618,8 @@ def commands(plan: Plan, cfg: PlanConfig, choice: Choice) -> list[str]:
         shared = (f" --shared-neurons {cfg.shared_neurons} --calib-data CALIB.txt" if s.shared_intermediate else "")
         lines += ["convert:", f"  factorllm-ds convert --model {dense} --out {moe} --num-experts {s.num_experts} "
                               f"--top-k {s.top_k}{shared}"]
-    flags = (f"--seq-len {seq_len_of(cfg, s)} --micro-batch-size {cfg.micro_batch_size} --prior {cfg.prior}"
+    teacher = "" if not cfg.distill else f" --teacher {dense if not s.converted else 'DENSE_DIR'}"
+    flags = (f"--seq-len {seq_len_of(cfg, s)} --micro-batch-size {cfg.micro_batch_size} --prior {cfg.prior}{teacher}"
              f"{' --activation-checkpointing' if choice.activation_checkpointing else ''}")
     ds = ds_config_for(choice, cfg)
     lines += ["train (the flags of every rank):",

@@ -186,6 +186,24 @@ def test_shared_expert_is_counted_as_dense_trainable_weights():
     assert e.parts["pa_teacher"] - selfish.parts["pa_teacher"] > 2 * (p_sh + shape.expert_params / 16)
 
 
+def test_distillation_adds_the_dense_model_and_its_logits(capsys):
+    """--distill (train --teacher): the whole dense model on every rank, and 8 more bytes per logit."""
+    cfg = plan_cfg(model="llama2-13b", gpus=8, shared_neurons="0.25", num_experts=8)
+    shape, choice = shape_of(cfg), Choice(ep_size=4, zero=2, offload=False)
+    plain, distilled = estimate(shape, cfg, choice), estimate(shape, replace(cfg, distill=True), choice)
+    dense = shape_of(plan_cfg(model="llama2-13b", gpus=8))
+    dense_params = dense.total_params - dense.router_params
+    assert distilled.parts["distill_teacher"] == 2 * dense_params and plain.parts["distill_teacher"] == 0
+    tokens = 1 * 1024
+    assert distilled.parts["activations"] - plain.parts["activations"] == tokens * shape.vocab * 8
+    assert distilled.host_load - plain.host_load == 2 * dense_params
+    assert main(["plan", "--model", "llama2-13b", "--gpus", "8", "--distill"]) == 0
+    out = capsys.readouterr().out
+    assert "--teacher /path/to/llama2-13b" in out and "distil" in out
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "64", "--distill"]) == 1
+    assert "training without --teacher (plan without --distill) saves" in capsys.readouterr().err
+
+
 def test_converted_folder_with_shared_expert(tmp_path, capsys):
     config = {"model_type": "factorllm", "num_experts": 32, "num_experts_per_tok": 2, "routing": "hard",
               "router_bias": True, "shared_intermediate_size": 1024, "expert_intermediate_size": 864,
@@ -295,16 +313,19 @@ def weighty_moe(tmp_path_factory):
     return moe, data, root
 
 
-def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: int, ckpt: bool = False) -> list[int]:
-    """Peak RSS in bytes of each of 2 training ranks (ZeRO-2, 2 steps, then a checkpoint)."""
+def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: int, ckpt: bool = False,
+                  distill: bool = False) -> list[int]:
+    """Peak RSS in bytes of each of 2 training ranks (ZeRO-2, 2 steps, then a checkpoint); ``distill``: with
+    --teacher (the dense model the MoE was converted from)."""
     wrapper = root / "rss_wrapper.py"
     wrapper.write_text(RSS_WRAPPER)
-    name = f"ep{ep_size}-T{seq_len}{'-ckpt' if ckpt else ''}"
+    name = f"ep{ep_size}-T{seq_len}{'-ckpt' if ckpt else ''}{'-kd' if distill else ''}"
     peaks_dir = root / f"peaks-{name}"
     peaks_dir.mkdir()
     args = du.train_args(model, data, root / f"run-{name}", steps=2, ep_size=ep_size, seq_len=seq_len,
                          lr=1e-3, ds_config=REPO / "ds_configs/zero2.json",
-                         extra=["--eval-batches", "1", *(["--activation-checkpointing"] if ckpt else [])])
+                         extra=["--eval-batches", "1", *(["--activation-checkpointing"] if ckpt else []),
+                                *(["--teacher", str(root / "dense")] if distill else [])])
     cmd = [str(du.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={du.free_port()}", str(wrapper), *args]
     res = subprocess.run(cmd, env=du.worker_env({"PEAK_RSS_DIR": str(peaks_dir)}), capture_output=True, text=True,
                          timeout=600)
@@ -313,20 +334,22 @@ def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: in
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("ep_size, seq_len, ckpt", [(1, 128, False), (2, 128, False), (2, 128, True),
-                                                    (2, 512, False), (2, 512, True)])
-def test_prediction_within_15_percent_of_measured_peak(weighty_moe, ep_size, seq_len, ckpt):
+@pytest.mark.parametrize("ep_size, seq_len, ckpt, distill", [
+    (1, 128, False, False), (2, 128, False, False), (2, 128, True, False), (2, 512, False, False),
+    (2, 512, True, False), (2, 512, False, True)])
+def test_prediction_within_15_percent_of_measured_peak(weighty_moe, ep_size, seq_len, ckpt, distill):
     model, data, root = weighty_moe
     out = subprocess.run([sys.executable, "-m", "factorllm_ds", "plan", "--model", str(model), "--gpus", "2",
                           "--device", "cpu", "--dtype", "fp32", "--zero", "2", "--ep-size", str(ep_size),
                           "--seq-len", str(seq_len), "--gpu-memory", "16GB", "--json",
-                          "--activation-checkpointing" if ckpt else "--no-activation-checkpointing"],
+                          "--activation-checkpointing" if ckpt else "--no-activation-checkpointing",
+                          *(["--distill"] if distill else [])],
                          capture_output=True, text=True, check=True).stdout
     (predicted,) = json.loads(out)["estimates"]
-    peaks = measure_peaks(model, data, root, ep_size, seq_len, ckpt)
+    peaks = measure_peaks(model, data, root, ep_size, seq_len, ckpt, distill)
     measured = max(peaks)
     ratio = predicted["total"] / measured
-    report = (f"ep_size {ep_size}, seq_len {seq_len}, checkpointing {ckpt}: predicted "
+    report = (f"ep_size {ep_size}, seq_len {seq_len}, checkpointing {ckpt}, distill {distill}: predicted "
               f"{predicted['total'] / 2**20:.0f} MiB, measured peak RSS per rank "
               f"{[round(p / 2**20) for p in peaks]} MiB, ratio {ratio:.3f}; parts (MiB) "
               f"{ {k: round(v / 2**20) for k, v in predicted['parts'].items()} }")
