@@ -210,8 +210,8 @@ class Choice:
                 f"{' ckpt' if self.activation_checkpointing else ''}")
 
 
-COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "distill_teacher", "gradients", "optimizer", "optimizer_step", "activations",
-              "runtime")
+COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "distill_teacher", "gradients", "optimizer", "optimizer_step",
+              "activations", "runtime")
 
 
 @dataclass
@@ -561,8 +561,7 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
 
 
 HEADERS = {"frozen_weights": "frozen", "experts": "experts", "pa_teacher": "teacher", "distill_teacher": "distil",
-           "gradients": "grads",
-           "optimizer": "optim", "optimizer_step": "step", "activations": "activ", "runtime": "runtime"}
+           "gradients": "grads", "optimizer": "optim", "optimizer_step": "step", "activations": "activ", "runtime": "runtime"}
 
 
 def ds_config_for(choice: Choice, cfg: PlanConfig) -> str:

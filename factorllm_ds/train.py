@@ -232,6 +232,9 @@ def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
         if cfg.distill_weight:
             return [f"--distill-weight {cfg.distill_weight} needs --teacher DENSE_DIR (the dense model you converted)"]
         return []
+    if cfg.distill_weight == 0:
+        return [f"--teacher {cfg.teacher} with --distill-weight 0: the teacher would be loaded and never used; drop "
+                "--teacher, or give a weight in (0, 1]"]
     teacher = read_config(cfg.teacher, "--teacher")
     if teacher.get("model_type") == "factorllm":
         return [f"--teacher {cfg.teacher} is a FactorLLM MoE; pass the dense model it was converted from"]

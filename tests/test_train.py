@@ -356,6 +356,8 @@ def test_bad_teacher_is_refused(train_cli, tiny_dense_dir, tiny_moe_dir, tmp_pat
     assert code == 2 and "--distill-weight 0.5 needs --teacher" in err, err
     code, err = train_cli(teacher=tiny_dense_dir, distill_weight=1.5)
     assert code == 2 and "--distill-weight 1.5: must be a number in [0, 1]" in err, err
+    code, err = train_cli(teacher=tiny_dense_dir, distill_weight=0)
+    assert code == 2 and "--distill-weight 0: the teacher would be loaded and never used" in err, err
     code, err = train_cli(teacher=tiny_moe_dir)
     assert code == 2 and f"--teacher {tiny_moe_dir} is a FactorLLM MoE" in err, err
     other = tmp_path / "other-vocab"
