@@ -320,6 +320,7 @@ def issue13(args) -> None:
     from factorllm_ds.export import ExportConfig, run_export
     from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
     from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE
+    from factorllm_ds.modeling import load_dense
     from factorllm_ds.pipeline import DemoConfig, train_stage
 
     work = (args.work or assets.cache_dir() / "bench_quality") / "issue13"
@@ -380,8 +381,7 @@ def issue13(args) -> None:
             if job["tokens"]:
                 model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32, attn_implementation="sdpa")
                 tokenizer = AutoTokenizer.from_pretrained(pruned)
-                teacher = (AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, attn_implementation="sdpa")
-                           if args.distill else None)
+                teacher = load_dense(dense) if args.distill else None
                 row["finetune"] = finetune_static(args, model, tokenizer, kjv, job["tokens"], teacher)
                 folder = work / job["name"] / "model"
                 model.save_pretrained(folder)

@@ -245,13 +245,6 @@ def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
     return []
 
 
-def load_teacher(cfg: TrainConfig, dtype: torch.dtype, device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, attn_implementation="sdpa")
-    return teacher.to(device)
-
-
 def activation_checkpointing_problems(cfg: TrainConfig, ds: dict) -> list[str]:
     """DeepSpeed's "activation_checkpointing" section only configures deepspeed.checkpointing.checkpoint, which
     this model never calls: its settings (partition_activations, cpu_checkpointing, ...) would be silently ignored."""
@@ -439,7 +432,9 @@ def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     check_ep_layout(engine, cfg.ep_size)
     if cfg.teacher is not None:
-        engine.module.attach_teacher(load_teacher(cfg, training_dtype(ds), engine.device))
+        from factorllm_ds.modeling import load_dense
+
+        engine.module.attach_teacher(load_dense(cfg.teacher, training_dtype(ds), "--teacher").to(engine.device))
     run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps,
               lock=lock)
     if cfg.resume:
