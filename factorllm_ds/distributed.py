@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -102,8 +103,41 @@ def init(timeout_s: int) -> DistInfo:
 
         # srun --gpus-per-task=1 leaves each task one visible GPU: its local rank is not a device id.
         get_accelerator().set_device(info.local_rank % max(1, get_accelerator().device_count()))
+    release_shm_names(info)
     setup_logging(info.rank)
     return info
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_names(rank: int | str = "*") -> list[Path]:
+    """The /dev/shm segments of DeepSpeed's CPU shared-memory all-reduce for this job (MASTER_ADDR/PORT),
+    one per rank: ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (deepspeed ops/csrc/cpu/comm)."""
+    stem = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    return sorted(SHM_DIR.glob(stem))
+
+
+def release_shm_names(info: DistInfo) -> None:
+    """Unlink this rank's shared-memory all-reduce segment as soon as every rank has mapped it.
+
+    DeepSpeed's CPU backend (all ranks on one host, ``LOCAL_SIZE`` = world size, as the deepspeed launcher
+    sets it) maps one ~66 MB /dev/shm segment per rank and never unlinks it: every run, finished or killed,
+    left them behind in RAM-backed /dev/shm. After the barrier every rank holds its mappings of all segments,
+    so the names are no longer needed; the memory stays mapped and the kernel frees it when the ranks exit,
+    however they exit.
+    """
+    from deepspeed.comm import comm as ds_comm
+
+    backend = getattr(ds_comm, "cdb", None)
+    if getattr(backend, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(info.world_size):
+        return  # no segments (every rank takes the same branch: the condition is the C++ op's own)
+    import torch.distributed as dist
+
+    dist.barrier()
+    for path in shm_buffer_names(info.rank):
+        path.unlink(missing_ok=True)
 
 
 def setup_logging(rank: int) -> None:

@@ -558,3 +558,19 @@ def test_preemptible_launch_requeues_on_the_requeue_codes(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 138, err
     assert requeued.read_text().split() == ["requeue", "77"], err
+
+
+@pytest.mark.dist
+def test_shared_memory_all_reduce_leaves_nothing_in_dev_shm(tmp_path):
+    """DeepSpeed's CPU shm all-reduce (deepspeed launcher: all ranks on one host) creates one /dev/shm
+    segment per rank and never unlinks it; distributed.init unlinks the names once every rank has mapped
+    them, and the shm all-reduce still sums right (both of DeepSpeed's algorithms)."""
+    port, out = du.free_port(), tmp_path / "shm.json"
+    script = Path(__file__).parent / "scripts" / "shm_allreduce.py"
+    du.run_command([du.BIN / "deepspeed", "--no_local_rank", "--master_port", str(port), "--num_gpus", "2",
+                    script, out]).check()
+    got = json.loads(out.read_text())
+    assert got["uses_shm"], "DeepSpeed's shm all-reduce op was not active: nothing was tested"
+    assert got["left"] == [], got
+    assert got["sums"] == [[3.0, 3.0], [3.0, 3.0]], got
+    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")) == []
