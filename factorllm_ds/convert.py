@@ -30,6 +30,7 @@ from factorllm_ds.safety import check_output
 
 # How the router is fitted to the oracle's picks at conversion (structure.fit_linear_router; docs/method.md).
 ROUTER_FIT_LOSS, ROUTER_FIT_RIDGE = "ridge", 0.1
+ORACLE_BLOCK_BYTES = 256 * 2**20  # the routed experts' outputs held at once while the oracle picks
 
 
 def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertConfig) -> list[TensorInfo]:
@@ -105,9 +106,13 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
     """
     acts_TI = calib.mlp_activations()
     groups_ER = structure.routed_groups(perm, cfg.num_shared, cfg.num_experts)
-    routed_ETH = structure.group_outputs(acts_TI, down, groups_ER)
     weight = prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k)
-    oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
+    # Every routed expert's output [E, T, H] in fp32 would be the largest tensor of the conversion (8 GB at
+    # 13B, E=24, 16k tokens); the oracle's choice is per token, so it is made a block of tokens at a time.
+    rows = max(1, ORACLE_BLOCK_BYTES // (4 * cfg.num_experts * down.shape[0]))
+    oracle_TK = torch.cat([
+        prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
+        for routed_ETH in (structure.group_outputs(block_TI, down, groups_ER) for block_TI in acts_TI.split(rows))])
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
     router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
                                                loss=ROUTER_FIT_LOSS, ridge=ROUTER_FIT_RIDGE)
