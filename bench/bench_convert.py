@@ -213,14 +213,21 @@ def run_measured(args: list[str], env: dict, hwm_file: Path) -> dict:
             "stderr": out_chunks.get("stderr", b"").decode()}
 
 
+def machine_line() -> str:
+    return (f"machine: {platform.platform()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB "
+            f"RAM, python {platform.python_version()}, torch {torch.__version__}")
+
+
+def add_shape_args(parser: argparse.ArgumentParser, **defaults: int) -> None:
+    """--hidden, --intermediate, --layers, --heads, --kv-heads: the synthetic checkpoint's shape (llama_config)."""
+    for name in ("hidden", "intermediate", "layers", "heads", "kv_heads"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/factorllm_bench"))
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=4)
+    add_shape_args(parser, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard-size", default="500MB", help="dense input shard size")
     parser.add_argument("--num-experts", type=int, default=4)
@@ -301,9 +308,7 @@ def main() -> int:
         print(f"ratio (peak RSS - runtime RSS) / largest of (layer, embedding, lm_head) = {biggest} bytes: "
               f"{(peak - base) / biggest:.3f}")
         print(f"load average at end: {os.getloadavg()}")
-        print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, "
-              f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM, python {platform.python_version()}, "
-              f"torch {torch.__version__}")
+        print(machine_line())
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

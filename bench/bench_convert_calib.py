@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import psutil
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import largest_layer_bytes, llama_config, run_measured, write_synthetic_checkpoint  # noqa: E402
+from bench_convert import (add_shape_args, largest_layer_bytes, llama_config, machine_line, run_measured,  # noqa: E402
+                           write_synthetic_checkpoint)
 
 from factorllm_ds import assets  # noqa: E402
 from factorllm_ds.config import parse_size  # noqa: E402
@@ -56,11 +54,7 @@ def calibration_terms(args, vocab: int) -> dict[str, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/factorllm_calib_bench"))
-    p.add_argument("--hidden", type=int, default=5120)
-    p.add_argument("--intermediate", type=int, default=13824)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=40)
-    p.add_argument("--kv-heads", type=int, default=40)
+    add_shape_args(p, hidden=5120, intermediate=13824, layers=2, heads=40, kv_heads=40)  # LLaMA-2-13B's layers
     p.add_argument("--num-experts", type=int, default=24)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--shared", default="0.25")
@@ -110,8 +104,7 @@ def main() -> int:
             print(f"  {size / 2**30:8.3f} GiB  {name}")
         print(f"ratio peak RSS / largest layer:                 {peak / layer:.3f}")
         print(f"ratio (peak RSS - runtime) / largest layer:     {(peak - base) / layer:.3f}")
-        print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, "
-              f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM, torch {torch.__version__}")
+        print(machine_line())
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
