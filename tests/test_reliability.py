@@ -492,7 +492,7 @@ def test_truncated_latest_checkpoint_is_named_and_the_intact_one_offered(preempt
 @pytest.mark.dist
 def test_two_jobs_on_one_run_folder(tiny_moe_dir, varied_text, tmp_path):
     out = tmp_path / "run"
-    steps = 100  # long enough for the second job to start (~15 s here) while the first runs
+    steps = 300  # long enough for the second job to start (~15 s here, more on a loaded machine) while the first runs
     with du.start("torchrun", 2, run_args(tiny_moe_dir, varied_text, out, steps=steps)) as first:
         wait_for_rows(first, out, 1)
         second = du.run("python", 1, du.train_args(tiny_moe_dir, varied_text, out, steps=2, ep_size=1,
