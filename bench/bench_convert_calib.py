@@ -28,8 +28,8 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import (add_shape_args, largest_layer_bytes, llama_config, machine_line, run_measured,  # noqa: E402
-                           write_synthetic_checkpoint)
+from bench_convert import (RUNTIME_IMPORTS, add_shape_args, largest_layer_bytes, llama_config,  # noqa: E402
+                           machine_line, run_measured, write_synthetic_checkpoint)
 
 from factorllm_ds import assets  # noqa: E402
 from factorllm_ds.config import parse_size  # noqa: E402
@@ -38,7 +38,7 @@ from factorllm_ds.structure import parse_shared  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-def calibration_terms(args, vocab: int) -> dict[str, int]:
+def calibration_terms(args) -> dict[str, int]:
     """The largest tensors one layer's calibration holds (fp32 bytes), by name."""
     t, h, i = args.calib_tokens, args.hidden, args.intermediate
     routed = i - parse_shared(args.shared, i)
@@ -48,7 +48,7 @@ def calibration_terms(args, vocab: int) -> dict[str, int]:
             "refit normal equations + Cholesky [I, I] x 2": 2 * i * i * 4,
             "all routed experts' outputs [E, T, H] (if held at once)": args.num_experts * t * h * 4,
             "co-activation of routed neurons [I_r, I_r]": routed * routed * 4,
-            "embedding (fp32 while the calibration starts)": vocab * h * 4}
+            "embedding (fp32 while the calibration starts)": args.vocab * h * 4}
 
 
 def main() -> int:
@@ -63,8 +63,7 @@ def main() -> int:
     args = p.parse_args()
 
     tok_dir = assets.smollm2_model_dir()
-    vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
-    args.vocab = vocab
+    args.vocab = vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
     config = llama_config(args)
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -86,8 +85,7 @@ def main() -> int:
         if run["returncode"] != 0:
             print(run["stderr"][-3000:], file=sys.stderr)
             raise SystemExit(f"conversion failed with exit code {run['returncode']}")
-        runtime = run_measured(["-c", "import torch, factorllm_ds, factorllm_ds.cli, factorllm_ds.convert"], env,
-                               work / "hwm-runtime")
+        runtime = run_measured(["-c", RUNTIME_IMPORTS], env, work / "hwm-runtime")
         layer, embed, head = largest_layer_bytes(config)
         peak, base = run["vmhwm_bytes"], runtime["vmhwm_bytes"]
         manifest = json.loads((moe / "factorllm_manifest.json").read_text())
@@ -100,7 +98,7 @@ def main() -> int:
         print(f"peak RSS (VmHWM) {peak} bytes = {peak / 2**30:.2f} GiB; runtime alone {base / 2**30:.2f} GiB")
         print(f"largest dense decoder layer (bf16) {layer} bytes; embedding {embed}; lm_head {head}")
         print("largest calibration terms per layer (fp32):")
-        for name, size in calibration_terms(args, vocab).items():
+        for name, size in calibration_terms(args).items():
             print(f"  {size / 2**30:8.3f} GiB  {name}")
         print(f"ratio peak RSS / largest layer:                 {peak / layer:.3f}")
         print(f"ratio (peak RSS - runtime) / largest layer:     {(peak - base) / layer:.3f}")

@@ -110,9 +110,11 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
     # Every routed expert's output [E, T, H] in fp32 would be the largest tensor of the conversion (8 GB at
     # 13B, E=24, 16k tokens); the oracle's choice is per token, so it is made a block of tokens at a time.
     rows = max(1, ORACLE_BLOCK_BYTES // (4 * cfg.num_experts * down.shape[0]))
-    oracle_TK = torch.cat([
-        prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
-        for routed_ETH in (structure.group_outputs(block_TI, down, groups_ER) for block_TI in acts_TI.split(rows))])
+    picks = []
+    for block_TI in acts_TI.split(rows):
+        routed_ETH = structure.group_outputs(block_TI, down, groups_ER)
+        picks.append(prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight))
+    oracle_TK = torch.cat(picks)
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
     router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
                                                loss=ROUTER_FIT_LOSS, ridge=ROUTER_FIT_RIDGE)

@@ -111,12 +111,13 @@ def init(timeout_s: int) -> DistInfo:
 SHM_DIR = Path("/dev/shm")
 
 
-def shm_buffer_names(rank: int | str = "*") -> list[Path]:
-    """The /dev/shm segments of DeepSpeed's CPU shared-memory all-reduce for this job (MASTER_ADDR/PORT),
-    one per rank: ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (deepspeed ops/csrc/cpu/comm)."""
-    stem = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
-           f"{os.environ.get('MASTER_PORT', '')}_{rank}"
-    return sorted(SHM_DIR.glob(stem))
+def shm_buffer_names(rank: int | str = "*", addr: str | None = None, port: int | str | None = None) -> list[Path]:
+    """The /dev/shm segments of DeepSpeed's CPU shared-memory all-reduce for a job (default: this process's
+    MASTER_ADDR/PORT), one per rank: ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (deepspeed ops/csrc/cpu/comm). ``"*"`` matches any value."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"))
 
 
 def release_shm_names(info: DistInfo) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import distributed_utils as du
 import tiny
+from factorllm_ds import distributed
 from factorllm_ds.cli import main
 from factorllm_ds.layout import CHECKPOINT_DIR, EXPERT_FILE, MANIFEST_FILE, MODEL_STATES, RUN_MANIFEST
 from factorllm_ds.safety import CHECKSUM_FILE, old_dir_for, temp_dir_for, write_checksums
@@ -573,4 +574,4 @@ def test_shared_memory_all_reduce_leaves_nothing_in_dev_shm(tmp_path):
     assert got["uses_shm"], "DeepSpeed's shm all-reduce op was not active: nothing was tested"
     assert got["left"] == [], got
     assert got["sums"] == [[3.0, 3.0], [3.0, 3.0]], got
-    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")) == []
+    assert distributed.shm_buffer_names(addr="*", port=port) == []
