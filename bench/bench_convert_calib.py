@@ -10,7 +10,7 @@ random values) and a real tokenizer (SmolLM2's, copied in; vocab = the tokenizer
 in a subprocess and measures its peak RSS (VmHWM, written by the process at exit). Prints the peak
 against the largest dense decoder layer (bf16) and against the terms the calibration adds per layer
 (docs/cluster.md "Converting 13B-70B checkpoints"), plus the conversion's seconds per layer. The
-synthetic files are deleted at the end unless --keep.
+synthetic files (a fresh sub-folder of --workdir) are deleted at the end unless --keep.
 
     python bench/bench_convert_calib.py [--hidden 5120 --intermediate 13824 --heads 40 --kv-heads 40]
         [--layers 2] [--num-experts 24 --top-k 8 --shared 0.25] [--calib-tokens 4096] [--workdir DIR]
@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def calibration_terms(args) -> dict[str, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/factorllm_calib_bench"))
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                   help="where a fresh sub-folder for the synthetic files is made (nothing else there is touched)")
     add_shape_args(p, hidden=5120, intermediate=13824, layers=2, heads=40, kv_heads=40)  # LLaMA-2-13B's layers
     p.add_argument("--num-experts", type=int, default=24)
     p.add_argument("--top-k", type=int, default=8)
@@ -65,8 +67,8 @@ def main() -> int:
     tok_dir = assets.smollm2_model_dir()
     args.vocab = vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
     config = llama_config(args)
-    work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="factorllm_calib_bench-", dir=args.workdir))
     dense, moe = work / "dense", work / "moe"
     try:
         started = time.perf_counter()
