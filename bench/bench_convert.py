@@ -1,6 +1,6 @@
 """Benchmark: conversion time vs a plain file copy, and peak memory vs the largest layer.
 
-    python bench/bench_convert.py [--workdir /tmp/factorllm_bench] [--keep | --reuse]
+    python bench/bench_convert.py [--workdir DIR] [--keep | --reuse]
 
 1. Writes a synthetic LLaMA-shaped bf16 checkpoint (default: hidden 2048, FFN 5632,
    22 layers, vocab 32000, untied: 2.2 GB; TinyLlama-1.1B's shape) as 500 MB safetensors
@@ -33,6 +33,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -165,6 +166,7 @@ finally:
 
 
 # What the convert command has imported before it reads the first tensor.
+WORK_SUBDIR = "factorllm_bench_convert"
 RUNTIME_IMPORTS = "import torch, factorllm_ds, factorllm_ds.cli, factorllm_ds.convert"
 
 
@@ -226,7 +228,8 @@ def add_shape_args(parser: argparse.ArgumentParser, **defaults: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/factorllm_bench"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                        help=f"the files go to its sub-folder {WORK_SUBDIR}/ (deleted at start and end; only that one)")
     add_shape_args(parser, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard-size", default="500MB", help="dense input shard size")
@@ -238,7 +241,7 @@ def main() -> int:
 
     from factorllm_ds.config import parse_size
 
-    work = args.workdir
+    work = args.workdir / WORK_SUBDIR  # this script's own folder: --reuse finds it again; nothing else is deleted
     dense, copy_dir, moe = work / "dense", work / "copy", work / "moe"
     config = llama_config(args)
     reuse = args.reuse and (dense / "config.json").is_file() and json.loads(

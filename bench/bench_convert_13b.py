@@ -10,7 +10,7 @@ converter itself holds) and peak file-backed RSS (page cache mapped into it), po
 /proc every 0.1 s. It checks a few expert slices against the dense tensors, prints a Markdown section
 for bench/RESULTS.md, and deletes every synthetic file unless --keep.
 
-    python bench/bench_convert_13b.py [--workdir /tmp/factorllm_13b] [--num-experts 4] [--report FILE]
+    python bench/bench_convert_13b.py [--workdir DIR] [--num-experts 4] [--report FILE]
 
 Needs about 2.1x 26 GB of free disk under --workdir.
 """
@@ -26,6 +26,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -125,7 +126,8 @@ def check_experts(dense_dir: Path, moe_dir: Path, config: dict, num_experts: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/factorllm_13b_bench"))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                    help="the files go to its sub-folder factorllm_bench_13b/ (deleted at the end; only that one)")
     ap.add_argument("--model", default="llama2-13b", choices=sorted(BUILTIN_MODELS))
     ap.add_argument("--num-experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
@@ -139,6 +141,7 @@ def main() -> int:
 
     config = dict(BUILTIN_MODELS[args.model])
     dense_bytes = sum(i.nbytes for i in dense_infos_from_config(config, torch.bfloat16).values())
+    args.workdir = args.workdir / "factorllm_bench_13b"  # this script's own folder: nothing else is deleted
     args.workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.workdir).free
     need = int(2.05 * dense_bytes) + 2 * GB
@@ -209,11 +212,8 @@ def main() -> int:
             args.report.write_text(section + "\n")
         return 0
     finally:
-        if not args.keep:
-            for d in (dense_dir, moe_dir):
-                shutil.rmtree(d, ignore_errors=True)
-            for leftover in args.workdir.glob(".*"):  # an interrupted convert's temporary folder
-                shutil.rmtree(leftover, ignore_errors=True)
+        if not args.keep:  # dense, moe, and an interrupted convert's temporary folder
+            shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
