@@ -72,6 +72,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=16384, help="--jobs: KJV calibration tokens (convert and "
                    "static pruning)")
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="--jobs: convert --seed of moe jobs (the split's k-means "
+                   "initialisation); a non-zero seed is its own cache entry (-seed<N>)")
+    p.add_argument("--routed-split", default="coactivation", help="--jobs: how moe jobs group the routed neurons "
+                   "(convert --split); a non-default split is its own cache entry (-<split> in the name)")
     p.add_argument("--table-only", action="store_true", help="--jobs: print the table of the cached jobs, run none")
     p.add_argument("--no-oracle", action="store_true",
                    help="--jobs: skip the oracle-router evaluation of untrained moe jobs (the slow part of a sweep)")
@@ -328,6 +332,11 @@ def issue13(args) -> None:
     dense, kjv, botchan = assets.smollm2_model_dir(), assets.kjv_text(), assets.botchan_text()
     jobs = [_parse_job(j) for j in args.jobs]
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
+        variant = ([args.routed_split] if args.routed_split != "coactivation" else []) + (
+            [f"seed{args.seed}"] if args.seed else [])
+        if job["kind"] == "moe" and variant:  # a conversion variant is its own struct
+            job["struct"] += "".join(f"-{v}" for v in variant)
+            job["name"] = job["name"].replace("-T", "".join(f"-{v}" for v in variant) + "-T", 1)
         if job["tokens"] and args.distill:
             job["name"] += f"-KD{args.distill:g}"
             job["distill"] = args.distill
@@ -396,9 +405,9 @@ def issue13(args) -> None:
             if not (moe / MANIFEST_FILE).is_file():
                 if job["kind"] == "moe":
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=job["E"], top_k=job["k"],
-                                        split="coactivation", shared_neurons=job["shared"], calib_data=kjv,
+                                        split=args.routed_split, shared_neurons=job["shared"], calib_data=kjv,
                                         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                                        refit_down=job["refit"], overwrite=True)
+                                        refit_down=job["refit"], seed=args.seed, overwrite=True)
                 else:
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=4, top_k=2, split="contiguous",
                                         overwrite=True)
