@@ -165,8 +165,8 @@ finally:
 """
 
 
+WORK_SUBDIR = "factorllm_bench_convert"  # this script's own folder under --workdir
 # What the convert command has imported before it reads the first tensor.
-WORK_SUBDIR = "factorllm_bench_convert"
 RUNTIME_IMPORTS = "import torch, factorllm_ds, factorllm_ds.cli, factorllm_ds.convert"
 
 
@@ -229,7 +229,8 @@ def add_shape_args(parser: argparse.ArgumentParser, **defaults: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
-                        help=f"the files go to its sub-folder {WORK_SUBDIR}/ (deleted at start and end; only that one)")
+                        help=f"the files go to its sub-folder {WORK_SUBDIR}/ (deleted at start unless --reuse and at "
+                        "the end unless --keep; nothing else under --workdir is touched)")
     add_shape_args(parser, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard-size", default="500MB", help="dense input shard size")

@@ -331,12 +331,13 @@ def issue13(args) -> None:
     (work / "reports").mkdir(parents=True, exist_ok=True)
     dense, kjv, botchan = assets.smollm2_model_dir(), assets.kjv_text(), assets.botchan_text()
     jobs = [_parse_job(j) for j in args.jobs]
+    # A conversion variant (--routed-split, --seed) is its own moe struct, e.g. S0.25-E24k8-R4-seed1.
+    variant = (f"-{args.routed_split}" if args.routed_split != "coactivation" else "") + (
+        f"-seed{args.seed}" if args.seed else "")
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
-        variant = ([args.routed_split] if args.routed_split != "coactivation" else []) + (
-            [f"seed{args.seed}"] if args.seed else [])
-        if job["kind"] == "moe" and variant:  # a conversion variant is its own struct
-            job["struct"] += "".join(f"-{v}" for v in variant)
-            job["name"] = job["name"].replace("-T", "".join(f"-{v}" for v in variant) + "-T", 1)
+        if job["kind"] == "moe" and variant:
+            job["struct"] += variant
+            job["name"] = job["name"].replace("-T", variant + "-T", 1)
         if job["tokens"] and args.distill:
             job["name"] += f"-KD{args.distill:g}"
             job["distill"] = args.distill
