@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import moe_lab as lab  # bench/: the script's own folder is on sys.path
 from factorllm_ds import structure as st
+from factorllm_ds.split import SPLIT_METHODS
 
 
 def parse() -> argparse.Namespace:
@@ -43,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--routers", nargs="*", default=["oracle", "linear:pa:bias", "rep:32"])
     p.add_argument("--importance", nargs="+", default=["contribution", "activation_rate"], choices=st.IMPORTANCE_KINDS)
     p.add_argument("--static", nargs="*", type=float, default=[0.5, 0.25], help="kept fractions for static pruning")
-    p.add_argument("--split", default="coactivation", choices=st.ROUTED_SPLITS, help="how routed neurons are grouped")
+    p.add_argument("--split", default="coactivation", choices=SPLIT_METHODS, help="how routed neurons are grouped")
     p.add_argument("--rate-fraction", type=float, default=0.1, help="activation_rate: top share of |a| per token")
     p.add_argument("--stream", default="converted", choices=["converted", "dense"],
                    help="calibrate each layer on the converted layers' hidden states, or the dense model's")
@@ -67,7 +69,7 @@ def parse() -> argparse.Namespace:
 
 class OracleRouter:
     def select(self, x_TH, shared_TH, routed_ETH, target_TH, k):
-        return st.oracle_topk(routed_ETH, shared_TH, target_TH, k)
+        return lab.oracle_topk(routed_ETH, shared_TH, target_TH, k)
 
 
 class LinearRouter:
@@ -75,7 +77,7 @@ class LinearRouter:
         self.w_EH, self.b_E = w_EH, b_E
 
     def select(self, x_TH, shared_TH, routed_ETH, target_TH, k):
-        return st.linear_topk(x_TH, self.w_EH, self.b_E, k)
+        return lab.linear_topk(x_TH, self.w_EH, self.b_E, k)
 
 
 class RepresentativeRouter:
@@ -86,17 +88,17 @@ class RepresentativeRouter:
         self.reps_EM, self.act_fn = torch.arange(flat.numel()).view(reps_EM.shape), act_fn
 
     def select(self, x_TH, shared_TH, routed_ETH, target_TH, k):
-        return torch.topk(st.representative_scores(x_TH, *self.weights, self.reps_EM, self.act_fn), k, dim=-1).indices
+        return torch.topk(lab.representative_scores(x_TH, *self.weights, self.reps_EM, self.act_fn), k, dim=-1).indices
 
 
 class StructuredMLP(nn.Module):
     """Shared expert + the K routed experts the router picks, weight 1, in place of a dense MLP.
 
     All routed outputs are computed (the oracle needs them, and so does the agreement count);
-    the sum of the chosen ones equals :func:`structure.moe_forward`'s sparse dispatch.
+    the sum of the chosen ones equals ``moe_lab.moe_forward``'s sparse dispatch.
     """
 
-    def __init__(self, weights: st.SharedMoEWeights, k: int, router, dense: nn.Module):
+    def __init__(self, weights: lab.SharedMoEWeights, k: int, router, dense: nn.Module):
         super().__init__()
         self.w, self.k, self.router, self.dense = weights, k, router, dense
         self.track = False
@@ -105,18 +107,18 @@ class StructuredMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x_TH = hidden.reshape(-1, hidden.shape[-1]).float()
         act = self.dense.act_fn
-        shared_TH = st.shared_output(x_TH, self.w, act)
+        shared_TH = lab.shared_output(x_TH, self.w, act)
         if self.k == 0:
             return shared_TH.to(hidden.dtype).view(hidden.shape)
-        routed_ETH = st.routed_outputs(x_TH, self.w, act)
+        routed_ETH = lab.routed_outputs(x_TH, self.w, act)
         needs_target = isinstance(self.router, OracleRouter) or self.track
         target_TH = self.dense(x_TH).float() if needs_target else None
         idx_TK = self.router.select(x_TH, shared_TH, routed_ETH, target_TH, self.k)
         if self.track and not isinstance(self.router, OracleRouter):
-            self.hits += st.topk_agreement(idx_TK, st.oracle_topk(routed_ETH, shared_TH, target_TH, self.k)) \
+            self.hits += lab.topk_agreement(idx_TK, lab.oracle_topk(routed_ETH, shared_TH, target_TH, self.k)) \
                 * x_TH.shape[0]
             self.count += x_TH.shape[0]
-        return st.combine(shared_TH, routed_ETH, idx_TK).to(hidden.dtype).view(hidden.shape)
+        return lab.combine(shared_TH, routed_ETH, idx_TK).to(hidden.dtype).view(hidden.shape)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -133,8 +135,8 @@ def parse_router(spec: str) -> dict:
         raise SystemExit(f"--routers {spec}: expected oracle, rep:M or linear:LOSS[:bias|nobias][:gain|khot][:dense]")
     opts = set(parts[2:])
     unknown = opts - {"bias", "nobias", "gain", "khot", "dense"}
-    if len(parts) < 2 or parts[1] not in st.ROUTER_LOSSES or unknown:
-        raise SystemExit(f"--routers {spec}: loss must be one of {st.ROUTER_LOSSES}; options bias|nobias, gain|khot, "
+    if len(parts) < 2 or parts[1] not in lab.ROUTER_LOSSES or unknown:
+        raise SystemExit(f"--routers {spec}: loss must be one of {lab.ROUTER_LOSSES}; options bias|nobias, gain|khot, "
                          f"dense (bad: {sorted(unknown)})")
     return {"kind": "linear", "loss": parts[1], "bias": "nobias" not in opts, "gain": "gain" in opts,
             "dense_fit": "dense" in opts}
@@ -150,28 +152,28 @@ def build_layer(run: dict, args, dense: nn.Module, x_TH: torch.Tensor, layer: in
     seed = args.seed * 100_003 + layer
     if run["k"] == 0:  # static pruning: the shared block alone
         perm = st.shared_partition(imp_I, run["shared"], 1, "contiguous")
-        return StructuredMLP(st.slice_shared_moe(gate_IH, up_IH, down_HI, perm, run["shared"], 1), 0, None, dense), \
+        return StructuredMLP(lab.slice_shared_moe(gate_IH, up_IH, down_HI, perm, run["shared"], 1), 0, None, dense), \
             float("nan")
     s, e, k = run["shared"], run["E"], run["k"]
     perm = st.shared_partition(imp_I, s, e, args.split, seed, act_TI=act_TI, weights=(gate_IH, up_IH, down_HI))
-    weights = st.slice_shared_moe(gate_IH, up_IH, down_HI, perm, s, e)
+    weights = lab.slice_shared_moe(gate_IH, up_IH, down_HI, perm, s, e)
     router_spec = run["router"]
     if router_spec["kind"] == "oracle":
         return StructuredMLP(weights, k, OracleRouter(), dense), float("nan")
     shared_TH = st.group_outputs(act_TI, down_HI, perm[:s].unsqueeze(0))[0]
     routed_ETH = st.group_outputs(act_TI, down_HI, st.routed_groups(perm, s, e))
     target_TH = act_TI @ down_HI.T
-    oracle_TK = st.oracle_topk(routed_ETH, shared_TH, target_TH, k)
+    oracle_TK = lab.oracle_topk(routed_ETH, shared_TH, target_TH, k)
     if router_spec["kind"] == "rep":
-        reps = st.representative_neurons(act_TI, perm, s, e, router_spec["m"])
+        reps = lab.representative_neurons(act_TI, perm, s, e, router_spec["m"])
         router = RepresentativeRouter(gate_IH, up_IH, down_HI, reps, dense.act_fn)
     else:
-        scores = st.residual_gain(routed_ETH, target_TH - shared_TH) if router_spec["gain"] else None
-        w_EH, b_E = st.fit_linear_router(x_TH, oracle_TK, e, bias=router_spec["bias"], loss=router_spec["loss"],
+        scores = lab.residual_gain(routed_ETH, target_TH - shared_TH) if router_spec["gain"] else None
+        w_EH, b_E = lab.fit_router(x_TH, oracle_TK, e, bias=router_spec["bias"], loss=router_spec["loss"],
                                          scores_TE=scores, steps=args.router_steps, lr=args.router_lr,
                                          ridge=args.ridge)
         router = LinearRouter(w_EH, b_E)
-    agree = st.topk_agreement(router.select(x_TH, shared_TH, routed_ETH, target_TH, k), oracle_TK)
+    agree = lab.topk_agreement(router.select(x_TH, shared_TH, routed_ETH, target_TH, k), oracle_TK)
     return StructuredMLP(weights, k, router, dense), agree
 
 

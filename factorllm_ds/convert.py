@@ -28,8 +28,8 @@ from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE
 from factorllm_ds.safety import check_output
 
 
-# How the router is fitted to the oracle's picks at conversion (structure.fit_linear_router; docs/method.md).
-ROUTER_FIT_LOSS, ROUTER_FIT_RIDGE = "ridge", 0.1
+# Ridge strength of the router fitted to the oracle's picks at conversion (structure.fit_linear_router).
+ROUTER_FIT_RIDGE = 0.1
 ORACLE_BLOCK_BYTES = 256 * 2**20  # the routed experts' outputs held at once while the oracle picks
 
 
@@ -117,7 +117,7 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
     oracle_TK = torch.cat(picks)
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
     router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
-                                               loss=ROUTER_FIT_LOSS, ridge=ROUTER_FIT_RIDGE)
+                                               ridge=ROUTER_FIT_RIDGE)
     idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
     gates_TI = structure.neuron_gates(idx_TK, weights_TK, perm, cfg.num_shared, cfg.num_experts)
     if cfg.refit_down:  # the experts absorb what the router's picks leave out (docs/method.md §4)

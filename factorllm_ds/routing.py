@@ -14,7 +14,7 @@ from torch import nn
 from factorllm_ds.hf_model.modeling_factorllm import prior_topk, route
 
 __all__ = ["route", "prior_topk", "prior_distribution", "pa_loss", "balance_loss", "prior_agreement",
-           "fit_router", "FactorLLMGate"]
+           "FactorLLMGate"]
 
 _EPS = 1e-7
 
@@ -54,34 +54,6 @@ def prior_agreement(probs_TE: torch.Tensor, prior_idx_TK: torch.Tensor) -> torch
     chosen_TK = torch.topk(probs_TE, k, dim=-1).indices
     hits = (chosen_TK.unsqueeze(-1) == prior_idx_TK.unsqueeze(-2)).any(dim=-1).float()
     return hits.mean()
-
-
-def fit_router(x_NH: torch.Tensor, prior_idx_NK: torch.Tensor, num_experts: int, bias: bool, tau: float = 1.0,
-               steps: int = 300, lr: float = 0.05) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A router initialised to predict the PA prior: min over (W, b) of KL(softmax(W x + b) || q).
-
-    ``x_NH`` are the layer's FFN inputs on calibration text and ``prior_idx_NK`` the prior's
-    experts for them. Full-batch Adam from zero on the training objective's own PA term, with
-    the inputs standardised (their per-feature scale differs by orders of magnitude), then the
-    standardisation is folded into W and b. Returns (W [E, H], b [E] or None), fp32.
-    """
-    x = x_NH.float()
-    mean_H = x.mean(dim=0) if bias else torch.zeros(x.shape[1])
-    std_H = x.std(dim=0).clamp_min(1e-6)
-    z = (x - mean_H) / std_H
-    weight = torch.zeros(num_experts, x.shape[1], requires_grad=True)
-    b = torch.zeros(num_experts, requires_grad=True)
-    params = [weight, b] if bias else [weight]
-    opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        logits = z @ weight.T + (b if bias else 0.0)
-        pa_loss(F.softmax(logits, dim=-1), prior_idx_NK, tau).backward()
-        opt.step()
-    with torch.no_grad():
-        w_EH = weight / std_H
-        b_E = (b - w_EH @ mean_H) if bias else None
-    return w_EH.detach(), b_E
 
 
 @torch.no_grad()

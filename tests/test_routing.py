@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from factorllm_ds.config import Objective
 from factorllm_ds.ds_moe import build_train_model
-from factorllm_ds.routing import (FactorLLMGate, balance_loss, fit_router, pa_loss, prior_agreement,
+from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_agreement,
                                   prior_distribution, prior_topk, route, switch_balance_loss)
 
 # q = softmax(M / tau) for E=4, k=2, tau=1: e / (2e + 2) on the prior's experts, 1 / (2e + 2) elsewhere.
@@ -179,26 +179,6 @@ def test_prior_targets_match_the_shipped_model_code() -> None:
     from factorllm_ds.hf_model import modeling_factorllm
 
     assert PRIOR_TARGETS == modeling_factorllm.PRIOR_TARGETS
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_fit_router_learns_a_linearly_predictable_prior(bias) -> None:
-    # The prior's choice is a linear function of x (plus an offset when there is a bias):
-    # the fitted router must agree with it on held-out tokens far above chance (0.5 for E=4, k=2).
-    gen = torch.Generator().manual_seed(2)
-    x_NH = torch.randn(3000, 16, generator=gen) * torch.logspace(-2, 1, 16)  # very different feature scales
-    x_NH = x_NH + (5.0 if bias else 0.0)
-    true_w = torch.randn(4, 16, generator=gen) / torch.logspace(-2, 1, 16)
-    prior_idx = ((x_NH - (5.0 if bias else 0.0)) @ true_w.T).topk(2, dim=-1).indices
-    weight, b = fit_router(x_NH[:2000], prior_idx[:2000], 4, bias=bias)
-    assert weight.shape == (4, 16) and (b is None) == (not bias)
-    logits = x_NH[2000:] @ weight.T + (b if bias else 0.0)
-    assert prior_agreement(F.softmax(logits, -1), prior_idx[2000:]) > 0.85
-    untrained = torch.randn(4, 16, generator=gen) * 0.02
-    assert prior_agreement(F.softmax(x_NH[2000:] @ untrained.T, -1), prior_idx[2000:]) < 0.7
-
-
-# ----------------------------------------------------------------------------- route
 
 
 def test_route_hard_weights_carry_no_gradient() -> None:

@@ -116,7 +116,7 @@ def oracle_agreement(moe_dir: Path, text: Path, prior_target: str = "subset", ta
 
     from factorllm_ds.hf_model.modeling_factorllm import prior_topk
     from factorllm_ds.modeling import load_moe
-    from factorllm_ds.structure import topk_agreement
+    from factorllm_ds.routing import prior_agreement
 
     model = load_moe(moe_dir)
     chars = text.read_text()
@@ -128,7 +128,7 @@ def oracle_agreement(moe_dir: Path, text: Path, prior_target: str = "subset", ta
         x_TH = args[0].reshape(-1, args[0].shape[-1])
         out_ETH = expert_outputs(block, x_TH)
         oracle = prior_topk(out_ETH, out_ETH.sum(0), block.top_k, prior_target, block.scale)
-        scores.append(topk_agreement(torch.topk(block.router(x_TH), block.top_k, dim=-1).indices, oracle))
+        scores.append(prior_agreement(block.router(x_TH), oracle).item())  # top-k of the logits = of the probs
 
     handles = [layer.mlp.register_forward_pre_hook(hook) for layer in model.model.layers]
     with torch.no_grad():
