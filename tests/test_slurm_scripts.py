@@ -5,7 +5,7 @@ PATH) and compare the printed command word for word; CHECK=0 leaves out the pre-
 ``train --check`` where a test is about the command alone, and the tests of the check run it on
 the tiny converted model. ``test_train_sh_deepspeed_hostfile_real_run`` starts a real 2-rank
 expert-parallel job through launch/train.sh with the deepspeed launcher and a localhost
-hostfile. ``test_local_slurm`` runs slurm/test_local_slurm.sh (installs slurm-wlm, starts
+hostfile. ``test_local_slurm`` runs tests/scripts/local_slurm.sh (installs slurm-wlm, starts
 slurmctld/slurmd, submits the sbatch scripts) where that is safe: root, apt-get, and no
 slurm.conf of someone else's; FACTORLLM_DS_SLURM_TEST=0 turns it off.
 """
@@ -27,7 +27,7 @@ import tiny
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/train.sh", "launch/torchrun.sh", "launch/mpirun.sh", "launch/deepspeed_multinode.sh",
            "slurm/launch.sh", "slurm/train_1node.sbatch", "slurm/train_multinode.sbatch", "slurm/train_tasks.sbatch",
-           "slurm/test_local_slurm.sh"]
+           "tests/scripts/local_slurm.sh"]
 TRAIN = ["--model", "m o e", "--data", "train.txt", "--ep-size", "2"]
 ON_CPU = ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1", "TOKENIZERS_PARALLELISM=false"]
 SCRIPT_VARS = ("NPROC", "NNODES", "NODE_RANK", "HOSTFILE", "LAUNCHER", "DEVICE", "DS_ACCELERATOR", "OMP_NUM_THREADS",
@@ -308,7 +308,7 @@ def _slurm_test_unsafe() -> str | None:
     if os.getuid() != 0 or shutil.which("apt-get") is None:
         return "needs root and apt-get (it installs slurm-wlm and munge)"
     conf = Path("/etc/slurm/slurm.conf")
-    if conf.exists() and "factorllm_ds slurm/test_local_slurm.sh" not in conf.read_text():
+    if conf.exists() and "written by factorllm_ds" not in conf.read_text():
         return "this machine has its own /etc/slurm/slurm.conf"
     return None
 
@@ -317,9 +317,9 @@ def _slurm_test_unsafe() -> str | None:
 @pytest.mark.dist
 @pytest.mark.skipif(_slurm_test_unsafe() is not None, reason=str(_slurm_test_unsafe()))
 def test_local_slurm(tmp_path):
-    """slurm/test_local_slurm.sh: a real slurmctld + slurmd, 2-task and torchrun jobs, a refused 3-task job."""
+    """tests/scripts/local_slurm.sh: a real slurmctld + slurmd, 2-task and torchrun jobs, a refused 3-task job."""
     env = du.worker_env({"WORK": str(tmp_path / "work"), "PYTHON": sys.executable})
-    res = subprocess.run(["bash", str(REPO / "slurm/test_local_slurm.sh")], env=env, cwd=REPO,
+    res = subprocess.run(["bash", str(REPO / "tests/scripts/local_slurm.sh")], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     if res.returncode == 3:
         pytest.skip("apt-get could not install slurm-wlm/munge: " + res.stderr[-500:])

@@ -3,15 +3,15 @@
 # localhost, submit the sbatch scripts for 2-rank expert-parallel CPU jobs, wait, check each trained
 # and checkpointed, and check that a job whose task count does not fit EP_SIZE fails clearly.
 #
-#   sudo slurm/test_local_slurm.sh            # Debian/Ubuntu, root; about 2-4 minutes
-#   KEEP_SLURM=1 slurm/test_local_slurm.sh    # leave the daemons running afterwards
+#   sudo tests/scripts/local_slurm.sh            # Debian/Ubuntu, root; about 2-4 minutes
+#   KEEP_SLURM=1 tests/scripts/local_slurm.sh    # leave the daemons running afterwards
 #
 # WORK (default /tmp/factorllm_slurm_test) holds the tiny model, the data, the job logs and runs.
 # PYTHON: the interpreter with factorllm_ds installed (default: python on PATH).
 # Not a CI test: it installs system packages and starts daemons (see docs/cluster.md).
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WORK="${WORK:-/tmp/factorllm_slurm_test}"
 PYTHON="${PYTHON:-$(command -v python)}"
 STEPS="${STEPS:-4}"
@@ -24,9 +24,9 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 
 # One run at a time on a machine: a second would restart the first one's daemons under it.
 mkdir -p /run/lock && exec 9>/run/lock/factorllm_slurm_test.lock
-flock -w 900 9 || fail "another slurm/test_local_slurm.sh is still running"
+flock -w 900 9 || fail "another tests/scripts/local_slurm.sh is still running"
 
-MARK="written by factorllm_ds slurm/test_local_slurm.sh"
+MARK="written by factorllm_ds"
 if [[ -f /etc/slurm/slurm.conf ]] && ! grep -q "$MARK" /etc/slurm/slurm.conf; then
     fail "/etc/slurm/slurm.conf exists and is not ours: this script would replace it. Run it on a scratch machine."
 fi
