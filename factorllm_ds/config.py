@@ -134,7 +134,8 @@ class Objective:
 
     distill_weight: float | None = arg("w: with --teacher, the share of the next-token loss taken by the KL "
                                        "divergence from the teacher's distribution (the rest is CE on --data). "
-                                       "Default: 1 with --teacher (pure distillation, docs/method.md), else 0",
+                                       f"Default: {DISTILL_WEIGHT:g} with --teacher (pure distillation, "
+                                       "docs/method.md), else 0",
                                        default=None)
 
     pa_weight: float = arg("alpha: weight of the Prior-Approximate loss (summed over layers)", default=0.05)
@@ -205,8 +206,9 @@ class ConvertConfig(MoEShape):
                                    "layer's down projection is refitted by ridge regression so that the routed FFN "
                                    "(shared + the router's picks) reproduces the dense FFN output on the calibration "
                                    "tokens; gate/up stay exact slices. 0 keeps exact slices (every expert on = the "
-                                   "dense model, what `verify` checks). Default: 4 with --router-init prior, else 0 "
-                                   "(docs/method.md)", default=None)
+                                   "dense model, what `verify` checks). "
+                                   f"Default: {REFIT_DOWN_RIDGE:g} with --router-init prior, else 0 (docs/method.md)",
+                                   default=None)
     calib_data: Path | None = arg("calibration text (.txt/.jsonl/.json/.parquet/.csv) for --shared-neurons, --split "
                                   "coactivation and --router-init prior", default=None)
     calib_tokens: int = arg("calibration tokens for --shared-neurons / --split coactivation / --router-init prior",

@@ -28,6 +28,7 @@ log = logging.getLogger("factorllm_ds")
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
                      "steps_per_print": 10**9, "wall_clock_breakdown": False}
+MICRO_BATCH_SIZE, GRAD_CLIP = 1, 1.0  # defaults when neither the flag nor --ds-config sets them
 # DeepSpeed JSON keys that duplicate a factorllm-ds flag: the flag is the one source of truth.
 DS_KEY_FOR_FLAG = {"micro_batch_size": ("train_micro_batch_size_per_gpu", "--micro-batch-size"),
                    "grad_clip": ("gradient_clipping", "--grad-clip")}
@@ -47,7 +48,7 @@ class TrainConfig(Objective):
     seq_len: int = arg("tokens per training sequence", default=1024)
     steps: int | None = arg("optimizer steps (default: one pass over --data, or from --tokens)", default=None)
     tokens: int | None = arg("training tokens; sets --steps from the global batch", default=None)
-    micro_batch_size: int | None = arg("sequences per rank per forward (default 1)", default=None)
+    micro_batch_size: int | None = arg(f"sequences per rank per forward (default {MICRO_BATCH_SIZE})", default=None)
     global_batch_size: int | None = arg("sequences per optimizer step over all ranks (default micro x world); "
                                         "gradient accumulation makes up the difference", default=None)
     lr: float = arg("peak learning rate (Adam)", default=4e-5)
@@ -59,7 +60,7 @@ class TrainConfig(Objective):
     weight_decay: float = arg("Adam weight decay", default=1e-5)
     beta1: float = arg("Adam beta1", default=0.9)
     beta2: float = arg("Adam beta2", default=0.95)
-    grad_clip: float | None = arg("gradient clipping norm, 0 = off (default 1.0)", default=None)
+    grad_clip: float | None = arg(f"gradient clipping norm, 0 = off (default {GRAD_CLIP})", default=None)
     optimizer: str = arg("adamw or sgd (sgd: for exact cross-topology comparisons)", choices=("adamw", "sgd"),
                          default="adamw")
     train_router_only: bool = arg("freeze the experts too (router-only training)", default=False)
@@ -127,7 +128,7 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], di
         if key in ds:
             problems.append(f"--ds-config has an \"{key}\" section; factorllm-ds builds it from --lr/--warmup-steps/"
                             f"--weight-decay. Remove the section")
-    micro = resolved.get("micro_batch_size", cfg.micro_batch_size) or 1
+    micro = resolved.get("micro_batch_size", cfg.micro_batch_size) or MICRO_BATCH_SIZE
     clip = resolved.get("grad_clip", cfg.grad_clip)
     global_bs = cfg.global_batch_size or micro * world
     for key in ("train_batch_size", "gradient_accumulation_steps"):
@@ -138,7 +139,7 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], di
     elif global_bs % (micro * world):
         problems.append(f"--global-batch-size {global_bs} is not a multiple of --micro-batch-size "
                         f"{micro} x world size {world}")
-    resolved.update(micro_batch_size=micro, grad_clip=1.0 if clip is None else clip, global_batch_size=global_bs)
+    resolved.update(micro_batch_size=micro, grad_clip=GRAD_CLIP if clip is None else clip, global_batch_size=global_bs)
     return problems, resolved
 
 
