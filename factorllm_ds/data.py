@@ -41,17 +41,14 @@ def read_documents(path: str | Path, flag: str) -> list[str]:
     raw = path.read_bytes()
     if not raw:
         raise UserError(f"{flag} {path}: the file is empty; pass a file that holds text")
-    if layout == "parquet":
-        docs = _column_documents(raw, layout, path, flag)
+    text = _decode(raw, path, flag) if layout != "parquet" else None
+    if layout == "text":
+        # Universal newlines, as open() in text mode (and `datasets`' text loader) reads them.
+        docs = [text.replace("\r\n", "\n").replace("\r", "\n")]
+    elif layout == "json":
+        docs = _json_documents(text, path, flag)
     else:
-        text = _decode(raw, path, flag)
-        if layout == "text":
-            # Universal newlines, as open() in text mode (and `datasets`' text loader) reads them.
-            docs = [text.replace("\r\n", "\n").replace("\r", "\n")]
-        elif layout == "json":
-            docs = _json_documents(text, path, flag)
-        else:
-            docs = _column_documents(raw, layout, path, flag)
+        docs = _column_documents(raw, layout, path, flag)
     docs = [doc for doc in docs if doc]
     if not docs:
         raise UserError(f"{flag} {path}: no text in it (every 'text' entry is empty); pass a file that holds text")
@@ -109,7 +106,7 @@ def _json_documents(text: str, path: Path, flag: str) -> list[str | None]:
 
 
 def _column_documents(raw: bytes, layout: str, path: Path, flag: str) -> list[str | None]:
-    """The 'text' column of a parquet or CSV file."""
+    """The 'text' column of a parquet or CSV file (a CSV file checked by ``_decode`` first)."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
@@ -117,9 +114,7 @@ def _column_documents(raw: bytes, layout: str, path: Path, flag: str) -> list[st
     try:
         if layout == "parquet":
             table = pa.parquet.read_table(pa.BufferReader(raw))
-        else:
-            _decode(raw, path, flag)
-            # A 'text' column of digits must stay text.
+        else:  # a 'text' column of digits must stay text
             table = pa.csv.read_csv(pa.BufferReader(raw), convert_options=pa.csv.ConvertOptions(
                 column_types={"text": pa.string()}))
     except pa.ArrowException as err:
@@ -137,10 +132,8 @@ def load_documents(sources: list[str], flag: str) -> list[str]:
     """Training documents: local files (see :data:`FORMATS`) or Hugging Face hub dataset names."""
     docs: list[str] = []
     for source in sources:
-        if not Path(source).exists() and "/" in source and not source.startswith((".", "/")):
-            docs.extend(_hub_documents(source, flag))
-        else:
-            docs.extend(read_documents(source, flag))
+        hub = not Path(source).exists() and "/" in source and not source.startswith((".", "/"))
+        docs += _hub_documents(source, flag) if hub else read_documents(source, flag)
     return docs
 
 
@@ -160,14 +153,12 @@ def _hub_documents(name: str, flag: str) -> list[str]:
 
 def tokenize_and_pack(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndarray, int]:
     """Concatenate tokenized documents (EOS after each) and cut [N, seq_len] windows; also the token count."""
-    eos = tokenizer.eos_token_id
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids: list[int] = []
     batch = 256
     for start in range(0, len(docs), batch):
         for toks in tokenizer(docs[start:start + batch], add_special_tokens=False)["input_ids"]:
-            ids.extend(toks)
-            if eos is not None:
-                ids.append(eos)
+            ids += toks + eos
     n = len(ids) // seq_len
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len), len(ids)
 
@@ -200,8 +191,7 @@ class Sampler:
     """Global sample s -> window id, reshuffled every epoch with a seeded permutation."""
 
     def __init__(self, num_windows: int, seed: int):
-        self.n = num_windows
-        self.seed = seed
+        self.n, self.seed = num_windows, seed
         self._perms: dict[int, np.ndarray] = {}
 
     def window(self, sample: int) -> int:

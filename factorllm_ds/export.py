@@ -13,34 +13,23 @@ from pathlib import Path
 from factorllm_ds import keys
 from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
 from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key, open_format
-from factorllm_ds.hf_io import FolderWriter, TensorInfo, copy_side_files
+from factorllm_ds.hf_io import FolderWriter, copy_side_files
 from factorllm_ds.layout import MANIFEST_FILE, read_manifest
 from factorllm_ds.sources import ExportSource, open_source
 from factorllm_ds.safety import output_problems
 
 
-@dataclass
-class _Layout:
-    """The output's tensor plan, and the source tensors copied unchanged: before the layers, in each, after."""
-
-    plan: list[TensorInfo]
-    first: list[str]
-    layers: list[list[str]]
-    last: list[str]
-
-
-def _layout(source: ExportSource, target: ExportFormat) -> _Layout:
+def _write_order(source: ExportSource, target: ExportFormat) -> list[str | int]:
+    """The output in write order: source tensor names (copied unchanged) and layer numbers (that
+    layer's MLP, written by the format), each after the layer's copied tensors."""
     names = set(source.names())
-    layers: list[list[str]] = [[] for _ in range(target.facts.num_layers)]
+    copied: list[list[str]] = [[] for _ in range(target.facts.num_layers)]
     for name in sorted(names):
         if classify_moe_key(name)[0] == "layer":
-            layers[keys.layer_of(name)].append(name)
-    first = [n for n in keys.GLOBAL_PASSTHROUGH[:1] if n in names]
-    last = [n for n in keys.GLOBAL_PASSTHROUGH[1:] if n in names]
-    plan = [source.info(n) for n in first]
-    for layer, copied in enumerate(layers):
-        plan += [source.info(n) for n in copied] + target.mlp_plan(layer)
-    return _Layout(plan + [source.info(n) for n in last], first, layers, last)
+            copied[keys.layer_of(name)].append(name)
+    return ([n for n in keys.GLOBAL_PASSTHROUGH[:1] if n in names]
+            + [item for layer, layer_names in enumerate(copied) for item in (*layer_names, layer)]
+            + [n for n in keys.GLOBAL_PASSTHROUGH[1:] if n in names])
 
 
 def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, max_shard_size: str = "2GB",
@@ -51,35 +40,26 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
     """
     out = Path(out)
     target = open_format(source, fmt)
-    layout = _layout(source, target)
-    with FolderWriter(out, layout.plan, parse_size(max_shard_size), command="export", desc=f"export {fmt}",
+    order = _write_order(source, target)
+    plan = [info for item in order
+            for info in (target.mlp_plan(item) if isinstance(item, int) else [source.info(item)])]
+    with FolderWriter(out, plan, parse_size(max_shard_size), command="export", desc=f"export {fmt}",
                       overwrite=overwrite, progress=progress, inputs=inputs) as folder:
-        for name in layout.first:
-            folder.write(name, source.shared_tensor(name))
-        for layer, copied in enumerate(layout.layers):
-            for name in copied:
-                folder.write(name, source.shared_tensor(name))
-            for name, tensor in target.mlp_tensors(layer):
+        for item in order:
+            pairs = target.mlp_tensors(item) if isinstance(item, int) else [(item, source.shared_tensor(item))]
+            for name, tensor in pairs:
                 folder.write(name, tensor)
-        for name in layout.last:
-            folder.write(name, source.shared_tensor(name))
         target.save_config(folder.path)
-        side = copy_side_files(source.side_dir, folder.path) if source.side_dir is not None else []
-        f = target.facts
+        side_dir, f = source.side_dir, target.facts
+        side = copy_side_files(side_dir, folder.path) if side_dir is not None else []
+        architectures = json.loads((folder.path / "config.json").read_text()).get("architectures") or ["?"]
         folder.manifest.update(
-            format=fmt, architecture=_architecture(folder.path), source=source.description,
+            format=fmt, architecture=",".join(architectures), source=source.description,
             moe={"base_model_type": f.base_type, "num_experts": f.num_experts, "top_k": f.top_k,
                  "routing": f.routing, "combine_scale": f.scale, "shared_expert_size": f.shared_size},
-            notes=target.notes, copied_files=side, source_manifest=_source_manifest(source))
+            notes=target.notes, copied_files=side,
+            source_manifest=read_manifest(side_dir) if side_dir is not None else None)
     return out
-
-
-def _source_manifest(source: ExportSource) -> dict | None:
-    return read_manifest(source.side_dir) if source.side_dir is not None else None
-
-
-def _architecture(folder: Path) -> str:
-    return ",".join(json.loads((folder / "config.json").read_text()).get("architectures") or ["?"])
 
 
 @dataclass
@@ -117,11 +97,8 @@ class ExportConfig:
             problems.append(f"--max-shard-size {self.max_shard_size!r}: expected a size like 2GB or 500MB")
         fail_if(problems, "export: bad arguments")
 
-    def source(self) -> ExportSource:
-        return open_source(self.model, self.run, self.tag)
-
 
 def run_export(cfg: ExportConfig, progress: bool = True) -> Path:
     cfg.validate()
-    return export(cfg.source(), cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress,
-                  inputs={"--model": cfg.model, "--run": cfg.run})
+    return export(open_source(cfg.model, cfg.run, cfg.tag), cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size,
+                  progress=progress, inputs={"--model": cfg.model, "--run": cfg.run})

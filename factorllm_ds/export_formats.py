@@ -149,7 +149,8 @@ class ExportFormat(ABC):
 class RoutedFormat(ExportFormat):
     """A format that keeps router and experts one tensor each, under the source's names unless
     a subclass renames them, ``down_proj`` possibly transformed. A shared expert (an always-on
-    dense part of the MLP) enters through ``shared_expert_plan`` and ``shared_expert_tensors``.
+    dense part of the MLP) enters through ``shared_expert_plan`` and ``shared_expert_tensors``:
+    by default copied as it is (formats without one refuse a model that has one).
     """
 
     def router_names(self, layer: int) -> dict[str, str]:
@@ -164,10 +165,11 @@ class RoutedFormat(ExportFormat):
         return down
 
     def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
-        return []
+        return [self.source.info(keys.shared_expert_key(p, layer)) for p in PARTS] if self.facts.shared_size else []
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(())
+        for info in self.shared_expert_plan(layer):
+            yield info.name, self.source.shared_tensor(info.name)
 
     def mlp_plan(self, layer: int) -> list[TensorInfo]:
         info = self.source.info
@@ -179,23 +181,15 @@ class RoutedFormat(ExportFormat):
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         for name, out in self.router_names(layer).items():
             yield out, self.source.shared_tensor(name)
-        for e, (g, u, d) in enumerate(self.source.expert_tensors(layer)):
-            yield self.expert_name("gate", layer, e), g
-            yield self.expert_name("up", layer, e), u
-            yield self.expert_name("down", layer, e), self.expert_down(d)
+        for e, tensors in enumerate(self.source.expert_tensors(layer)):
+            for part, tensor in zip(PARTS, tensors):
+                yield self.expert_name(part, layer, e), self.expert_down(tensor) if part == "down" else tensor
         yield from self.shared_expert_tensors(layer)
 
 
 class FactorLLMFormat(RoutedFormat):
     """The FactorLLM folder itself (config, model code, partition file), e.g. to turn a DeepSpeed
     training run back into a folder ``from_pretrained`` loads."""
-
-    def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
-        return [self.source.info(keys.shared_expert_key(p, layer)) for p in PARTS] if self.facts.shared_size else []
-
-    def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
-        for info in self.shared_expert_plan(layer):
-            yield info.name, self.source.shared_tensor(info.name)
 
     def save_config(self, folder: Path) -> None:
         from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
@@ -293,11 +287,9 @@ class StandardMoEFormat(RoutedFormat):
 
     def config_fields(self, expert_size: int) -> dict:
         """The config of the MoE class as keyword arguments; subclasses add their own."""
-        fields = {k: self.facts.text[k] for k in _SHARED_FIELDS if k in self.facts.text}
-        if fields.get("head_dim") is None:
-            fields.pop("head_dim", None)
-        fields.update(num_experts_per_tok=self.facts.top_k, output_router_logits=False)
-        return fields
+        text = self.facts.text  # head_dim None: the class's default
+        fields = {k: text[k] for k in _SHARED_FIELDS if k in text and not (k == "head_dim" and text[k] is None)}
+        return fields | dict(num_experts_per_tok=self.facts.top_k, output_router_logits=False)
 
     def save_config(self, folder: Path) -> None:
         """MixtralConfig / Qwen2MoeConfig / Qwen3MoeConfig equal in function to the FactorLLM model."""
@@ -381,15 +373,12 @@ class Qwen2MoeFormat(_QwenMoEFormat):
                 TensorInfo(p + "_gate.weight", (1, hidden), router.dtype)]
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
-        plan = self.shared_expert_plan(layer)
-        if self.facts.shared_size:
-            for info, part in zip(plan, PARTS):
+        for info, part in zip(self.shared_expert_plan(layer), (*PARTS, "shared_expert_gate")):
+            if part in PARTS and self.facts.shared_size:
                 tensor = self.source.shared_tensor(keys.shared_expert_key(part, layer))
                 yield info.name, fold_scale(tensor, 2.0) if part == "down" else tensor  # sigmoid(0) = 1/2
-        else:
-            for info in plan[:3]:
+            else:  # the zero gate, or a size-0 shared expert
                 yield info.name, torch.zeros(info.shape, dtype=info.dtype)
-        yield plan[3].name, torch.zeros(plan[3].shape, dtype=plan[3].dtype)
 
 
 class Qwen2MoeTarget(StandardMoEFormat):
@@ -432,7 +421,6 @@ class DenseFormat(ExportFormat):
         super().__init__(source, facts)
         self.notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale "
                           "dropped)")
-        self.partitions: dict[int, torch.Tensor] | None = None
         if source.partition_file is not None:
             self.partitions = load_partition(source.partition_file)
             fail_if(self._partition_problems(), f"export to dense: cannot export {source.description}")
@@ -440,6 +428,7 @@ class DenseFormat(ExportFormat):
             self.notes.append(f"no {PARTITION_FILE} in the source: experts concatenated in expert order (the same "
                               "function as the original neuron order, but tensors differ from the original checkpoint)")
             print(f"export: warning: {self.notes[-1]}", file=sys.stderr)
+            self.partitions = {layer: torch.arange(self._neurons(layer)) for layer in range(facts.num_layers)}
 
     @classmethod
     def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
@@ -449,17 +438,20 @@ class DenseFormat(ExportFormat):
     def _partition_problems(self) -> list[str]:
         problems = []
         for layer in range(self.facts.num_layers):
-            perm = self.partitions.get(layer)
-            inter = self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.facts.num_experts \
-                + self.facts.shared_size
+            perm, inter = self.partitions.get(layer), self._neurons(layer)
             if perm is None or perm.numel() != inter or not torch.equal(torch.sort(perm).values, torch.arange(inter)):
                 problems.append(f"{self.source.partition_file}: no valid permutation of {inter} neurons for "
                                 f"layer {layer}")
         return problems
 
+    def _neurons(self, layer: int) -> int:
+        """The dense MLP's intermediate size: every expert's neurons and the shared expert's."""
+        return self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.facts.num_experts \
+            + self.facts.shared_size
+
     def mlp_plan(self, layer: int) -> list[TensorInfo]:
         gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
-        inter, hidden = gate.shape[0] * self.facts.num_experts + self.facts.shared_size, gate.shape[1]
+        inter, hidden = self._neurons(layer), gate.shape[1]
         return [TensorInfo(keys.dense_mlp_key("gate", layer), (inter, hidden), gate.dtype),
                 TensorInfo(keys.dense_mlp_key("up", layer), (inter, hidden), gate.dtype),
                 TensorInfo(keys.dense_mlp_key("down", layer), (hidden, inter), down.dtype)]
@@ -468,9 +460,7 @@ class DenseFormat(ExportFormat):
         experts = self.source.expert_tensors(layer)
         if self.facts.shared_size:  # the partition lists the shared neurons first (layout.py)
             experts = [tuple(self.source.shared_tensor(keys.shared_expert_key(p, layer)) for p in PARTS)] + experts
-        perm = self.partitions[layer] if self.partitions is not None else torch.arange(
-            sum(g.shape[0] for g, _, _ in experts))  # no partition file: expert order
-        for part, tensor in zip(PARTS, split.merge_experts(experts, perm)):
+        for part, tensor in zip(PARTS, split.merge_experts(experts, self.partitions[layer])):
             yield keys.dense_mlp_key(part, layer), tensor
 
     def save_config(self, folder: Path) -> None:

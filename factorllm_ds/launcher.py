@@ -69,7 +69,7 @@ class Launch:
         """A copy with nproc, nnodes and master_addr filled in; ValueError naming every bad setting."""
         hosts = self.hosts() if self.hostfile else [("127.0.0.1", 1)]
         out = dataclasses.replace(self, nproc=hosts[0][1] if self.nproc is None else self.nproc,
-                                  nnodes=(len(hosts) if self.hostfile else 1) if self.nnodes is None else self.nnodes,
+                                  nnodes=len(hosts) if self.nnodes is None else self.nnodes,
                                   master_addr=self.master_addr or hosts[0][0])
         problems = [f"--{name} {getattr(out, name)}: expected one of {', '.join(allowed)}"
                     for name, allowed in (("launcher", LAUNCHERS), ("device", ("gpu", "cpu")))

@@ -17,17 +17,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg
+from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, fail_if
 from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
 from factorllm_ds.safety import check_output
-
-
-def _default_work() -> Path:
-    from factorllm_ds.assets import cache_dir
-
-    return cache_dir() / "demo"
 
 
 @dataclass
@@ -69,8 +63,6 @@ class DemoConfig:
 
     def validate(self) -> "DemoConfig":
         """Every flag problem at once; the convert and train settings are checked again by their stages."""
-        from factorllm_ds.config import fail_if
-
         problems = [f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1"
                     for name in ("num_experts", "top_k", "tokens", "seq_len", "micro_batch_size", "global_batch_size",
                                  "nproc", "ep_size", "eval_windows", "eval_seq_len", "calib_tokens")
@@ -149,8 +141,7 @@ def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[s
 
 def _drop_older_checkpoints(run: Path) -> None:
     """Keep the last checkpoint (to continue training from), not the intermediate ones (GBs each)."""
-    tags = list_tags(run)
-    for tag in tags[:-1]:
+    for tag in list_tags(run)[:-1]:
         shutil.rmtree(run / CHECKPOINT_DIR / tag)
 
 
@@ -173,7 +164,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     started = time.time()
     cfg = cfg.validate()
-    work = Path(cfg.work or _default_work())
+    work = Path(cfg.work or assets.cache_dir() / "demo")
     # Before anything is deleted (--fresh, changed settings): --work must be a demo's own folder, holding no input.
     check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data},
                  (SETTINGS_FILE, "summary.json"))
