@@ -29,7 +29,7 @@ ROUTER_INITS = ("normal", "prior")
 DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.md §5)
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
-_MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
+MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
 
 
 def arg(help: str, choices: tuple | None = None, flag: str | None = None, **kw) -> Any:
@@ -89,11 +89,11 @@ class MoEShape:
     """How the dense FFN becomes experts; shared by convert and train."""
 
     num_experts: int = arg("E: experts per MoE layer; must divide the FFN intermediate size",
-                           default=_MODEL_DEFAULTS["num_experts"])
-    top_k: int = arg("k: experts active per token (1 <= k <= E)", default=_MODEL_DEFAULTS["num_experts_per_tok"])
+                           default=MODEL_DEFAULTS["num_experts"])
+    top_k: int = arg("k: experts active per token (1 <= k <= E)", default=MODEL_DEFAULTS["num_experts_per_tok"])
     routing: str = arg("hard: fixed weight s on each selected expert (paper); softmax: renormalized top-k "
                        "probabilities times s (exports to Mixtral / Qwen2-MoE)", choices=ROUTING_MODES,
-                       default=_MODEL_DEFAULTS["routing"])
+                       default=MODEL_DEFAULTS["routing"])
     combine_scale: float | None = arg("s, the combine scale; default E/k for hard, E for softmax", default=None)
     router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: on for hard, off for "
                                    "softmax (Mixtral routers have no bias)", default=None)

@@ -28,7 +28,7 @@ import json
 import math
 import textwrap
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from factorllm_ds.hf_io import load_tokenizer, read_config
 from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds.safety import FILE_MARKER, check_output_file
 
-ROUTERS = ("learned", "oracle", "random")
+ROUTERS = ("learned", "oracle", "random")  # the first is the default
 
 
 @dataclass
@@ -61,7 +61,7 @@ class EvalConfig:
     router: str = arg("FactorLLM only: who picks the experts: learned router, oracle (the PA prior's pick against "
                       "the sum of all current experts, per the model's prior_target; slow, every expert runs) or "
                       "random (seeded)",
-                      choices=ROUTERS, default="learned")
+                      choices=ROUTERS, default=ROUTERS[0])
     seed: int = arg("seed of --router random", default=0)
     dtype: str = arg("dtype the model runs in", choices=DTYPE_CHOICES, default=DTYPE_CHOICES[0])
     device: str = arg("device: cpu, cuda, cuda:1, ... or auto (cuda when available)", default=DEVICE_DEFAULT)
@@ -82,15 +82,14 @@ class EvalConfig:
                 problems.append(f"--data {path}: no such file")
         if self.seq_len < 2:
             problems.append(f"--seq-len {self.seq_len}: must be >= 2 (one window predicts seq_len - 1 tokens)")
-        if self.max_windows is not None and self.max_windows < 1:
-            problems.append(f"--max-windows {self.max_windows}: must be >= 1")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size {self.batch_size}: must be >= 1")
-        if self.sample_tokens < 0:
-            problems.append(f"--sample-tokens {self.sample_tokens}: must be >= 0")
+        for flag, value, low in (("--max-windows", self.max_windows, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--sample-tokens", self.sample_tokens, 0)):
+            if value is not None and value < low:
+                problems.append(f"{flag} {value}: must be >= {low}")
         # Output files first: a report that cannot be written must not cost an evaluation. An existing one is
         # replaced only if eval wrote it (safety.check_output_file).
-        inputs = {"--model": self.model, "--tokenizer": self.tokenizer, **{("--data" if i == 0 else f"--data (file {i + 1})"): p for i, p in enumerate(self.data or [])}}
+        inputs = {"--model": self.model, "--tokenizer": self.tokenizer,
+                  **{"--data" if i == 0 else f"--data (file {i + 1})": p for i, p in enumerate(self.data or [])}}
         for flag, path in (("--report", self.report), ("--plot", self.plot)):
             try:
                 check_output_file(path, flag, inputs)
@@ -103,12 +102,11 @@ class EvalConfig:
             if self.top_k is not None and not 1 <= self.top_k <= num_experts:
                 problems.append(f"--top-k {self.top_k}: must be between 1 and the model's {num_experts} experts")
         else:
-            kind = model_config.get("model_type")
-            for flag, value, default in (("--top-k", self.top_k, None), ("--router", self.router, "learned"),
+            for flag, value, default in (("--top-k", self.top_k, None), ("--router", self.router, ROUTERS[0]),
                                          ("--plot", self.plot, None)):
                 if value != default:
                     problems.append(f"{flag} applies to FactorLLM models only; --model {self.model} is a dense "
-                                    f"{kind!r} model (no experts)")
+                                    f"{model_config.get('model_type')!r} model (no experts)")
         fail_if(problems, "eval: bad arguments")
         return is_moe
 
@@ -171,7 +169,8 @@ def first_nonfinite_output(model, ids: torch.Tensor) -> str:
     finally:
         for handle in handles:
             handle.remove()
-    return f"the first non-finite output is {found[0]}" if found else "every layer's output is finite (the loss overflows)"
+    return (f"the first non-finite output is {found[0]}" if found
+            else "every layer's output is finite (the loss overflows)")
 
 
 def perplexity(model, token_windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -201,10 +200,8 @@ def count_expert_usage(model):
 
 def usage_report(counts: list[list[int]], top_k: int, tokens: int) -> dict:
     """Counts and shares per layer; each layer's counts sum to ``tokens * top_k``, shares to 1."""
-    shares = []
-    for row in counts:
-        total = sum(row)
-        shares.append([c / total if total else 0.0 for c in row])
+    totals = [sum(row) for row in counts]
+    shares = [[c / total if total else 0.0 for c in row] for row, total in zip(counts, totals)]
     return {"tokens": tokens, "top_k": top_k, "counts": counts, "shares": shares,
             "max_share": max((max(r) for r in shares), default=0.0),
             "min_share": min((min(r) for r in shares), default=0.0)}
@@ -279,9 +276,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     model = load_eval_model(cfg.model, is_moe, DTYPES[cfg.dtype], device)
 
     # The first key marks the file as this tool's: a later eval may replace it (safety.check_output_file).
-    report: dict = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "kind": "factorllm" if is_moe else model.config.model_type,
-                    "data": [str(p) for p in cfg.data], "seq_len": cfg.seq_len, "windows": int(windows.shape[0]),
-                    "text_tokens": len(ids), "dtype": cfg.dtype, "device": str(device)}
+    report: dict = {FILE_MARKER.decode(): __version__, "model": str(cfg.model),
+                    "kind": "factorllm" if is_moe else model.config.model_type, "data": [str(p) for p in cfg.data],
+                    "seq_len": cfg.seq_len, "windows": int(windows.shape[0]), "text_tokens": len(ids),
+                    "dtype": cfg.dtype, "device": str(device)}
     if is_moe:
         if cfg.top_k is not None:
             model.set_top_k(cfg.top_k)
@@ -292,11 +290,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                          "seed": cfg.seed if cfg.router == "random" else None,
                          "oracle_teacher": "sum of all current experts" if cfg.router == "oracle" else None,
                          "oracle_target": block.prior_target if cfg.router == "oracle" else None}
-        with count_expert_usage(model) as usage:
-            total, count = window_nll(model, windows, cfg.batch_size, progress)
-        report["expert_usage"] = usage_report(usage["counts"], block.top_k, windows.numel())
-    else:
+    with (count_expert_usage(model) if is_moe else nullcontext()) as usage:
         total, count = window_nll(model, windows, cfg.batch_size, progress)
+    if is_moe:
+        report["expert_usage"] = usage_report(usage["counts"], block.top_k, windows.numel())
     report.update(nll_per_token=total / count, perplexity=math.exp(total / count), tokens_scored=count)
     if is_moe and cfg.plot is not None:
         title = (f"{Path(cfg.model).name}: expert usage, k={block.top_k}/{block.num_experts}, router {cfg.router}, "

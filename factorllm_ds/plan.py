@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import PRIOR_TEACHERS, arg, fail_if
+from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, arg, fail_if
 from factorllm_ds.errors import UserError
 
 GiB = 2**30
@@ -50,6 +50,8 @@ GPU_RUNTIME_BYTES = 3 * GiB
 CPU_RUNTIME_BYTES = 540 * MiB
 # Routed slots per expert relative to a perfectly even split: capacity = max load (no drops).
 DEFAULT_CAPACITY_FACTOR = 1.5
+# A dense model is planned with the E and k that convert gives it by default: the shipped model config's.
+DEFAULT_EXPERTS, DEFAULT_TOP_K = MODEL_DEFAULTS["num_experts"], MODEL_DEFAULTS["num_experts_per_tok"]
 
 
 @dataclass
@@ -74,8 +76,10 @@ class PlanConfig:
     dtype: str = arg("training dtype: bf16 (GPU) or fp32", choices=tuple(DTYPE_BYTES), default="bf16")
     distill: bool = arg("plan for train --teacher (distillation from the dense model): a frozen copy of the whole "
                         "dense model on every rank, its logits and the KL's", default=False)
-    num_experts: int | None = arg("E for a dense model (default 4); a converted folder has its own", default=None)
-    top_k: int | None = arg("k for a dense model (default 2); a converted folder has its own", default=None)
+    num_experts: int | None = arg(f"E for a dense model (default {DEFAULT_EXPERTS}); a converted folder has its own",
+                                  default=None)
+    top_k: int | None = arg(f"k for a dense model (default {DEFAULT_TOP_K}); a converted folder has its own",
+                            default=None)
     shared_neurons: str | None = arg("shared expert of a dense model, as convert --shared-neurons: a fraction of "
                                      "the FFN (0.25) or a neuron count (384); default none. A converted folder has "
                                      "its own",
@@ -162,7 +166,7 @@ def shape_of(cfg: PlanConfig) -> Shape:
         num_shared = int(config.get("shared_intermediate_size") or 0)
     else:
         dense = config
-        num_experts, top_k = cfg.num_experts or 4, cfg.top_k or 2
+        num_experts, top_k = cfg.num_experts or DEFAULT_EXPERTS, cfg.top_k or DEFAULT_TOP_K
         routing, bias = "hard", True
         num_shared = shared_neurons_of(cfg, dense.get("intermediate_size"))
     needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -170,10 +174,9 @@ def shape_of(cfg: PlanConfig) -> Shape:
     if missing:
         raise UserError(f"--model {name}: config lacks {', '.join(missing)}; is it a LLaMA-family config?")
     inter, hidden = dense["intermediate_size"], dense["hidden_size"]
-    infos = dense_infos_from_config(dense, torch.float32)
-    numel = {n: math.prod(i.shape) for n, i in infos.items()}
+    numel = {n: math.prod(i.shape) for n, i in dense_infos_from_config(dense, torch.float32).items()}
     expert = sum(v for n, v in numel.items() if ".mlp." in n)
-    shared = sum(v for n, v in numel.items() if ".mlp." not in n)
+    shared = sum(numel.values()) - expert
     layers = dense["num_hidden_layers"]
     shared_expert = 3 * layers * hidden * num_shared  # gate, up, down of S neurons
     return Shape(name=name, layers=layers, hidden=hidden, intermediate=inter, vocab=dense["vocab_size"],
@@ -210,14 +213,10 @@ class Choice:
                 f"{' ckpt' if self.activation_checkpointing else ''}")
 
 
-COMPONENTS = ("frozen_weights", "experts", "pa_teacher", "distill_teacher", "gradients", "optimizer", "optimizer_step",
-              "activations", "runtime")
-
-
 @dataclass
 class Estimate:
     choice: Choice
-    parts: dict[str, int]  # bytes per process, keys = COMPONENTS
+    parts: dict[str, int]  # bytes per process, keyed as HEADERS
     host_offload: int  # bytes of host memory per process for offloaded optimizer state
     host_load: int = 0  # bytes of host memory per process while it reads its weights (before the GPU copy)
     pa_transient: int = 0  # the part of pa_teacher that exists only while a layer's PA target is computed
@@ -240,7 +239,12 @@ def seq_len_of(cfg: PlanConfig, shape: Shape) -> int:
     """--seq-len, or the default capped at what the model can take (a default is never the user's error)."""
     if cfg.seq_len is not None:
         return cfg.seq_len
-    return min(DEFAULT_SEQ_LEN, shape.max_positions) if shape.max_positions else DEFAULT_SEQ_LEN
+    return min(DEFAULT_SEQ_LEN, shape.max_positions or DEFAULT_SEQ_LEN)
+
+
+def tokens_of(cfg: PlanConfig, shape: Shape) -> int:
+    """Tokens of one micro-batch on one rank."""
+    return cfg.micro_batch_size * seq_len_of(cfg, shape)
 
 
 def activation_terms(shape: Shape, cfg: PlanConfig) -> tuple[float, float, float]:
@@ -271,9 +275,8 @@ def activation_terms(shape: Shape, cfg: PlanConfig) -> tuple[float, float, float
 def checkpoint_bytes(shape: Shape, cfg: PlanConfig) -> int:
     """With activation checkpointing, what every layer keeps from its forward: its input hidden state
     (b x H per token) and, when there is a PA prior, the prior's k choices (int64) for the replay."""
-    tokens = cfg.micro_batch_size * seq_len_of(cfg, shape)
     prior = 8 * shape.top_k if cfg.prior != "none" else 0
-    return int(tokens * shape.layers * (DTYPE_BYTES[cfg.dtype] * shape.hidden + prior))
+    return int(tokens_of(cfg, shape) * shape.layers * (DTYPE_BYTES[cfg.dtype] * shape.hidden + prior))
 
 
 def activation_bytes(shape: Shape, cfg: PlanConfig, checkpointing: bool = False) -> int:
@@ -282,7 +285,7 @@ def activation_bytes(shape: Shape, cfg: PlanConfig, checkpointing: bool = False)
     ``checkpointing``: the layers keep only their checkpoints; the backward recomputes one layer at a
     time, after the logits' gradient is gone, so the larger of the two is what adds to them.
     """
-    tokens = cfg.micro_batch_size * seq_len_of(cfg, shape)
+    tokens = tokens_of(cfg, shape)
     per_layer, logits, rest = activation_terms(shape, cfg)
     if checkpointing:
         return checkpoint_bytes(shape, cfg) + int(tokens * (max(per_layer, logits) + rest))
@@ -301,12 +304,10 @@ def pa_transient_bytes(shape: Shape, cfg: PlanConfig) -> int:
     """
     if cfg.prior == "none":
         return 0
-    b = DTYPE_BYTES[cfg.dtype]
-    tokens = cfg.micro_batch_size * seq_len_of(cfg, shape)
     parts = 2 if cfg.prior == "frozen" else 1
     shared = 2 * 3 * shape.shared_intermediate if cfg.prior == "frozen" else 0
-    return int(tokens * b * (3 * shape.routed_intermediate * parts + shared
-                             + 2 * parts * shape.num_experts * shape.hidden))
+    return int(tokens_of(cfg, shape) * DTYPE_BYTES[cfg.dtype]
+               * (3 * shape.routed_intermediate * parts + shared + 2 * parts * shape.num_experts * shape.hidden))
 
 
 def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
@@ -346,11 +347,11 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     # The frozen prior keeps a copy of the local experts and of the shared expert.
     teacher = (experts_local + shape.shared_expert_params) * b if cfg.prior == "frozen" else 0
     pa_transient = pa_transient_bytes(shape, cfg)
-    checkpointing = choice.activation_checkpointing
-    activations = activation_bytes(shape, cfg, checkpointing)
+    activations = activation_bytes(shape, cfg, choice.activation_checkpointing)
     forward_backward = None
-    if checkpointing:  # the PA target is computed in the forward, the recompute happens in the backward
-        forward_backward = checkpoint_bytes(shape, cfg) + max(pa_transient, activations - checkpoint_bytes(shape, cfg))
+    if choice.activation_checkpointing:  # the PA target is computed in the forward, the recompute in the backward
+        kept = checkpoint_bytes(shape, cfg)
+        forward_backward = kept + max(pa_transient, activations - kept)
     # train --teacher: every rank holds the whole dense model (the FFNs = all experts + the shared expert).
     distill_teacher = (shape.shared_params + shape.expert_params + shape.shared_expert_params) * b if cfg.distill else 0
     parts = {
@@ -397,9 +398,13 @@ class Plan:
     hints: list[str]
 
 
+def ranks_per_node(cfg: PlanConfig) -> int:
+    return cfg.gpus_per_node or min(cfg.gpus, 8)
+
+
 def host_per_node(e: Estimate, cfg: PlanConfig) -> int:
     """Host memory of one node's ranks at their peak: loading the weights, or the offloaded optimizer."""
-    return max(e.host_offload, e.host_load) * (cfg.gpus_per_node or min(cfg.gpus, 8))
+    return max(e.host_offload, e.host_load) * ranks_per_node(cfg)
 
 
 def candidate_choices(shape: Shape, cfg: PlanConfig) -> list[Choice]:
@@ -507,9 +512,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         shape, problems = None, [str(err)]
     validate(cfg, shape, problems)
     budget = parse_memory(cfg.gpu_memory, "--gpu-memory")
-    estimates = [estimate(shape, cfg, c) for c in candidate_choices(shape, cfg)]
-    if not estimates:
-        raise UserError(f"--gpus {cfg.gpus}: no ep_size divides both E={shape.num_experts} and the GPU count")
+    estimates = [estimate(shape, cfg, c) for c in candidate_choices(shape, cfg)]  # never empty: ep_size 1 divides all
     host_budget = parse_memory(cfg.host_memory, "--host-memory") if cfg.host_memory else None
     for e in estimates:
         e.fits = e.total <= budget and (host_budget is None or host_per_node(e, cfg) <= host_budget)
@@ -530,14 +533,13 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
     over = best.total - budget
     out = []
     if cfg.prior == "frozen":
-        saved = best.parts["pa_teacher"] - estimate(shape, PlanConfig(**{**asdict(cfg), "prior": "self"}),
-                                                    best.choice).parts["pa_teacher"]
+        saved = best.parts["pa_teacher"] - estimate(shape, replace(cfg, prior="self"), best.choice).parts["pa_teacher"]
         out.append(f"--prior self keeps no frozen expert copy: saves {saved / GiB:.1f} GiB")
     if cfg.distill:
-        saved = best.total - estimate(shape, PlanConfig(**{**asdict(cfg), "distill": False}), best.choice).total
+        saved = best.total - estimate(shape, replace(cfg, distill=False), best.choice).total
         out.append(f"training without --teacher (plan without --distill) saves {saved / GiB:.1f} GiB")
     if not best.choice.activation_checkpointing and cfg.activation_checkpointing is None:
-        with_ckpt = estimate(shape, cfg, Choice(best.choice.ep_size, best.choice.zero, best.choice.offload, True))
+        with_ckpt = estimate(shape, cfg, replace(best.choice, activation_checkpointing=True))
         out.append(f"--activation-checkpointing: saves {(best.total - with_ckpt.total) / GiB:.1f} GiB")
     if best.parts["activations"] > over:
         out.append(f"a shorter --seq-len or --micro-batch-size: activations are {best.parts['activations'] / GiB:.1f}"
@@ -545,7 +547,7 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
     if not cfg.offload and not best.choice.offload:
         out.append("--offload moves the optimizer state to host memory")
     for gpus in (2 * cfg.gpus, 4 * cfg.gpus, 8 * cfg.gpus):
-        trial = PlanConfig(**{**asdict(cfg), "gpus": gpus, "ep_size": None})
+        trial = replace(cfg, gpus=gpus, ep_size=None)
         if min(estimate(shape, trial, c).total for c in candidate_choices(shape, trial)) <= budget:
             out.append(f"--gpus {gpus} would fit")
             break
@@ -561,7 +563,8 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
 
 
 HEADERS = {"frozen_weights": "frozen", "experts": "experts", "pa_teacher": "teacher", "distill_teacher": "distil",
-           "gradients": "grads", "optimizer": "optim", "optimizer_step": "step", "activations": "activ", "runtime": "runtime"}
+           "gradients": "grads", "optimizer": "optim", "optimizer_step": "step", "activations": "activ",
+           "runtime": "runtime"}
 
 
 def ds_config_for(choice: Choice, cfg: PlanConfig) -> str:
@@ -590,7 +593,7 @@ def report(plan: Plan, cfg: PlanConfig) -> str:
             row += f"  host {host_per_node(e, cfg) / GiB:.0f}/node"
         lines.append(row)
     if cfg.device == "gpu":
-        lines.append(f"host/node: host memory of the {cfg.gpus_per_node or min(cfg.gpus, 8)} ranks of a node while "
+        lines.append(f"host/node: host memory of the {ranks_per_node(cfg)} ranks of a node while "
                      "they load their weights, or hold the offloaded optimizer state"
                      + ("" if cfg.host_memory else "; not checked without --host-memory"))
     lines.append("")
@@ -628,7 +631,7 @@ def commands(plan: Plan, cfg: PlanConfig, choice: Choice) -> list[str]:
         lines += ["launch:", f"  DEVICE=cpu NPROC={cfg.gpus} launch/torchrun.sh --model {moe} --data DATA.jsonl "
                              f"--out runs/OUT --ep-size {choice.ep_size} --ds-config {ds} {flags}"]
         return lines
-    per_node = cfg.gpus_per_node or min(cfg.gpus, 8)
+    per_node = ranks_per_node(cfg)
     nodes = math.ceil(cfg.gpus / per_node)
     script = "slurm/train_multinode.sbatch" if nodes > 1 else "slurm/train_1node.sbatch"
     lines += ["sbatch:", f"  MODEL={moe} DATA=DATA.jsonl EP_SIZE={choice.ep_size} DS_CONFIG={ds} sbatch "
@@ -637,19 +640,17 @@ def commands(plan: Plan, cfg: PlanConfig, choice: Choice) -> list[str]:
 
 
 def no_fit_message(plan: Plan, cfg: PlanConfig) -> str:
-    best = plan.smallest
-    unit = "process" if cfg.device == "cpu" else "GPU"
-    if best.total <= plan.budget:  # only the host memory of offload was short
-        msg = (f"nothing fits: {best.choice.label()} needs {best.total / GiB:.1f} GiB per {unit} but "
-               f"{host_per_node(best, cfg) / GiB:.0f} GiB of host memory per node, above --host-memory "
-               f"{cfg.host_memory}; without offload the smallest requirement is "
-               f"{min(e.total for e in plan.estimates if not e.choice.offload) / GiB:.1f} GiB per {unit}"
-               if any(not e.choice.offload for e in plan.estimates) else
-               f"nothing fits: {best.choice.label()} needs {host_per_node(best, cfg) / GiB:.0f} GiB of host memory "
-               f"per node, above --host-memory {cfg.host_memory}")
-    else:
+    best, unit = plan.smallest, "process" if cfg.device == "cpu" else "GPU"
+    host = f"{host_per_node(best, cfg) / GiB:.0f} GiB of host memory per node, above --host-memory {cfg.host_memory}"
+    without_offload = [e.total for e in plan.estimates if not e.choice.offload]
+    if best.total > plan.budget:
         msg = (f"nothing fits: the smallest requirement is {best.total / GiB:.1f} GiB per {unit} "
                f"({best.choice.label()}), above the {plan.budget / GiB:.1f} GiB of --gpu-memory {cfg.gpu_memory}")
+    elif without_offload:  # from here on, only the host memory of offload was short
+        msg = (f"nothing fits: {best.choice.label()} needs {best.total / GiB:.1f} GiB per {unit} but {host}; "
+               f"without offload the smallest requirement is {min(without_offload) / GiB:.1f} GiB per {unit}")
+    else:
+        msg = f"nothing fits: {best.choice.label()} needs {host}"
     if plan.hints:
         msg += "\n  options: " + "; ".join(plan.hints)
     return msg

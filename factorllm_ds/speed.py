@@ -27,6 +27,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,11 +76,9 @@ class SpeedConfig:
                                 f"{dense_config.get('vocab_size')}) does not match the MoE's base model")
         for flag, value, low in (("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1),
                                  ("--decode-tokens", self.decode_tokens, 0), ("--reps", self.reps, 1),
-                                 ("--warmup", self.warmup, 0)):
-            if value < low:
+                                 ("--warmup", self.warmup, 0), ("--threads", self.threads, 1)):
+            if value is not None and value < low:
                 problems.append(f"{flag} {value}: must be >= {low}")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"--threads {self.threads}: must be >= 1")
         try:  # before the benchmark: a report that cannot be written must not cost a run
             check_output_file(self.report, "--report", {"--model": self.model, "--dense": self.dense})
         except UserError as err:
@@ -118,6 +117,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device: torch.device, work) -> float:
+    """Seconds ``work()`` takes, with the device's queue drained before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _cache_of(out):
     return out.cache if hasattr(out, "cache") and out.cache is not None else getattr(out, "past_key_values", None)
 
@@ -131,30 +139,23 @@ def _cache_kwarg(model) -> str:
 @torch.no_grad()
 def run_prefill(model, ids: torch.Tensor) -> float:
     """Seconds for one forward pass over ``ids`` (no cache)."""
-    device = ids.device
-    _sync(device)
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    _sync(device)
-    return time.perf_counter() - start
+    return _timed(ids.device, lambda: model(input_ids=ids, use_cache=False))
 
 
 @torch.no_grad()
 def run_decode(model, ids: torch.Tensor, step_ids: torch.Tensor) -> float:
     """Seconds for ``step_ids.shape[1]`` single-token steps after an (untimed) cached prefill of ``ids``."""
-    device = ids.device
     cache_kw = _cache_kwarg(model)
-    out = model(input_ids=ids, use_cache=True)
-    cache = _cache_of(out)
-    length = ids.shape[1]
-    _sync(device)
-    start = time.perf_counter()
-    for t in range(step_ids.shape[1]):
-        position = torch.full((ids.shape[0], 1), length + t, dtype=torch.long, device=device)
-        out = model(input_ids=step_ids[:, t:t + 1], position_ids=position, use_cache=True, **{cache_kw: cache})
-        cache = _cache_of(out)
-    _sync(device)
-    return time.perf_counter() - start
+    cache = _cache_of(model(input_ids=ids, use_cache=True))
+
+    def steps():
+        nonlocal cache
+        for t in range(step_ids.shape[1]):
+            position = torch.full((ids.shape[0], 1), ids.shape[1] + t, dtype=torch.long, device=ids.device)
+            cache = _cache_of(model(input_ids=step_ids[:, t:t + 1], position_ids=position, use_cache=True,
+                                    **{cache_kw: cache}))
+
+    return _timed(ids.device, steps)
 
 
 def _time_variants(variants: dict, reps: int, warmup: int) -> dict[str, list[float]]:
@@ -176,9 +177,7 @@ def _phase_result(times: dict[str, list[float]], tokens: int, active_fraction: f
     limit = amdahl_limit(ffn_share, active_fraction)
     return {
         "tokens": tokens,
-        "dense_tokens_per_s": tokens / med["dense"],
-        "moe_tokens_per_s": tokens / med["moe"],
-        "dense_no_ffn_tokens_per_s": tokens / med["dense_no_ffn"],
+        **{f"{name}_tokens_per_s": tokens / med[name] for name in ("dense", "moe", "dense_no_ffn")},
         "median_seconds": med,
         "all_seconds": times,
         "ffn_share": ffn_share,
@@ -202,34 +201,31 @@ def bench_speed(cfg: SpeedConfig) -> dict:
     if cfg.top_k is not None:
         moe.set_top_k(cfg.top_k)
     block = moe.moe_blocks()[0]
-    k, num_experts, active = block.top_k, block.num_experts, moe.config.active_fraction
+    active = moe.config.active_fraction
 
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = dense.config.vocab_size
     ids = torch.randint(0, vocab, (cfg.batch, cfg.seq_len), generator=gen).to(device)
     step_ids = torch.randint(0, vocab, (cfg.batch, cfg.decode_tokens), generator=gen).to(device)
 
-    def without_ffn(fn):
-        def run():
-            with ffn_removed(dense):
-                return fn(dense)
-        return run
+    def dense_no_ffn(run):
+        with ffn_removed(dense):
+            return run(dense)
 
-    result = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "dense": str(cfg.dense), "top_k": k, "num_experts": num_experts,
+    result = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "dense": str(cfg.dense),
+              "top_k": block.top_k, "num_experts": block.num_experts,
               "shared_intermediate_size": moe.config.shared_intermediate_size, "active_fraction": active,
               "routing": block.routing, "batch": cfg.batch, "seq_len": cfg.seq_len,
               "decode_tokens": cfg.decode_tokens, "dtype": cfg.dtype, "device": str(device),
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": cfg.reps,
               "ffn_share_method": "ablation: 1 - t(dense, MLPs return zeros) / t(dense)"}
-    prefill = _time_variants({"dense": lambda: run_prefill(dense, ids),
-                              "dense_no_ffn": without_ffn(lambda m: run_prefill(m, ids)),
-                              "moe": lambda: run_prefill(moe, ids)}, cfg.reps, cfg.warmup)
-    result["prefill"] = _phase_result(prefill, cfg.batch * cfg.seq_len, active)
+    phases = {"prefill": (partial(run_prefill, ids=ids), cfg.batch * cfg.seq_len)}
     if cfg.decode_tokens > 0:
-        decode = _time_variants({"dense": lambda: run_decode(dense, ids, step_ids),
-                                 "dense_no_ffn": without_ffn(lambda m: run_decode(m, ids, step_ids)),
-                                 "moe": lambda: run_decode(moe, ids, step_ids)}, cfg.reps, cfg.warmup)
-        result["decode"] = _phase_result(decode, cfg.batch * cfg.decode_tokens, active)
+        phases["decode"] = (partial(run_decode, ids=ids, step_ids=step_ids), cfg.batch * cfg.decode_tokens)
+    for phase, (run, tokens) in phases.items():
+        times = _time_variants({"dense": partial(run, dense), "dense_no_ffn": partial(dense_no_ffn, run),
+                                "moe": partial(run, moe)}, cfg.reps, cfg.warmup)
+        result[phase] = _phase_result(times, tokens, active)
     if cfg.report is not None:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.report).write_text(json.dumps(result, indent=2) + "\n")
@@ -239,9 +235,10 @@ def bench_speed(cfg: SpeedConfig) -> dict:
 def summary_lines(result: dict) -> list[str]:
     threads = f" ({result['threads']} threads)" if result["threads"] else ""
     shared = result.get("shared_intermediate_size") or 0
-    lines = [f"k/E = {result['top_k']}/{result['num_experts']}" + (f" + shared expert ({shared} neurons)" if shared else "")
-             + f", active {result['active_fraction']:.3f} of the FFN, batch {result['batch']} x {result['seq_len']} tokens, "
-             f"{result['dtype']} on {result['device']}{threads}",
+    lines = [f"k/E = {result['top_k']}/{result['num_experts']}"
+             + (f" + shared expert ({shared} neurons)" if shared else "")
+             + f", active {result['active_fraction']:.3f} of the FFN, batch {result['batch']} x {result['seq_len']} "
+             f"tokens, {result['dtype']} on {result['device']}{threads}",
              f"{'phase':8} {'dense tok/s':>12} {'moe tok/s':>12} {'FFN share':>10} {'speedup':>8} {'limit':>7} "
              f"{'ratio':>6}"]
     for phase in ("prefill", "decode"):
