@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import platform
 import shutil
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,10 +108,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 _NONFINITE_FIX = ("The checkpoint is damaged or was saved after a diverged run; use another copy, or pass "
@@ -148,54 +145,37 @@ class CheckpointReader:
                     raise UserError(f"{self.flag} {self.model_dir}: shard {shard} named in {INDEX_FILE} is missing. "
                                     "Download the checkpoint again (all shards).")
             return weight_map
-        single = self.model_dir / SINGLE_FILE
-        if single.is_file():
-            with self._open(SINGLE_FILE) as f:
-                return {name: SINGLE_FILE for name in f.keys()}
+        if (self.model_dir / SINGLE_FILE).is_file():
+            return {name: SINGLE_FILE for name in self._header(SINGLE_FILE)[1]}
         if any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pth")):
             raise UserError(f"{self.flag} {self.model_dir}: only PyTorch .bin/.pth weights found; factorllm-ds reads "
                             "safetensors. Re-save the model with `model.save_pretrained(dir, safe_serialization=True)`.")
         raise UserError(f"{self.flag} {self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found.")
 
-    @contextmanager
-    def _open(self, shard: str):
+    def _header(self, shard: str) -> tuple[int, dict]:
+        """(where the data starts, {tensor name: its header entry}) of a shard, once ``safe_open`` has
+        validated it: offsets, dtypes and shapes consistent, and the data filling the file exactly
+        (a truncated file is refused here, not when a tensor is read)."""
         path = self.model_dir / shard
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
+            safe_open(str(path), framework="pt", device="cpu")
         except Exception as err:  # safetensors raises its own SafetensorError
             raise UserError(f"{self.flag} {path}: unreadable safetensors file ({err}). It may be truncated or "
                             "corrupt; download it again.") from err
-        try:
-            yield handle
-        finally:
-            del handle
-
-    def _scan_shard(self, shard: str) -> None:
-        path = self.model_dir / shard
-        with self._open(shard) as f:
-            for name in f.keys():
-                if self.weight_map.get(name) != shard:
-                    continue
-                sl = f.get_slice(name)
-                self.infos[name] = TensorInfo(name, tuple(sl.get_shape()), TORCH_DTYPES[sl.get_dtype()])
-        header_len, header = self._check_size(path)
-        for name, entry in header.items():
-            if name != "__metadata__" and self.weight_map.get(name) == shard:
-                start, end = entry["data_offsets"]
-                self._spans[name] = (8 + header_len + start, 8 + header_len + end)
-
-    def _check_size(self, path: Path) -> tuple[int, dict]:
-        # safe_open maps lazily, so a truncated file only fails when a tensor is read:
-        # compare the header's end offset with the file size up front instead.
         with open(path, "rb") as fh:
             header_len = struct.unpack("<Q", fh.read(8))[0]
             header = json.loads(fh.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        actual = path.stat().st_size
-        if actual < 8 + header_len + end:
-            raise UserError(f"{self.flag} {path}: truncated safetensors file ({actual} bytes, header says "
-                            f"{8 + header_len + end}). Download it again.")
-        return header_len, header
+        header.pop("__metadata__", None)
+        return 8 + header_len, header
+
+    def _scan_shard(self, shard: str) -> None:
+        data_start, header = self._header(shard)
+        for name in sorted(header):  # safe_open's order, which names() keeps
+            if self.weight_map.get(name) == shard:
+                entry = header[name]
+                self.infos[name] = TensorInfo(name, tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
+                start, end = entry["data_offsets"]
+                self._spans[name] = (data_start + start, data_start + end)
 
     def span(self, name: str) -> tuple[Path, int, int]:
         """(shard file, start, end): where tensor ``name``'s bytes lie, as absolute file offsets."""
@@ -213,9 +193,14 @@ class CheckpointReader:
         buffer for tensors of one shape (e.g. every layer's MLP), which keeps the allocator
         from piling up freed blocks.
         """
+        tensor = self._read(name, out)
+        if not self.allow_nonfinite:
+            check_finite(f"{self.flag} {self.span(name)[0]}: tensor {name}", tensor, _NONFINITE_FIX)
+        return tensor
+
+    def _read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.infos[name]
-        start, end = self._spans[name]
-        path = self.model_dir / self.weight_map[name]
+        path, start, end = self.span(name)
         if out is None:
             tensor = torch.empty(info.shape, dtype=info.dtype)
         elif (tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous()
@@ -230,8 +215,6 @@ class CheckpointReader:
         if got != end - start:
             raise UserError(f"{self.flag} {path}: truncated safetensors file (tensor {name} ends at byte {end}, "
                             f"the file holds {start + got}). Download it again.")
-        if not self.allow_nonfinite:
-            check_finite(f"{self.flag} {path}: tensor {name}", tensor, _NONFINITE_FIX)
         return tensor
 
     def check_finite(self, name: str, chunk_bytes: int = 64 << 20) -> None:
@@ -243,9 +226,8 @@ class CheckpointReader:
         info = self.infos[name]
         if self.allow_nonfinite or not info.dtype.is_floating_point:
             return
-        start, end = self._spans[name]
-        path = self.model_dir / self.weight_map[name]
-        size = torch.empty((), dtype=info.dtype).element_size()
+        path, start, end = self.span(name)
+        size = info.dtype.itemsize
         step = max(size, chunk_bytes // size * size)
         buf = torch.empty(step // size, dtype=info.dtype)
         with open(path, "rb", buffering=0) as fh:
@@ -258,14 +240,7 @@ class CheckpointReader:
                                     f"{end}). Download it again.")
                 if not bool(torch.isfinite(view).all()):
                     # The whole tensor, once, for the message's counts and first index.
-                    check_finite(f"{self.flag} {path}: tensor {name}", self._read_unchecked(name), _NONFINITE_FIX)
-
-    def _read_unchecked(self, name: str) -> torch.Tensor:
-        allow, self.allow_nonfinite = self.allow_nonfinite, True
-        try:
-            return self.get(name)
-        finally:
-            self.allow_nonfinite = allow
+                    check_finite(f"{self.flag} {path}: tensor {name}", self._read(name), _NONFINITE_FIX)
 
     @property
     def total_bytes(self) -> int:
@@ -449,7 +424,7 @@ class FolderWriter:
         self.shards.write(name, tensor)
         self._bar.update(tensor.nbytes)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         self._bar.close()
         try:
             if exc_type is not None:

@@ -34,7 +34,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from factorllm_ds.errors import UserError
@@ -63,8 +63,7 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _replace_problems(out: Path, flag: str, inputs: Mapping[str, Path],
-                      own_markers: Sequence[str]) -> list[str]:
+def _replace_problems(out: Path, inputs: Mapping[str, Path], own_markers: Sequence[str]) -> list[str]:
     """Why replacing the existing ``out`` would lose data the tool does not own (empty: it is safe)."""
     problems = []
     if out.is_symlink():
@@ -89,10 +88,10 @@ def _replace_problems(out: Path, flag: str, inputs: Mapping[str, Path],
         if _is_within(real_in, real_out):
             where = "is" if real_in == real_out else "holds"
             problems.append(f"it {where} the input {flag} {path}: replacing it would delete the input; "
-                            f"pick an {flag} outside every input")
+                            "pick an output path outside every input")
         elif _is_within(real_out, real_in):
             problems.append(f"it lies inside the input {flag} {path}: replacing it would delete part of the input; "
-                            f"pick an {flag} outside every input")
+                            "pick an output path outside every input")
     return problems
 
 
@@ -116,15 +115,14 @@ def output_problems(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, 
                     own_markers: Sequence[str]) -> list[str]:
     """The reasons :func:`check_output` would give, each starting ``FLAG OUT:`` (empty: writing ``out`` is safe),
     for a command that reports them with its other problems."""
-    return [f"{flag} {out}: {p}" for p in _output_problems(out, flag, overwrite, inputs, own_markers)]
+    return [f"{flag} {out}: {p}" for p in _output_problems(out, overwrite, inputs, own_markers)]
 
 
-def _output_problems(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Path],
-                     own_markers: Sequence[str]) -> list[str]:
+def _output_problems(out: Path, overwrite: bool, inputs: Mapping[str, Path], own_markers: Sequence[str]) -> list[str]:
     out = Path(out)
     problems = []
     if out.exists() or out.is_symlink():
-        replace = _replace_problems(out, flag, inputs, own_markers)
+        replace = _replace_problems(out, inputs, own_markers)
         if not overwrite:
             fix = ("pick another path, or pass --overwrite to replace it" if not replace else
                    "pick another path (--overwrite would be refused too: " + "; ".join(replace) + ")")
@@ -146,10 +144,12 @@ def check_output(out: Path, flag: str, overwrite: bool, inputs: Mapping[str, Pat
     is fine: nothing is replaced). Its nearest existing ancestor must be a writable folder.
     Call it before any work starts; it changes nothing on disk.
     """
-    problems = _output_problems(out, flag, overwrite, inputs, own_markers)
+    _refuse(f"{flag} {out}: cannot write the output there", _output_problems(out, overwrite, inputs, own_markers))
+
+
+def _refuse(what: str, problems: Sequence[str]) -> None:
     if problems:
-        bullet = "\n  - ".join(problems)
-        raise UserError(f"{flag} {out}: cannot write the output there:\n  - {bullet}")
+        raise UserError(f"{what}:" + "".join(f"\n  - {p}" for p in problems))
 
 
 # Reports and plots carry this in their first bytes (a JSON key, a PNG text chunk): an existing
@@ -185,10 +185,7 @@ def check_output_file(path: Path | None, flag: str, inputs: Mapping[str, Path | 
         if FILE_MARKER not in head and not problems:
             problems.append("it is a file factorllm-ds did not write, so it will not be replaced; pick another path "
                             "or remove it yourself")
-    problems += _parent_problems(path)
-    if problems:
-        bullet = "\n  - ".join(problems)
-        raise UserError(f"{flag} {path}: cannot write the file there:\n  - {bullet}")
+    _refuse(f"{flag} {path}: cannot write the file there", problems + _parent_problems(path))
 
 
 # ============================================================================ temp folders
@@ -206,16 +203,19 @@ def _host() -> str:
     return socket.gethostname().replace("/", "_").replace("@", "_") or "localhost"
 
 
+def _sibling(out: Path, kind: str, pid: int | None) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.{kind}-{os.getpid() if pid is None else pid}@{_host()}"
+
+
 def temp_dir_for(out: Path, pid: int | None = None) -> Path:
     """The hidden sibling folder in which ``out`` is built by process ``pid`` (default: this one)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.tmp-{os.getpid() if pid is None else pid}@{_host()}"
+    return _sibling(out, "tmp", pid)
 
 
 def old_dir_for(out: Path, pid: int | None = None) -> Path:
     """Where process ``pid`` parks the previous ``out`` while it moves the new one in."""
-    out = Path(out)
-    return out.parent / f".{out.name}.old-{os.getpid() if pid is None else pid}@{_host()}"
+    return _sibling(out, "old", pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -230,6 +230,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _abandoned(parent: Path, pattern: re.Pattern, name: str | None) -> Iterator[tuple[Path, str]]:
+    """(folder, pid) for each folder in ``parent`` named like ``pattern`` (for output ``name`` if given) whose
+    process, of this host, no longer runs. A live process's folder, another host's, a file or a link: never."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for entry in sorted(parent.iterdir()):
+        match = pattern.match(entry.name)
+        if match is None or (name is not None and match["name"] != name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        if (match["host"] or _host()) == _host() and not _pid_alive(int(match["pid"])):
+            yield entry, match["pid"]
+
+
 def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
     """Delete the temp folders in ``parent`` left by processes of this host that no longer run.
 
@@ -237,24 +251,13 @@ def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
     a live process's folder, another host's folder, a file or a link is never touched. Returns
     the folders removed (each is also logged).
     """
-    parent = Path(parent)
-    if not parent.is_dir():
-        return []
     removed = []
-    host = _host()
-    for entry in sorted(parent.iterdir()):
-        match = _TEMP_RE.match(entry.name)
-        if match is None or (name is not None and match["name"] != name):
-            continue
-        if entry.is_symlink() or not entry.is_dir():
-            continue
-        if (match["host"] or host) != host or _pid_alive(int(match["pid"])):
-            continue
+    for entry, pid in _abandoned(parent, _TEMP_RE, name):
         shutil.rmtree(entry, ignore_errors=True)
         if entry.exists():
             log.warning("could not remove the abandoned temp folder %s; remove it by hand", entry)
         else:
-            log.warning("removed %s, left by process %s, which no longer runs", entry, match["pid"])
+            log.warning("removed %s, left by process %s, which no longer runs", entry, pid)
             removed.append(entry)
     return removed
 
@@ -269,22 +272,15 @@ def recover_replaced(out: Path) -> list[Path]:
     parked folders dealt with.
     """
     out = Path(out)
-    if not out.parent.is_dir():
-        return []
     done = []
-    for entry in sorted(out.parent.iterdir()):
-        match = _OLD_RE.match(entry.name)
-        if match is None or match["name"] != out.name or entry.is_symlink() or not entry.is_dir():
-            continue
-        if (match["host"] or _host()) != _host() or _pid_alive(int(match["pid"])):
-            continue
+    for entry, pid in _abandoned(out.parent, _OLD_RE, out.name):
         if not out.exists() and not out.is_symlink():
             entry.rename(out)
             log.warning("restored %s from %s: process %s was replacing it and stopped before the new one was "
-                        "moved in", out, entry.name, match["pid"])
+                        "moved in", out, entry.name, pid)
         else:
             shutil.rmtree(entry, ignore_errors=True)
-            log.warning("removed %s, the previous %s that process %s replaced", entry, out.name, match["pid"])
+            log.warning("removed %s, the previous %s that process %s replaced", entry, out.name, pid)
         done.append(entry)
     return done
 
@@ -337,7 +333,7 @@ class RunLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *_) -> None:
         # The file stays: deleting it would let a third process lock a fresh inode while a
         # second one waits on the old.
         if self._fd is not None:
@@ -360,8 +356,8 @@ _ALGORITHM = "sha256"  # hashlib's sha256 uses the CPU's SHA instructions: faste
 _CHUNK = 8 << 20
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.new(_ALGORITHM)
+def _digest(path: Path, algorithm: str = _ALGORITHM) -> str:
+    h = hashlib.new(algorithm)
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
@@ -442,19 +438,9 @@ def verify_checksums(folder: Path, *, sizes_only: bool = False) -> list[str]:
         size = file.stat().st_size
         if size != want["size"]:
             problems.append(f"{file}: {size} bytes, {want['size']} when saved (truncated or replaced)")
-        elif not sizes_only and _digest_with(file, algorithm) != want[algorithm]:
+        elif not sizes_only and _digest(file, algorithm) != want[algorithm]:
             problems.append(f"{file}: content differs from when it was saved ({algorithm} mismatch)")
     return problems
-
-
-def _digest_with(path: Path, algorithm: str) -> str:
-    if algorithm == _ALGORITHM:
-        return _digest(path)
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def newest_intact(tags_root: Path, tags: Sequence[str], *, sizes_only: bool = False) -> str | None:
@@ -492,13 +478,12 @@ OPTIM_STATE_GLOBALS: tuple[str, ...] = (
 
 def _import_globals(names: Sequence[str]) -> list:
     """The objects named; a name whose package is not installed is left out (a file needing it is refused)."""
-    import importlib
+    import pkgutil
 
     found = []
     for dotted in names:
-        module, _, name = dotted.rpartition(".")
         try:
-            found.append(getattr(importlib.import_module(module), name))
+            found.append(pkgutil.resolve_name(dotted))
         except (ImportError, AttributeError):
             log.debug("safe_torch_load: %s is not importable here; files that need it will be refused", dotted)
     return found
@@ -518,8 +503,7 @@ def safe_torch_load(path: Path, what: str, allow: Sequence[str] = MODEL_STATE_GL
 
     path = Path(path)
     try:
-        allowed = _import_globals(allow)
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(_import_globals(allow)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         # torch 2.13 words it "WeightsUnpickler error: Unsupported global: GLOBAL module.name was not ..."
@@ -616,7 +600,7 @@ class Preemption:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *_) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
@@ -650,9 +634,8 @@ def agree_max(value: int, group=None) -> int:
 
     if not (dist.is_available() and dist.is_initialized()):
         return int(value)
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend(group)):
-        device = torch.device("cuda", torch.cuda.current_device())
+    nccl = "nccl" in str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     tensor = torch.tensor([int(value)], dtype=torch.int32, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return int(tensor.item())

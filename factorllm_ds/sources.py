@@ -28,13 +28,15 @@ from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_FILE, MODEL_STATES, PART
                                  list_tags)
 from factorllm_ds.safety import MODEL_STATE_GLOBALS, newest_intact, safe_torch_load, verify_checksums
 
+
 class ExportSource:
-    """Where an export reads a FactorLLM model from. Subclasses fill in the attributes and methods.
+    """Where an export reads a FactorLLM model from. Subclasses fill in the attributes and the tensor methods.
 
     Attributes:
         description: names the source in messages and the manifest, e.g. ``--model /x``.
         config: the FactorLLM ``config.json`` as a dict (``model_type: factorllm``,
             ``text_config`` with the base family's ``model_type``, ``num_experts``, ...).
+        infos: every tensor of the model, experts included, by name: shape and dtype (no data read).
         side_dir: a folder whose tokenizer / generation files are copied, or None.
         partition_file: the ``factorllm_partition.safetensors`` written by convert, or None.
 
@@ -44,16 +46,17 @@ class ExportSource:
 
     description: str = "?"
     config: dict
+    infos: dict[str, TensorInfo]
     side_dir: Path | None = None
     partition_file: Path | None = None
 
     def names(self) -> list[str]:
         """Every tensor name of the model, experts included."""
-        raise NotImplementedError
+        return list(self.infos)
 
     def info(self, name: str) -> TensorInfo:
         """Shape and dtype of one tensor (no data read)."""
-        raise NotImplementedError
+        return self.infos[name]
 
     def shared_tensor(self, name: str) -> torch.Tensor:
         """One non-expert tensor (embeddings, attention, norms, routers, lm_head)."""
@@ -76,15 +79,10 @@ class FolderSource(ExportSource):
                             f"{self.config.get('model_type')!r}). Convert a dense model first: "
                             "factorllm-ds convert --model DENSE --out MOE_DIR")
         self.reader = CheckpointReader(self.moe_dir, flag)
+        self.infos = self.reader.infos
         self.side_dir = self.moe_dir
         partition = self.moe_dir / PARTITION_FILE
         self.partition_file = partition if partition.is_file() else None
-
-    def names(self) -> list[str]:
-        return self.reader.names()
-
-    def info(self, name: str) -> TensorInfo:
-        return self.reader.infos[name]
 
     def shared_tensor(self, name: str) -> torch.Tensor:
         return self.reader.get(name)
@@ -123,11 +121,6 @@ def fold_selection_bias(states: dict[str, torch.Tensor], description: str) -> di
             raise UserError(f"{description}: {name} is set but the router has no bias to fold it into")
         out[bias_name] = (states[bias_name].float() + tensor.float()).to(states[bias_name].dtype)
     return out
-
-
-def _load(path: Path, what: str) -> dict:
-    # Never a plain torch.load: a run folder may come from anyone, and unpickling runs the file's code.
-    return safe_torch_load(path, what, MODEL_STATE_GLOBALS)
 
 
 def intact_tag(run_dir: Path, tag: str, flag: str, retry: str, sizes_only: bool = False) -> None:
@@ -180,17 +173,16 @@ class DeepSpeedRunSource(ExportSource):
         self.partition_file = partition if partition.is_file() else None
         self.num_experts = int(self.config["num_experts"])
         self.num_layers = int(self.config["text_config"]["num_hidden_layers"])
-        missing = [EXPERT_FILE.format(layer=L, expert=e) for L in range(self.num_layers)
-                   for e in range(self.num_experts)
-                   if not (self.ckpt_dir / EXPERT_FILE.format(layer=L, expert=e)).is_file()]
+        expert_files = [EXPERT_FILE.format(layer=L, expert=e) for L in range(self.num_layers)
+                        for e in range(self.num_experts)]
+        missing = [name for name in expert_files if not (self.ckpt_dir / name).is_file()]
         if missing:
             raise UserError(f"--run {run_dir}: checkpoint {tag} lacks {len(missing)} expert files (first: "
                             f"{missing[0]}); the save was interrupted or files were removed. Use another --tag.")
-        states = _load(self.ckpt_dir / MODEL_STATES, "--run")
+        states = safe_torch_load(self.ckpt_dir / MODEL_STATES, "--run", MODEL_STATE_GLOBALS)
         self.step = states.get("step")
         self.shared = fold_selection_bias({ds_to_hf_name(k): v for k, v in states["module"].items()}, self.description)
-        sample = self._expert_file(0, 0)
-        self.expert_dtype = next(iter(sample.values())).dtype
+        self.expert_dtype = next(iter(self._expert_file(0, 0).values())).dtype
         size = int(self.config["expert_intermediate_size"])
         hidden = int(self.config["text_config"]["hidden_size"])
         self.infos = {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self.shared.items()}
@@ -201,13 +193,9 @@ class DeepSpeedRunSource(ExportSource):
                     self.infos[name] = TensorInfo(name, shape, self.expert_dtype)
 
     def _expert_file(self, layer: int, expert: int) -> dict:
-        return _load(self.ckpt_dir / EXPERT_FILE.format(layer=layer, expert=expert), "--run")
-
-    def names(self) -> list[str]:
-        return list(self.infos)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.infos[name]
+        # Never a plain torch.load: a run folder may come from anyone, and unpickling runs the file's code.
+        return safe_torch_load(self.ckpt_dir / EXPERT_FILE.format(layer=layer, expert=expert), "--run",
+                               MODEL_STATE_GLOBALS)
 
     def shared_tensor(self, name: str) -> torch.Tensor:
         return self.shared[name].clone()
