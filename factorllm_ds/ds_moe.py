@@ -54,32 +54,29 @@ class DeepSpeedMoEBlock(nn.Module):
     def __init__(self, config: FactorLLMConfig, ep_size: int, weights: Objective):
         super().__init__()
         text = config.text_config
+        hidden = self.hidden_size = text.hidden_size
         self.num_experts, self.k = config.num_experts, config.num_experts_per_tok
         self.num_local = config.num_experts // ep_size
         self.ep_size = ep_size
-        self.hidden_size = text.hidden_size
         self.weights = weights
         self.prior_weight = prior_weight(config.routing, config.scale, self.k)
-        expert = FactorLLMExpert(text.hidden_size, config.expert_intermediate_size, text.hidden_act)
-        self.moe = MoE(hidden_size=text.hidden_size, expert=expert, num_experts=config.num_experts,
-                       ep_size=ep_size, k=config.num_experts_per_tok, drop_tokens=False, use_rts=False,
-                       min_capacity=0)
-        self.moe.deepspeed_moe.gate = FactorLLMGate(text.hidden_size, config.num_experts, config.num_experts_per_tok,
-                                                    config.routing, config.scale, config.router_bias)
+        expert = FactorLLMExpert(hidden, config.expert_intermediate_size, text.hidden_act)
+        self.moe = MoE(hidden_size=hidden, expert=expert, num_experts=self.num_experts, ep_size=ep_size, k=self.k,
+                       drop_tokens=False, use_rts=False, min_capacity=0)
+        self.moe.deepspeed_moe.gate = FactorLLMGate(hidden, self.num_experts, self.k, config.routing, config.scale,
+                                                    config.router_bias)
         # The shared expert: a dense module beside the MoE layer, data parallel like every dense weight.
-        shared_size = getattr(config, "shared_intermediate_size", 0) or 0
-        self.shared_expert = FactorLLMExpert(text.hidden_size, shared_size, text.hidden_act) if shared_size else None
+        shared_size = config.shared_intermediate_size
+        self.shared_expert = FactorLLMExpert(hidden, shared_size, text.hidden_act) if shared_size else None
         if weights.prior == "frozen":
             # The frozen teacher: this rank's initial experts, stacked (and the initial shared expert); non-persistent
             # so they are never written to checkpoints (they are re-read from the converted folder on resume).
-            size = config.expert_intermediate_size
-            self.register_buffer("teacher_gate", torch.empty(self.num_local, size, text.hidden_size), persistent=False)
-            self.register_buffer("teacher_up", torch.empty(self.num_local, size, text.hidden_size), persistent=False)
-            self.register_buffer("teacher_down", torch.empty(self.num_local, text.hidden_size, size), persistent=False)
+            teachers = {"teacher": (self.num_local, config.expert_intermediate_size)}
             if shared_size:
-                for part, shape in (("gate", (1, shared_size, text.hidden_size)), ("up", (1, shared_size, text.hidden_size)),
-                                    ("down", (1, text.hidden_size, shared_size))):
-                    self.register_buffer(f"teacher_shared_{part}", torch.empty(shape), persistent=False)
+                teachers["teacher_shared"] = (1, shared_size)
+            for prefix, (count, size) in teachers.items():
+                for part, shape in (("gate", (size, hidden)), ("up", (size, hidden)), ("down", (hidden, size))):
+                    self.register_buffer(f"{prefix}_{part}", torch.empty(count, *shape), persistent=False)
         self.act_fn = expert.act_fn
         self.last_aux: BlockAux | None = None
         # Activation checkpointing (enable_activation_checkpointing): the first forward keeps the PA prior's
@@ -117,10 +114,9 @@ class DeepSpeedMoEBlock(nn.Module):
         group = self.moe.deepspeed_moe.ep_group
         ep = self.ep_size
         num_tokens = x_TH.shape[0]
+        x_RTH = x_TH.unsqueeze(0)
         if ep > 1:
-            x_RTH = _all_to_all(x_TH.unsqueeze(0).expand(ep, -1, -1), group)  # tokens of every rank
-        else:
-            x_RTH = x_TH.unsqueeze(0)
+            x_RTH = _all_to_all(x_RTH.expand(ep, -1, -1), group)  # tokens of every rank
         x_NH = x_RTH.reshape(-1, self.hidden_size)
         outs = [torch.stack([expert(x_NH) for expert in self.local_experts])]  # [E_local, ep*T, H]
         if self.weights.prior == "frozen":
@@ -162,12 +158,10 @@ class DeepSpeedMoEBlock(nn.Module):
         zero = probs_TE.new_zeros(())
         kind = self.weights.balance_kind
         bal = zero if kind == "bias" else (switch_balance_loss if kind == "switch" else balance_loss)(probs_TE, self.k)
-        aux = BlockAux(
-            pa=pa_loss(probs_TE, prior_idx, self.weights.prior_tau) if prior_idx is not None else zero,
-            balance=bal,
-            agreement=prior_agreement(probs_TE.detach(), prior_idx) if prior_idx is not None else zero,
-            exp_counts=exp_counts,
-        )
+        aux = BlockAux(pa=zero, balance=bal, agreement=zero, exp_counts=exp_counts)
+        if prior_idx is not None:
+            aux.pa = pa_loss(probs_TE, prior_idx, self.weights.prior_tau)
+            aux.agreement = prior_agreement(probs_TE.detach(), prior_idx)
         # A replay recomputes what the backward needs (the losses' saved tensors included) but must not replace
         # the first forward's aux, from which the loss was built: the objective counts each layer once.
         if not self.replaying:
@@ -289,32 +283,26 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
     with torch.device("meta"):
         model = FactorLLMTrainModel(config, ep_size, weights)
     reader = CheckpointReader(moe_dir)
-    num_local = config.num_experts // ep_size
-    state: dict[str, torch.Tensor] = {}
-    for name in reader.names():
-        if ".mlp." not in name:
-            state[name] = reader.get(name)
+    frozen = weights.prior == "frozen"
+    state = {name: reader.get(name) for name in reader.names() if ".mlp." not in name}
     for layer, block in enumerate(model.blocks()):
-        state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.weight"] = reader.get(keys.ROUTER_WEIGHT.format(layer=layer))
-        state[f"model.layers.{layer}.mlp.{SELECTION_BIAS}"] = torch.zeros(config.num_experts)
+        prefix = f"model.layers.{layer}.mlp."
+        state[f"{prefix}{GATE_PREFIX}.weight"] = reader.get(keys.ROUTER_WEIGHT.format(layer=layer))
+        state[f"{prefix}{SELECTION_BIAS}"] = torch.zeros(config.num_experts)
         if config.router_bias:
-            state[f"model.layers.{layer}.mlp.{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
-        teacher = {"gate": [], "up": [], "down": []}
-        for local in range(num_local):
-            global_id = ep_rank * num_local + local
-            for part in ("gate", "up", "down"):
-                tensor = reader.get(keys.expert_key(part, layer, global_id))
-                state[f"model.layers.{layer}.mlp.{EXPERT_PREFIX}.{local}.{part}_proj.weight"] = tensor
-                teacher[part].append(tensor)
-        if block.shared_expert is not None:
-            for part in ("gate", "up", "down"):
-                tensor = reader.get(keys.shared_expert_key(part, layer))
-                state[f"model.layers.{layer}.mlp.shared_expert.{part}_proj.weight"] = tensor
-                if weights.prior == "frozen":
-                    setattr(block, f"teacher_shared_{part}", tensor.unsqueeze(0).clone())
-        if weights.prior == "frozen":
-            for part in ("gate", "up", "down"):
-                setattr(block, f"teacher_{part}", torch.stack(teacher[part]))
+            state[f"{prefix}{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
+        for part in ("gate", "up", "down"):
+            experts = [reader.get(keys.expert_key(part, layer, ep_rank * block.num_local + local))
+                       for local in range(block.num_local)]
+            for local, tensor in enumerate(experts):
+                state[f"{prefix}{EXPERT_PREFIX}.{local}.{part}_proj.weight"] = tensor
+            if frozen:
+                setattr(block, f"teacher_{part}", torch.stack(experts))
+            if block.shared_expert is not None:
+                shared = reader.get(keys.shared_expert_key(part, layer))
+                state[f"{prefix}shared_expert.{part}_proj.weight"] = shared
+                if frozen:
+                    setattr(block, f"teacher_shared_{part}", shared.unsqueeze(0).clone())
     if model.tied:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -327,8 +315,7 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
             param.allreduce = False
             param.group_name = block.moe.expert_group_name
     # Non-persistent buffers (rotary frequencies) were built on meta: rebuild them for real.
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=config.text_config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config.text_config)
     set_trainable(model, train_base)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -338,5 +325,4 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
 def set_trainable(model: FactorLLMTrainModel, train_base: tuple[str, ...] = ()) -> None:
     """Experts and routers train; embeddings, attention, norms and lm_head stay frozen (paper)."""
     for name, param in model.named_parameters():
-        trainable = ".mlp." in name or any(part in name for part in train_base)
-        param.requires_grad_(trainable)
+        param.requires_grad_(".mlp." in name or any(part in name for part in train_base))

@@ -7,19 +7,21 @@ flags everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from factorllm_ds.config import Objective, arg, fail_if
 from factorllm_ds.errors import UserError
+from factorllm_ds.hf_io import load_tokenizer, read_config, tokenizer_dir
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
                                  checkpoint_tag, latest_tag, list_tags)
 from factorllm_ds.safety import CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree_max, output_problems, write_checksums
@@ -32,6 +34,15 @@ MICRO_BATCH_SIZE, GRAD_CLIP = 1, 1.0  # defaults when neither the flag nor --ds-
 # DeepSpeed JSON keys that duplicate a factorllm-ds flag: the flag is the one source of truth.
 DS_KEY_FOR_FLAG = {"micro_batch_size": ("train_micro_batch_size_per_gpu", "--micro-batch-size"),
                    "grad_clip": ("gradient_clipping", "--grad-clip")}
+# The numeric flags' ranges: (requirement, test, the TrainConfig fields it applies to); an unset (None) flag passes.
+NUMBER_RULES = (
+    ("must be a finite number > 0", lambda v: math.isfinite(v) and v > 0, ("lr", "router_lr")),
+    ("must be a finite number >= 0", lambda v: math.isfinite(v) and v >= 0,
+     ("weight_decay", "min_lr_ratio", "grad_clip")),
+    ("must be in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2", "eval_fraction")),
+    ("must be >= 1", lambda v: v >= 1, ("steps", "tokens", "log_every", "dist_timeout", "stop_after", "eval_batches")),
+    ("must be >= 0", lambda v: v >= 0, ("warmup_steps", "save_every", "eval_every")),
+)
 
 
 @dataclass
@@ -146,27 +157,11 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], di
 def number_problems(cfg: TrainConfig) -> list[str]:
     """Counts and rates a run cannot start with (NaN, negative, zero steps)."""
     problems = cfg.objective_problems()
-    for flag, value in (("--lr", cfg.lr), ("--router-lr", cfg.router_lr)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            problems.append(f"{flag} {value}: must be a finite number > 0")
-    for flag, value in (("--weight-decay", cfg.weight_decay), ("--min-lr-ratio", cfg.min_lr_ratio),
-                        ("--grad-clip", cfg.grad_clip)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            problems.append(f"{flag} {value}: must be a finite number >= 0")
-    for flag, value in (("--beta1", cfg.beta1), ("--beta2", cfg.beta2)):
-        if not 0 <= value < 1:
-            problems.append(f"{flag} {value}: must be in [0, 1)")
-    for flag, value in (("--steps", cfg.steps), ("--tokens", cfg.tokens), ("--log-every", cfg.log_every),
-                        ("--dist-timeout", cfg.dist_timeout), ("--stop-after", cfg.stop_after),
-                        ("--eval-batches", cfg.eval_batches)):
-        if value is not None and value < 1:
-            problems.append(f"{flag} {value}: must be >= 1")
-    for flag, value in (("--warmup-steps", cfg.warmup_steps), ("--save-every", cfg.save_every),
-                        ("--eval-every", cfg.eval_every)):
-        if value < 0:
-            problems.append(f"{flag} {value}: must be >= 0")
-    if not 0 <= cfg.eval_fraction < 1:
-        problems.append(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1)")
+    for requirement, valid, fields in NUMBER_RULES:
+        for name in fields:
+            value = getattr(cfg, name)
+            if value is not None and not valid(value):
+                problems.append(f"--{name.replace('_', '-')} {value}: {requirement}")
     return problems
 
 
@@ -174,8 +169,6 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
     """All checks that need no process group. Returns the resolved config (``cfg`` is not changed)
     and the model's config.json. ``rank`` 0 also reads every byte of the checkpoint to resume
     (the others only compare sizes) and asks whether another job holds --out."""
-    from factorllm_ds.hf_io import read_config, tokenizer_dir
-
     problems = []
     model_config = read_config(cfg.model)
     tokenizer_dir(cfg.model, cfg.tokenizer)
@@ -203,7 +196,7 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
         problems.append("--seq-len must be >= 2")
     for source in cfg.data + (cfg.eval_data or []):
         p = Path(source)
-        if p.exists() and p.is_file() and p.stat().st_size == 0:
+        if p.is_file() and p.stat().st_size == 0:
             problems.append(f"--data {source}: the file is empty")
         elif not p.exists() and ("/" not in source or source.startswith((".", "/"))):
             problems.append(f"--data {source}: no such file")
@@ -216,9 +209,8 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
     run_problems, tag = run_dir_problems(cfg, model_config, full_check=rank == 0)
     problems += knob_problems + number_problems(cfg) + run_problems
     fail_if(problems, "train: bad arguments")
-    cfg = dataclasses.replace(cfg.for_model(model_config), resume=cfg.resume or cfg.resume_tag is not None,
-                              resume_tag=tag, distill_weight=cfg.resolved_distill_weight(cfg.teacher is not None),
-                              **resolved)
+    cfg = replace(cfg.for_model(model_config), resume=cfg.resume or cfg.resume_tag is not None, resume_tag=tag,
+                  distill_weight=cfg.resolved_distill_weight(cfg.teacher is not None), **resolved)
     if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
         log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
                     "prefer stage 1/2 for exact clipping")
@@ -227,8 +219,6 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
 
 def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
     """--teacher must be a dense causal LM over the same vocabulary; --distill-weight > 0 needs one."""
-    from factorllm_ds.hf_io import read_config
-
     if cfg.teacher is None:
         if cfg.distill_weight:
             return [f"--distill-weight {cfg.distill_weight} needs --teacher DENSE_DIR (the dense model you converted)"]
@@ -286,12 +276,9 @@ def run_dir_problems(cfg: TrainConfig, model_config: dict, full_check: bool = Tr
     resume = cfg.resume or cfg.resume_tag is not None
     # The rule of every output: a folder this tool wrote (run.json), holding and inside no input.
     problems = output_problems(out, "--out", True, _inputs(cfg), (RUN_MANIFEST,))
-    if not resume:
-        held = [p.name for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
-        if held:
-            return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"], None
-        return problems, None
-    if problems:
+    if not resume and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"], None
+    if problems or not resume:
         return problems, None
     tags = list_tags(out)
     if not manifest.is_file() or not tags:
@@ -337,13 +324,12 @@ def build_optimizer(cfg: TrainConfig, model, total_steps: int):
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    router_lr = cfg.lr if cfg.router_lr is None else cfg.router_lr
     groups = [{"params": [p for n, p in trainable if ".gate.router." not in n], "name": "experts",
                "weight_decay": cfg.weight_decay, "lr": cfg.lr},
               {"params": [p for n, p in trainable if ".gate.router." in n], "name": "routers",
-               "weight_decay": cfg.weight_decay, "lr": router_lr}]
-    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
-    groups = [g for g in groups if g["params"]]  # the split leaves the expert group's dense part empty
+               "weight_decay": cfg.weight_decay, "lr": cfg.lr if cfg.router_lr is None else cfg.router_lr}]
+    # Empty groups are dropped: the split leaves the expert group's dense part empty, --train-router-only all of it.
+    groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr)
     else:
@@ -363,25 +349,19 @@ class Run:
     accum: int
     total_steps: int
     step: int = 0
-    metrics: list = field(default_factory=list)
-    lock: RunLock | None = None  # rank 0's hold on --out, for the job's life
 
 
-def take_lock(cfg: TrainConfig, model_config: dict) -> RunLock:
-    """Rank 0's exclusive hold on --out (another job's error names the holder), then the run-folder checks again:
-    another job may have written the folder between the first check and the lock."""
-    lock = RunLock(cfg.out).__enter__()
-    problems, _ = run_dir_problems(cfg, model_config, full_check=False)
-    if problems:
-        lock.__exit__(None, None, None)
-        fail_if(problems, "train: bad arguments")
-    return lock
+def take_lock(cfg: TrainConfig, model_config: dict, held: contextlib.ExitStack) -> None:
+    """Rank 0's exclusive hold on --out until ``held`` closes (another job's error names the holder), then the
+    run-folder checks again: another job may have written the folder between the first check and the lock."""
+    held.enter_context(RunLock(cfg.out))
+    fail_if(run_dir_problems(cfg, model_config, full_check=False)[0], "train: bad arguments")
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
+    """Validation and data on every rank, rank 0's lock on --out (held by ``held``), then :func:`start`."""
     from factorllm_ds import distributed
     from factorllm_ds.data import prepare
-    from factorllm_ds.hf_io import load_tokenizer
 
     info = distributed.detect()
     ds = load_ds_config(cfg)
@@ -389,16 +369,12 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     # Before the process group: too little text is a user error, reported without any rendezvous.
     packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
-    lock = take_lock(cfg, model_config) if info.rank == 0 else None
-    try:
-        return start(cfg, ds, packed, lock)
-    except BaseException:
-        if lock is not None:
-            lock.__exit__(None, None, None)
-        raise
+    if info.rank == 0:
+        take_lock(cfg, model_config, held)
+    return start(cfg, ds, packed)
 
 
-def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
+def start(cfg: TrainConfig, ds: dict, packed) -> Run:
     """Process group, model, engine; the manifest of a new run or the state of a resumed one."""
     import deepspeed
 
@@ -407,17 +383,18 @@ def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
     from factorllm_ds.ds_moe import build_train_model, ep_rank_of
 
     info = distributed.init(cfg.dist_timeout)
-    torch.distributed.barrier()  # no rank goes on (to write anything) before rank 0 holds --out
+    dist.barrier()  # no rank goes on (to write anything) before rank 0 holds --out
     torch.manual_seed(cfg.seed)
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     if cfg.steps is None:
-        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil((cfg.tokens or packed.train_tokens) / tokens_per_step)))
+        cfg = replace(cfg, steps=max(1, math.ceil((cfg.tokens or packed.train_tokens) / tokens_per_step)))
     if cfg.warmup_steps >= cfg.steps:
         new = max(0, cfg.steps // 10)
         log.warning("--warmup-steps %d >= --steps %d: using %d warm-up steps", cfg.warmup_steps, cfg.steps, new)
-        cfg = dataclasses.replace(cfg, warmup_steps=new)
-    model = build_train_model(cfg.model, cfg.ep_size, cfg, ep_rank_of(cfg.ep_size),
+        cfg = replace(cfg, warmup_steps=new)
+    ep_rank = ep_rank_of(cfg.ep_size)
+    model = build_train_model(cfg.model, cfg.ep_size, cfg, ep_rank,
                               activation_checkpointing=cfg.activation_checkpointing)
     # DeepSpeed keeps fp32 masters only in bf16/fp16 mode; otherwise the weights must be fp32
     # themselves, or Adam's small updates vanish in bf16 rounding.
@@ -431,13 +408,12 @@ def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    check_ep_layout(engine, cfg.ep_size)
+    check_ep_layout(engine, cfg.ep_size, ep_rank)
     if cfg.teacher is not None:
         from factorllm_ds.modeling import load_dense
 
         engine.module.attach_teacher(load_dense(cfg.teacher, training_dtype(ds), "--teacher").to(engine.device))
-    run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps,
-              lock=lock)
+    run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps)
     if cfg.resume:
         resume(run)
     elif run.rank == 0:
@@ -446,28 +422,21 @@ def start(cfg: TrainConfig, ds: dict, packed, lock: RunLock | None) -> Run:
 
 
 def training_dtype(ds: dict) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds.get(key, {}).get("enabled"):
+            return dtype
     return torch.float32
 
 
-def check_ep_layout(engine, ep_size: int) -> None:
-    import torch.distributed as dist
-
-    from factorllm_ds.ds_moe import ep_rank_of
-
+def check_ep_layout(engine, ep_size: int, ep_rank: int) -> None:
     for module in engine.module.modules():
         group = getattr(module, "ep_group", None)
-        if group is not None and ep_size > 1 and dist.get_rank(group) != ep_rank_of(ep_size):
+        if group is not None and ep_size > 1 and dist.get_rank(group) != ep_rank:
             raise RuntimeError("internal error: DeepSpeed's expert-parallel layout differs from the one used to load "
                                "experts (rank % ep_size)")
 
 
 def write_manifest(run: Run) -> None:
-    from factorllm_ds.hf_io import read_config
-
     cfg = run.cfg
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -522,8 +491,6 @@ def train_step(run: Run) -> dict:
 
 def rebalance(run: Run, counts_LE: torch.Tensor) -> None:
     """--balance-kind bias: every rank applies the same update from the global load of this step."""
-    import torch.distributed as dist
-
     from factorllm_ds.routing import update_selection_bias
 
     counts = counts_LE.clone()
@@ -533,8 +500,6 @@ def rebalance(run: Run, counts_LE: torch.Tensor) -> None:
 
 
 def reduce_metrics(totals: dict, world: int) -> dict:
-    import torch.distributed as dist
-
     names = ("loss", "ce", "kd", "pa", "balance", "agreement")
     scalars = torch.stack([totals[k] for k in names])
     dist.all_reduce(scalars)
@@ -546,8 +511,6 @@ def reduce_metrics(totals: dict, world: int) -> dict:
 @torch.no_grad()
 def evaluate(run: Run) -> float | None:
     """Mean held-out CE; every rank runs the same number of batches (MoE layers need it)."""
-    import torch.distributed as dist
-
     data = run.data.eval
     if data is None:
         return None
@@ -574,19 +537,17 @@ def save(run: Run) -> None:
 
     A tag folder without ``checksums.json`` is a save that did not finish; --resume and export refuse it.
     """
-    import torch.distributed as dist
-
     cfg = run.cfg
     client = {"step": run.step, "samples": run.step * cfg.global_batch_size,
               "tokens": run.step * cfg.global_batch_size * cfg.seq_len}
-    tag_dir = Path(cfg.out) / CHECKPOINT_DIR / checkpoint_tag(run.step)
+    checkpoints, tag = Path(cfg.out) / CHECKPOINT_DIR, checkpoint_tag(run.step)
     if run.rank == 0:  # a tag saved again (a resume from an older tag) is unverified until its new manifest
-        (tag_dir / CHECKSUM_FILE).unlink(missing_ok=True)
+        (checkpoints / tag / CHECKSUM_FILE).unlink(missing_ok=True)
     dist.barrier()
-    run.engine.save_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=checkpoint_tag(run.step), client_state=client)
+    run.engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client)
     dist.barrier()  # save_checkpoint is collective, but each rank writes its own files: all are on disk now
     if run.rank == 0:
-        write_checksums(tag_dir)
+        write_checksums(checkpoints / tag)
     dist.barrier()
 
 
@@ -597,18 +558,19 @@ class MetricsLog:
 
     def __init__(self, out: Path, enabled: bool):
         self.enabled = enabled
+        self.files = contextlib.ExitStack()
         if not enabled:
             return
         new = not (out / METRICS_FILE).exists()
-        self.csv_file = open(out / METRICS_FILE, "a", newline="")
+        self.csv_file = self.files.enter_context(open(out / METRICS_FILE, "a", newline=""))
         self.csv = csv.DictWriter(self.csv_file, fieldnames=self.FIELDS)
         if new:
             self.csv.writeheader()
-        self.load_file = open(out / EXPERT_LOAD_FILE, "a")
+        self.load_file = self.files.enter_context(open(out / EXPERT_LOAD_FILE, "a"))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / TENSORBOARD_DIR))
+            self.tb = self.files.enter_context(SummaryWriter(str(out / TENSORBOARD_DIR)))
         except ImportError:
             log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
             self.tb = None
@@ -627,11 +589,7 @@ class MetricsLog:
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
 
     def close(self) -> None:
-        if self.enabled:
-            self.csv_file.close()
-            self.load_file.close()
-            if self.tb is not None:
-                self.tb.close()
+        self.files.close()
 
 
 def expert_lr(engine) -> float:
@@ -694,13 +652,10 @@ def loop(run: Run, preemption: Preemption | None = None) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     # SIGTERM/SIGUSR1/SIGINT only set a flag from here on: the loop saves and exits at the end of a step.
-    with Preemption() as preemption:
-        run = setup(cfg)
-        try:
-            last = loop(run, preemption)
-        finally:
-            if run.lock is not None:
-                run.lock.__exit__(None, None, None)
+    # The lock on --out (rank 0) is released on the way out, however the run ends.
+    with Preemption() as preemption, contextlib.ExitStack() as held:
+        run = setup(cfg, held)
+        last = loop(run, preemption)
     if run.rank == 0:
         log.info("done: step %d, %s", run.step, json.dumps({k: v for k, v in last.items() if v is not None}))
     return last
