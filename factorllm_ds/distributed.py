@@ -60,35 +60,28 @@ def detect() -> DistInfo:
     return DistInfo(0, 1, 0, 1, "single")
 
 
-def on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
-
 def init(timeout_s: int) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed for whichever launcher started us."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     info = detect()
-    if info.launcher == "slurm":
-        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
-        os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
-        os.environ.setdefault("MASTER_PORT", "29500")
+    ranks = dict(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
     if info.launcher == "single":
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if on_cpu() and "OMP_NUM_THREADS" not in os.environ:
+        ranks.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+        for name, value in ranks.items():
+            os.environ.setdefault(name, value)
+    # mpi: DeepSpeed's MPI discovery would replace a MASTER_ADDR the user exported (mpirun -x) with
+    # `hostname -I` of rank 0: with all rank variables set it is skipped.
+    if info.launcher == "slurm" or (info.launcher == "mpi" and "MASTER_ADDR" in os.environ):
+        os.environ.update(ranks)
+        if "MASTER_ADDR" not in os.environ:  # slurm: the job's first node
+            os.environ["MASTER_ADDR"] = _first_slurm_host()
+        os.environ.setdefault("MASTER_PORT", "29500")
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and "OMP_NUM_THREADS" not in os.environ:
         # Several ranks on one host each grabbing every core run several times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info.local_world_size)))
-    if info.launcher == "mpi" and "MASTER_ADDR" in os.environ:
-        # DeepSpeed's MPI discovery would replace a MASTER_ADDR the user exported (mpirun -x) with
-        # `hostname -I` of rank 0: with all rank variables set it is skipped.
-        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
-        os.environ.setdefault("MASTER_PORT", "29500")
     # distributed_port: DeepSpeed's MPI discovery sets MASTER_PORT to it (29500 unless MASTER_PORT says otherwise).
     deepspeed.init_distributed(auto_mpi_discovery=info.launcher == "mpi",
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
@@ -98,9 +91,7 @@ def init(timeout_s: int) -> DistInfo:
     import torch.distributed.distributed_c10d as c10d
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
-    if not on_cpu():
-        from deepspeed.accelerator import get_accelerator
-
+    if not on_cpu:
         # srun --gpus-per-task=1 leaves each task one visible GPU: its local rank is not a device id.
         get_accelerator().set_device(info.local_rank % max(1, get_accelerator().device_count()))
     release_shm_names(info)
@@ -145,14 +136,8 @@ def setup_logging(rank: int) -> None:
     """Rank 0 logs at INFO; other ranks only at WARNING and above."""
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr, format=f"[rank{rank}] %(message)s", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):  # "DeepSpeed": deepspeed.utils.logger
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def hard_exit(code: int) -> None:

@@ -39,8 +39,7 @@ def load_moe(moe_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str
     if config.get("model_type") != "factorllm":
         raise UserError(f"{flag} {moe_dir}: not a FactorLLM checkpoint (model_type {config.get('model_type')!r}). "
                         "Convert it first: factorllm-ds convert --model DENSE --out MOE_DIR")
-    model = FactorLLMForCausalLM.from_pretrained(moe_dir, dtype=dtype or "auto")
-    return model.eval()
+    return FactorLLMForCausalLM.from_pretrained(moe_dir, dtype=dtype or "auto").eval()
 
 
 def load_dense(dense_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str = "--dense"):

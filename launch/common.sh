@@ -18,7 +18,8 @@ if [[ "$DEVICE" == auto ]]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
 fi
 [[ "$DEVICE" == gpu || "$DEVICE" == cpu ]] || die "DEVICE=$DEVICE: expected auto, gpu or cpu"
-gpu_count() { nvidia-smi -L | grep -c '^GPU'; }
+# The default ranks per node: the GPUs nvidia-smi lists, 1 on CPU.
+default_nproc() { if [[ "$DEVICE" == gpu ]]; then nvidia-smi -L | grep -c '^GPU'; else echo 1; fi; }
 
 # Launcher options -> the command line (VAR=value ... argv, shell-quoted), or with --print world the
 # rank count. python -I runs the file alone: a dry run need not wait for torch to import.
@@ -26,8 +27,7 @@ launch_line() { "$PYTHON" -I "$FACTORLLM_ROOT/factorllm_ds/launcher.py" --device
 
 check_train() {  # world size, train flags...
     if [[ "${CHECK:-1}" == 0 ]]; then return 0; fi
-    local world="$1"; shift
-    WORLD_SIZE="$world" "$PYTHON" -m factorllm_ds train --check "$@" >&2 || exit 2
+    WORLD_SIZE="$1" "$PYTHON" -m factorllm_ds train --check "${@:2}" >&2 || exit 2
 }
 
 launch() {  # a line from launch_line

@@ -21,9 +21,7 @@ set -euo pipefail
 SCRIPT=launch/train.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-if [[ -z "${NPROC:-}" && -z "${HOSTFILE:-}" ]]; then  # with a HOSTFILE: the first host's slots
-    if [[ "$DEVICE" == gpu ]]; then NPROC="$(gpu_count)"; else NPROC=1; fi
-fi
+if [[ -z "${NPROC:-}" && -z "${HOSTFILE:-}" ]]; then NPROC="$(default_nproc)"; fi  # HOSTFILE: the first host's slots
 OPTS=(--launcher "${LAUNCHER:-}" --nproc "${NPROC:-}" --nnodes "${NNODES:-}" --node-rank "${NODE_RANK:-}"
       --master-addr "${MASTER_ADDR:-}" --master-port "${MASTER_PORT:-}" --rdzv-id "${RDZV_ID:-}"
       --hostfile "${HOSTFILE:-}" --ds-launcher "${DS_LAUNCHER:-}" --force-multi="${DS_FORCE_MULTI:-0}"

@@ -28,9 +28,8 @@ REPO="${REPO:-${SLURM_SUBMIT_DIR:-$FACTORLLM_ROOT}}"
 [[ -d "$REPO/factorllm_ds" ]] || die "REPO=$REPO is not the factorllm_ds checkout; submit from it or set REPO"
 cd "$REPO"
 
-if [[ -z "${SLURM_JOB_ID:-}" && "${DRY_RUN:-0}" != 1 ]]; then
+[[ -n "${SLURM_JOB_ID:-}" || "${DRY_RUN:-0}" == 1 ]] ||
     die "not inside a SLURM allocation: submit with sbatch (or set DRY_RUN=1 to see the command)"
-fi
 JOB_ID="${SLURM_JOB_ID:-0}"
 NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-${NNODES:-1}}}"
 if command -v scontrol >/dev/null 2>&1 && [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
@@ -44,10 +43,7 @@ if [[ "$DEVICE" == gpu ]]; then DS_CONFIG="${DS_CONFIG:-ds_configs/zero2_bf16.js
 
 case "$MODE" in
     torchrun)
-        NPROC="${NPROC:-${SLURM_GPUS_ON_NODE:-}}"
-        if [[ -z "$NPROC" ]]; then
-            if [[ "$DEVICE" == gpu ]]; then NPROC="$(gpu_count)"; else NPROC=1; fi
-        fi
+        NPROC="${NPROC:-${SLURM_GPUS_ON_NODE:-$(default_nproc)}}"
         WORLD=$((NNODES * NPROC))
         WHAT="$NNODES node(s) x NPROC=$NPROC"
         OPTS=(--launcher torchrun --per-node-srun --nnodes "$NNODES" --nproc "$NPROC" --rdzv-id "$JOB_ID") ;;

@@ -16,8 +16,5 @@ def register() -> None:
     from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
     from factorllm_ds.hf_model.modeling_factorllm import FactorLLMForCausalLM
 
-    try:
-        AutoConfig.register("factorllm", FactorLLMConfig)
-        AutoModelForCausalLM.register(FactorLLMConfig, FactorLLMForCausalLM)
-    except ValueError:  # already registered (re-import)
-        pass
+    AutoConfig.register("factorllm", FactorLLMConfig, exist_ok=True)  # exist_ok: calling again is no error
+    AutoModelForCausalLM.register(FactorLLMConfig, FactorLLMForCausalLM, exist_ok=True)

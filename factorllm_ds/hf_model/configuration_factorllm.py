@@ -62,11 +62,9 @@ class FactorLLMConfig(PretrainedConfig):
                 neurons, ``expert_intermediate_size`` each.
         """
         if isinstance(text_config, dict):
-            text_config = dict(text_config)
-            model_type = text_config.pop("model_type", None)
-            if model_type is None:
+            if text_config.get("model_type") is None:
                 raise ValueError("FactorLLMConfig.text_config needs a 'model_type' (e.g. 'llama').")
-            text_config = AutoConfig.for_model(model_type, **text_config)
+            text_config = AutoConfig.for_model(**text_config)
         self.text_config = text_config
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok

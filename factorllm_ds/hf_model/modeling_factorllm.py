@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # a relative import when loaded as remote code, an absolute one inside factorllm_ds
@@ -200,12 +202,11 @@ class FactorLLMExperts(nn.Module):
             y_NH = _GROUPED_MM((self.act_fn(gate_NI) * up_NI).contiguous(), self.down_proj.transpose(1, 2),
                                offs=offs_E)
         else:
-            pieces, start = [], 0
-            for e, n in enumerate(counts_E.tolist()):  # one host sync; experts without tokens cost nothing
-                if n:
-                    gate_nI, up_nI = F.linear(x_NH[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+            pieces = []
+            for e, x_nH in enumerate(x_NH.split(counts_E.tolist())):  # one host sync
+                if len(x_nH):  # experts without tokens cost nothing
+                    gate_nI, up_nI = F.linear(x_nH, self.gate_up_proj[e]).chunk(2, dim=-1)
                     pieces.append(F.linear(self.act_fn(gate_nI) * up_nI, self.down_proj[e]))
-                    start += n
             y_NH = torch.cat(pieces) if pieces else x_NH.new_zeros(0, x_TH.shape[-1])
         y_NH = y_NH.float() * weights_TK.reshape(-1)[order_N, None].float()
         out_TH = torch.zeros(num_tokens, x_TH.shape[-1], dtype=torch.float32, device=x_TH.device)
@@ -213,32 +214,23 @@ class FactorLLMExperts(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """torch ``load_state_dict`` with per-expert keys (``{e}.gate_proj.weight`` ...): stacked here."""
-        per_expert = f"{prefix}0.gate_proj.weight"
-        if per_expert in state_dict and f"{prefix}gate_up_proj" not in state_dict:
-            num = self.num_experts
-            parts = {w: [state_dict.pop(f"{prefix}{e}.{w}_proj.weight") for e in range(num)]
-                     for w in ("gate", "up", "down")}
-            state_dict[f"{prefix}gate_up_proj"] = torch.stack(
-                [torch.cat([g, u]) for g, u in zip(parts["gate"], parts["up"])])
-            state_dict[f"{prefix}down_proj"] = torch.stack(parts["down"])
+        if f"{prefix}0.gate_proj.weight" in state_dict and f"{prefix}gate_up_proj" not in state_dict:
+            gate_EIH, up_EIH, down_EHI = (
+                torch.stack([state_dict.pop(f"{prefix}{e}.{w}_proj.weight") for e in range(self.num_experts)])
+                for w in ("gate", "up", "down"))
+            state_dict[f"{prefix}gate_up_proj"] = torch.cat([gate_EIH, up_EIH], dim=1)
+            state_dict[f"{prefix}down_proj"] = down_EHI
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _register_checkpoint_layout() -> None:
-    """Per-expert checkpoint keys <-> stacked parameters, for ``from_pretrained`` and ``save_pretrained``."""
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
-
-    register_checkpoint_conversion_mapping(FactorLLMConfig.model_type, [
-        WeightConverter(source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
-                        target_patterns="mlp.experts.gate_up_proj",
-                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
-        WeightConverter(source_patterns=["mlp.experts.*.down_proj.weight"], target_patterns="mlp.experts.down_proj",
-                        operations=[MergeModulelist(dim=0)]),
-    ], overwrite=True)
-
-
-_register_checkpoint_layout()
+# Per-expert checkpoint keys <-> stacked parameters, for ``from_pretrained`` and ``save_pretrained``.
+register_checkpoint_conversion_mapping(FactorLLMConfig.model_type, [
+    WeightConverter(source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+                    target_patterns="mlp.experts.gate_up_proj",
+                    operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+    WeightConverter(source_patterns=["mlp.experts.*.down_proj.weight"], target_patterns="mlp.experts.down_proj",
+                    operations=[MergeModulelist(dim=0)]),
+], overwrite=True)
 
 
 class FactorLLMSparseMoeBlock(nn.Module):
@@ -252,11 +244,11 @@ class FactorLLMSparseMoeBlock(nn.Module):
         self.routing = config.routing
         self.scale = config.scale
         self.router_override = config.router_override
-        self.prior_target = getattr(config, "prior_target", "share")
+        self.prior_target = config.prior_target
         self.router = nn.Linear(text.hidden_size, config.num_experts, bias=config.router_bias)
         self.experts = FactorLLMExperts(config.num_experts, text.hidden_size, config.expert_intermediate_size,
                                         text.hidden_act)
-        shared_size = getattr(config, "shared_intermediate_size", 0) or 0
+        shared_size = config.shared_intermediate_size
         self.shared_expert = FactorLLMExpert(text.hidden_size, shared_size, text.hidden_act) if shared_size else None
         # Opt-in usage counter for analysis: set to a zero tensor [E] to accumulate counts.
         self.usage_counts: torch.Tensor | None = None
@@ -266,9 +258,8 @@ class FactorLLMSparseMoeBlock(nn.Module):
         """Expert ids [T, k] and combine weights [T, k] for each token."""
         if self.router_override == "learned":
             return route(self.router(x_TH), self.top_k, self.routing, self.scale)
-        num_tokens = x_TH.shape[0]
         if self.router_override == "random":
-            scores_TE = torch.rand(num_tokens, self.num_experts, generator=self.random_generator).to(x_TH.device)
+            scores_TE = torch.rand(x_TH.shape[0], self.num_experts, generator=self.random_generator).to(x_TH.device)
             idx_TK = torch.topk(scores_TE, self.top_k, dim=-1).indices
         elif self.router_override == "oracle":
             # The target is the whole FFN (shared + every routed expert); with the shared expert always
@@ -310,19 +301,9 @@ class FactorLLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Routers: normal(0, 0.02), bias 0 (the paper). Everything else comes from the checkpoint.
-        if isinstance(module, FactorLLMSparseMoeBlock):
-            module.router.weight.normal_(0.0, 0.02)
-            if module.router.bias is not None:
-                module.router.bias.zero_()
-        elif isinstance(module, FactorLLMExperts):
-            module.gate_up_proj.normal_(0.0, 0.02)
-            module.down_proj.normal_(0.0, 0.02)
-        elif isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, 0.02)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
+        # lm_head and resized embeddings: normal(0, 0.02). The base model, a PreTrainedModel itself, initialises
+        # every module under it (routers included) with its own _init_weights; the checkpoint then overwrites them.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(0.0, 0.02)
 
 
@@ -351,10 +332,9 @@ class FactorLLMForCausalLM(FactorLLMPreTrainedModel, GenerationMixin):
 
     def set_top_k(self, k: int) -> None:
         """Change k at run time; a ``hard`` model's default scale E/k follows k."""
-        for block in self.moe_blocks():
-            block.top_k = k
         self.config.num_experts_per_tok = k
         for block in self.moe_blocks():
+            block.top_k = k
             block.scale = self.config.scale
 
     def forward(
@@ -381,12 +361,8 @@ class FactorLLMForCausalLM(FactorLLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        elif not isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: all
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
