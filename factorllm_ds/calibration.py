@@ -28,27 +28,22 @@ class CalibrationRunner:
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
         ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
         seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
-        need = max(cfg.calib_tokens, seq_len)
-        if len(ids) < need:
+        if len(ids) < cfg.calib_tokens:
             raise UserError(f"--calib-data {cfg.calib_data}: only {len(ids)} tokens, fewer than --calib-tokens "
                             f"{cfg.calib_tokens}. Use a longer text or lower --calib-tokens.")
-        n_seq = need // seq_len
+        n_seq = cfg.calib_tokens // seq_len
         self.input_ids = torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
         base = MODEL_MAPPING[type(self.config)]
         module = sys.modules[base.__module__]
         prefix = base.__name__[: -len("Model")]
         self.layer_cls = getattr(module, prefix + "DecoderLayer")
         self.rotary = getattr(module, prefix + "RotaryEmbedding")(config=self.config)
-        self.hidden = None
-        self.mlp_input = None
-        self._activations = None
 
     def start(self) -> None:
         embed = self.reader.get("model.embed_tokens.weight").float()
         self.hidden = torch.nn.functional.embedding(self.input_ids, embed)
-        pos = torch.arange(self.input_ids.shape[1]).unsqueeze(0)
-        self.position_ids = pos
-        self.position_embeddings = self.rotary(self.hidden, pos)
+        self.position_ids = torch.arange(self.input_ids.shape[1]).unsqueeze(0)
+        self.position_embeddings = self.rotary(self.hidden, self.position_ids)
 
     @torch.no_grad()
     def run_layer(self, layer: int) -> None:
@@ -67,8 +62,6 @@ class CalibrationRunner:
                  block.mlp.down_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("h", args[0]))]
         self.hidden = block(self.hidden, attention_mask=None, position_ids=self.position_ids,
                             position_embeddings=self.position_embeddings)
-        if isinstance(self.hidden, tuple):
-            self.hidden = self.hidden[0]
         for hook in hooks:
             hook.remove()
         self.mlp_input = captured["x"]

@@ -77,12 +77,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factorllm-ds", description="FactorLLM on DeepSpeed expert parallelism")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (config_path, _, help_text) in COMMANDS.items():
-        if only is not None and name != only:
+        if only not in (None, name):
             sub.add_parser(name, help=help_text, add_help=False)
             continue
         cls = _load(config_path)
-        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
-        add_dataclass_args(p, cls)
+        add_dataclass_args(sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip()), cls)
     return parser
 
 
@@ -96,10 +95,10 @@ def strip_local_rank(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+        if a.startswith(("--local_rank=", "--local-rank=")):
             continue
         if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
-            skip = True
+            skip = True  # and the value after it
             continue
         out.append(a)
     return out

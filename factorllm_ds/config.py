@@ -34,12 +34,8 @@ MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConf
 
 def arg(help: str, choices: tuple | None = None, flag: str | None = None, **kw) -> Any:
     """A dataclass field that becomes a CLI flag; ``help`` is its documentation."""
-    default = kw.pop("default", dataclasses.MISSING)
-    factory = kw.pop("default_factory", dataclasses.MISSING)
-    meta = {"help": help, "choices": choices, "flag": flag, **kw}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    defaults = {name: kw.pop(name) for name in ("default", "default_factory") if name in kw}
+    return field(**defaults, metadata={"help": help, "choices": choices, "flag": flag, **kw})
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -58,18 +54,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.metadata.get("required") or (
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        help_text = f.metadata["help"] + ("" if required or default is None or default is False else f" (default: {default})")
-        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        default_note = "" if required or default is None or default is False else f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"] + default_note, "default": default}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["default"] = default
         elif get_origin(kind) is list:
-            kwargs.update(nargs="+", type=get_args(kind)[0], default=default, required=required)
+            kwargs.update(nargs="+", type=get_args(kind)[0], required=required)
         else:
             # float flags refuse nan/inf at parse time: they would pass every `x > 0` check after it
-            kwargs.update(type=parse_finite_float if kind is float else kind, default=default, required=required)
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
+            kwargs.update(type=parse_finite_float if kind is float else kind, required=required,
+                          choices=f.metadata.get("choices") or None)
         parser.add_argument(flag_of(f), **kwargs)
 
 
@@ -78,10 +72,29 @@ def from_namespace(cls: type, ns: argparse.Namespace):
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
+# The ranges numeric flags are checked against: name -> (the error's wording, the test).
+BOUNDS = {"finite > 0": ("must be a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+          "finite >= 0": ("must be a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+          "in [0, 1)": ("must be in [0, 1)", lambda v: 0 <= v < 1),
+          ">= 1": ("must be >= 1", lambda v: v >= 1),
+          ">= 0": ("must be >= 0", lambda v: v >= 0)}
+
+
+def bound_problems(config, bounds: dict[str, str]) -> list[str]:
+    """'--flag value: must be ...' for each field named in ``bounds`` (field name -> a :data:`BOUNDS` key)
+    that is set (not None) and out of its range."""
+    problems = []
+    for name, bound in bounds.items():
+        value = getattr(config, name)
+        requirement, valid = BOUNDS[bound]
+        if value is not None and not valid(value):
+            problems.append(f"--{name.replace('_', '-')} {value}: {requirement}")
+    return problems
+
+
 def fail_if(problems: list[str], what: str) -> None:
     if problems:
-        bullet = "\n  - ".join(problems)
-        raise UserError(f"{what}:\n  - {bullet}")
+        raise UserError(f"{what}:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass
@@ -113,8 +126,7 @@ class MoEShape:
                             f"{', '.join(map(str, divisors[:16]))}{', ...' if len(divisors) > 16 else ''}")
         if not 1 <= self.top_k <= max(self.num_experts, 1):
             problems.append(f"--top-k {self.top_k}: must be between 1 and --num-experts ({self.num_experts})")
-        if self.combine_scale is not None and not (math.isfinite(self.combine_scale) and self.combine_scale > 0):
-            problems.append(f"--combine-scale {self.combine_scale}: must be a finite number > 0")
+        problems += bound_problems(self, {"combine_scale": "finite > 0"})
         if self.routing == "softmax" and self.router_bias:
             problems.append("--router-bias with --routing softmax: a Mixtral/Qwen2-MoE router has no bias, so the "
                             "model could not be exported; drop --router-bias")
@@ -160,22 +172,13 @@ class Objective:
         return dataclasses.replace(self, prior_target=target)
 
     def resolved_distill_weight(self, has_teacher: bool) -> float:
-        if self.distill_weight is not None:
-            return self.distill_weight
-        return DISTILL_WEIGHT if has_teacher else 0.0
+        return (DISTILL_WEIGHT if has_teacher else 0.0) if self.distill_weight is None else self.distill_weight
 
     def objective_problems(self) -> list[str]:
-        problems = [f"--{name.replace('_', '-')} {value}: must be a finite number >= 0"
-                    for name, value in (("pa_weight", self.pa_weight), ("balance_weight", self.balance_weight))
-                    if not (math.isfinite(value) and value >= 0)]
-        if self.distill_weight is not None and not (math.isfinite(self.distill_weight) and
-                                                    0 <= self.distill_weight <= 1):
+        problems = bound_problems(self, {"pa_weight": "finite >= 0", "balance_weight": "finite >= 0"})
+        if self.distill_weight is not None and not 0 <= self.distill_weight <= 1:  # also refuses nan and inf
             problems.append(f"--distill-weight {self.distill_weight}: must be a number in [0, 1]")
-        if not (math.isfinite(self.balance_bias_rate) and self.balance_bias_rate >= 0):
-            problems.append(f"--balance-bias-rate {self.balance_bias_rate}: must be a finite number >= 0")
-        if not (math.isfinite(self.prior_tau) and self.prior_tau > 0):
-            problems.append(f"--prior-tau {self.prior_tau}: must be a finite number > 0")
-        return problems
+        return problems + bound_problems(self, {"balance_bias_rate": "finite >= 0", "prior_tau": "finite > 0"})
 
 
 @dataclass
@@ -267,9 +270,8 @@ class ConvertConfig(MoEShape):
                             ("--router-init prior", router_init == "prior")):
             if needs and self.calib_data is None:
                 problems.append(f"{flag} needs calibration text: pass --calib-data FILE")
-        if self.calib_data is not None:
-            if not Path(self.calib_data).is_file():
-                problems.append(f"--calib-data {self.calib_data}: no such file")
+        if self.calib_data is not None and not Path(self.calib_data).is_file():
+            problems.append(f"--calib-data {self.calib_data}: no such file")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
         refit = (REFIT_DOWN_RIDGE if router_init == "prior" else 0.0) if self.refit_down is None else self.refit_down

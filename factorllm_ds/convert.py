@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from factorllm_ds import keys, split, structure
+from factorllm_ds.calibration import CalibrationRunner
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (CheckpointReader, FolderWriter, StreamingSafetensorsWriter, TensorInfo,
                                 copy_side_files, read_config, tokenizer_dir)
 from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
+from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight, route
 from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE
 from factorllm_ds.safety import check_output
@@ -59,14 +62,13 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
         plan.append(TensorInfo(keys.ROUTER_WEIGHT.format(layer=layer), (cfg.num_experts, hidden), gate.dtype))
         if cfg.resolved_router_bias():
             plan.append(TensorInfo(keys.ROUTER_BIAS.format(layer=layer), (cfg.num_experts,), gate.dtype))
-        if cfg.num_shared:
-            plan.append(TensorInfo(keys.shared_expert_key("gate", layer), (cfg.num_shared, hidden), gate.dtype))
-            plan.append(TensorInfo(keys.shared_expert_key("up", layer), (cfg.num_shared, hidden), gate.dtype))
-            plan.append(TensorInfo(keys.shared_expert_key("down", layer), (hidden, cfg.num_shared), down.dtype))
-        for e in range(cfg.num_experts):
-            plan.append(TensorInfo(keys.expert_key("gate", layer, e), (size, hidden), gate.dtype))
-            plan.append(TensorInfo(keys.expert_key("up", layer, e), (size, hidden), gate.dtype))
-            plan.append(TensorInfo(keys.expert_key("down", layer, e), (hidden, size), down.dtype))
+        # (name of each part, neurons): the shared expert, if any, then the routed experts
+        blocks = [(partial(keys.shared_expert_key, layer=layer), cfg.num_shared)] if cfg.num_shared else []
+        blocks += [(partial(keys.expert_key, layer=layer, expert=e), size) for e in range(cfg.num_experts)]
+        for name_of, rows in blocks:
+            plan += [TensorInfo(name_of("gate"), (rows, hidden), gate.dtype),
+                     TensorInfo(name_of("up"), (rows, hidden), gate.dtype),
+                     TensorInfo(name_of("down"), (hidden, rows), down.dtype)]
     plan += [dense[n] for n in keys.GLOBAL_PASSTHROUGH[1:] if n in dense]
     return plan
 
@@ -74,25 +76,24 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
 def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> torch.Tensor:
     """The layer's neuron permutation: perm[:S] the shared expert, then E equal routed groups (layout.py)."""
     seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
-    inter = gate.shape[0]
     if cfg.num_shared:
         acts_TI = calib.mlp_activations()
         importance_I = structure.neuron_importance(acts_TI, down, cfg.importance)
         return structure.shared_partition(importance_I, cfg.num_shared, cfg.num_experts, cfg.split, seed,
                                           act_TI=acts_TI, weights=(gate, up, down))
     if cfg.split == "contiguous":
-        return split.contiguous_partition(inter)
+        return split.contiguous_partition(gate.shape[0])
     if cfg.split == "random":
-        return split.random_partition(inter, seed)
+        return split.random_partition(gate.shape[0], seed)
     if cfg.split == "kmeans":
         return split.kmeans_partition(gate, up, down, cfg.num_experts, seed)
     return split.coactivation_partition(calib.mlp_activations(), cfg.num_experts, seed)
 
 
-def initial_router(cfg: ConvertConfig, gate, perm, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+def initial_router(cfg: ConvertConfig, hidden_size: int, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The router of one layer before fitting: N(0, 0.02), bias 0 (the paper)."""
     bias = torch.zeros(cfg.num_experts) if cfg.resolved_router_bias() else None
-    return torch.empty(cfg.num_experts, gate.shape[1]).normal_(0.0, 0.02, generator=gen), bias
+    return torch.empty(cfg.num_experts, hidden_size).normal_(0.0, 0.02, generator=gen), bias
 
 
 def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,9 +127,7 @@ def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, 
     return router, bias
 
 
-def moe_config(dense_config: dict, cfg: ConvertConfig):
-    from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
-
+def moe_config(dense_config: dict, cfg: ConvertConfig) -> FactorLLMConfig:
     text = {k: v for k, v in dense_config.items()
             if k not in ("architectures", "auto_map", "transformers_version", "_name_or_path")}
     dtype = dense_config.get("dtype") or dense_config.get("torch_dtype")
@@ -161,18 +160,14 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
     num_layers = dense_config["num_hidden_layers"]
     # Before the plan: a config.json naming more layers than the weights hold is named here, not a KeyError.
-    missing = [keys.dense_mlp_key(p, i) for i in range(num_layers) for p in ("gate", "up", "down")
-               if keys.dense_mlp_key(p, i) not in reader.infos]
+    missing = [name for name in (keys.dense_mlp_key(p, i) for i in range(num_layers) for p in keys.MLP_PARTS)
+               if name not in reader.infos]
     if missing:
         raise UserError(f"--model {cfg.model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
                         f"tensors) that config.json (num_hidden_layers {num_layers}) calls for; it is incomplete or "
                         "not a SwiGLU LLaMA-family model.")
     plan = moe_tensor_plan(reader.infos, num_layers, cfg)
-    calib = None
-    if cfg.needs_calibration():
-        from factorllm_ds.calibration import CalibrationRunner
-
-        calib = CalibrationRunner(reader, dense_config, cfg)
+    calib = CalibrationRunner(reader, dense_config, cfg) if cfg.needs_calibration() else None
     gen = torch.Generator().manual_seed(cfg.seed)
     partitions: dict[str, torch.Tensor] = {}
     # shard_writer is looked up here, not in hf_io, so that a test can count bytes instead of writing them.
@@ -197,27 +192,26 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
             for info in plan:
                 if keys.layer_of(info.name) == layer and ".mlp." not in info.name:
                     folder.copy(reader, info.name)
-            gate, up, down = (read_mlp(keys.dense_mlp_key(p, layer), p) for p in ("gate", "up", "down"))
+            gate, up, down = (read_mlp(keys.dense_mlp_key(p, layer), p) for p in keys.MLP_PARTS)
             if calib is not None:
                 calib.run_layer(layer)
             perm = make_partition(cfg, layer, gate, up, down, calib)
             partitions[f"layers.{layer}"] = perm.to(torch.int32)
             router, bias = (fitted_router(cfg, down, perm, calib) if cfg.router_init == "prior" else
-                            initial_router(cfg, gate, perm, gen))
+                            initial_router(cfg, gate.shape[1], gen))
             folder.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
             if bias is not None:
                 folder.write(keys.ROUTER_BIAS.format(layer=layer), bias.to(gate.dtype))
             if cfg.num_shared:
                 shared = perm[:cfg.num_shared]
-                for part, piece in zip(("gate", "up", "down"), (gate[shared], up[shared], down[:, shared])):
+                for part, piece in zip(keys.MLP_PARTS, (gate[shared], up[shared], down[:, shared])):
                     folder.write(keys.shared_expert_key(part, layer), piece.contiguous())
             routed = perm[cfg.num_shared:]
             for e in range(cfg.num_experts):  # one expert's slices at a time: the layer is held once, not twice
                 pieces = split.expert_slice(gate, up, down, routed, cfg.num_experts, e)
-                for part, piece in zip(("gate", "up", "down"), pieces):
+                for part, piece in zip(keys.MLP_PARTS, pieces):
                     folder.write(keys.expert_key(part, layer, e), piece)
                 del pieces, piece
-            del gate, up, down
         for name in keys.GLOBAL_PASSTHROUGH[1:]:
             if name in reader.infos:
                 folder.copy(reader, name)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from factorllm_ds import __version__
-from factorllm_ds.config import arg, fail_if
+from factorllm_ds.config import arg, bound_problems, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import load_tokenizer, read_config
@@ -82,10 +82,7 @@ class EvalConfig:
                 problems.append(f"--data {path}: no such file")
         if self.seq_len < 2:
             problems.append(f"--seq-len {self.seq_len}: must be >= 2 (one window predicts seq_len - 1 tokens)")
-        for flag, value, low in (("--max-windows", self.max_windows, 1), ("--batch-size", self.batch_size, 1),
-                                 ("--sample-tokens", self.sample_tokens, 0)):
-            if value is not None and value < low:
-                problems.append(f"{flag} {value}: must be >= {low}")
+        problems += bound_problems(self, {"max_windows": ">= 1", "batch_size": ">= 1", "sample_tokens": ">= 0"})
         # Output files first: a report that cannot be written must not cost an evaluation. An existing one is
         # replaced only if eval wrote it (safety.check_output_file).
         inputs = {"--model": self.model, "--tokenizer": self.tokenizer,

@@ -17,22 +17,11 @@ from factorllm_ds.hf_io import TensorInfo
 SUPPORTED_FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 LAYER = "model.layers.{layer}."
-DENSE_MLP = {
-    "gate": LAYER + "mlp.gate_proj.weight",
-    "up": LAYER + "mlp.up_proj.weight",
-    "down": LAYER + "mlp.down_proj.weight",
-}
-EXPERT = {
-    "gate": LAYER + "mlp.experts.{expert}.gate_proj.weight",
-    "up": LAYER + "mlp.experts.{expert}.up_proj.weight",
-    "down": LAYER + "mlp.experts.{expert}.down_proj.weight",
-}
+MLP_PARTS = ("gate", "up", "down")
+DENSE_MLP = {part: LAYER + f"mlp.{part}_proj.weight" for part in MLP_PARTS}
+EXPERT = {part: LAYER + "mlp.experts.{expert}." + f"{part}_proj.weight" for part in MLP_PARTS}
 # The always-on shared expert (when the config's shared_intermediate_size > 0); Qwen2-MoE's name for it.
-SHARED_EXPERT = {
-    "gate": LAYER + "mlp.shared_expert.gate_proj.weight",
-    "up": LAYER + "mlp.shared_expert.up_proj.weight",
-    "down": LAYER + "mlp.shared_expert.down_proj.weight",
-}
+SHARED_EXPERT = {part: LAYER + f"mlp.shared_expert.{part}_proj.weight" for part in MLP_PARTS}
 ROUTER_WEIGHT = LAYER + "mlp.router.weight"
 ROUTER_BIAS = LAYER + "mlp.router.bias"
 
@@ -66,7 +55,7 @@ def classify_dense_key(name: str) -> tuple[str, int | None]:
         layer, rest = int(m.group(1)), m.group(2)
         if rest in LAYER_PASSTHROUGH:
             return "layer", layer
-        if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        if LAYER + rest in DENSE_MLP.values():
             return "mlp", layer
     raise KeyError(name)
 
@@ -91,22 +80,19 @@ def dense_infos_from_config(config: dict, dtype: torch.dtype) -> dict[str, Tenso
     head_dim = config.get("head_dim") or h // heads
     vocab = config["vocab_size"]
     qkv_bias = config.get("model_type") == "qwen2" or config.get("attention_bias", False)
-    infos = [TensorInfo("model.embed_tokens.weight", (vocab, h), dtype)]
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(n_layers):
-        p = f"model.layers.{i}."
-        infos += [TensorInfo(p + "input_layernorm.weight", (h,), dtype),
-                  TensorInfo(p + "post_attention_layernorm.weight", (h,), dtype),
-                  TensorInfo(p + "self_attn.q_proj.weight", (heads * head_dim, h), dtype),
-                  TensorInfo(p + "self_attn.k_proj.weight", (kv_heads * head_dim, h), dtype),
-                  TensorInfo(p + "self_attn.v_proj.weight", (kv_heads * head_dim, h), dtype),
-                  TensorInfo(p + "self_attn.o_proj.weight", (h, heads * head_dim), dtype),
-                  TensorInfo(p + "mlp.gate_proj.weight", (inter, h), dtype),
-                  TensorInfo(p + "mlp.up_proj.weight", (inter, h), dtype),
-                  TensorInfo(p + "mlp.down_proj.weight", (h, inter), dtype)]
+        p = LAYER.format(layer=i)
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
         if qkv_bias:
-            infos += [TensorInfo(p + f"self_attn.{x}_proj.bias", (n * head_dim,), dtype)
-                      for x, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
-    infos.append(TensorInfo("model.norm.weight", (h,), dtype))
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    shapes["model.norm.weight"] = (h,)
     if not config.get("tie_word_embeddings", False):
-        infos.append(TensorInfo("lm_head.weight", (vocab, h), dtype))
-    return {i.name: i for i in infos}
+        shapes["lm_head.weight"] = (vocab, h)
+    return {name: TensorInfo(name, shape, dtype) for name, shape in shapes.items()}

@@ -18,8 +18,6 @@ import torch
 
 from factorllm_ds.errors import UserError
 
-CONFIG_FILE = "config.json"
-
 # A converted (or exported) folder.
 PARTITION_FILE = "factorllm_partition.safetensors"
 MANIFEST_FILE = "factorllm_manifest.json"

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, fail_if
+from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if
 from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
@@ -63,10 +63,9 @@ class DemoConfig:
 
     def validate(self) -> "DemoConfig":
         """Every flag problem at once; the convert and train settings are checked again by their stages."""
-        problems = [f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1"
-                    for name in ("num_experts", "top_k", "tokens", "seq_len", "micro_batch_size", "global_batch_size",
-                                 "nproc", "ep_size", "eval_windows", "eval_seq_len", "calib_tokens")
-                    if getattr(self, name) < 1]
+        problems = bound_problems(self, dict.fromkeys(
+            ("num_experts", "top_k", "tokens", "seq_len", "micro_batch_size", "global_batch_size", "nproc", "ep_size",
+             "eval_windows", "eval_seq_len", "calib_tokens"), ">= 1"))
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: must be > 0")
         if not 0 <= self.distill_weight <= 1:

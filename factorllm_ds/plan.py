@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, arg, fail_if
+from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
 
 GiB = 2**30
@@ -449,10 +449,8 @@ def validate(cfg: PlanConfig, shape: Shape | None, problems: list[str] | None = 
         problems.append("--seq-len must be >= 2 and --micro-batch-size >= 1")
     if cfg.capacity_factor < 1:
         problems.append(f"--capacity-factor {cfg.capacity_factor}: must be >= 1 (max load >= mean load)")
-    for flag, value in (("--reduce-bucket-size", cfg.reduce_bucket_size), ("--gpus-per-node", cfg.gpus_per_node),
-                        ("--ep-size", cfg.ep_size), ("--num-experts", cfg.num_experts), ("--top-k", cfg.top_k)):
-        if value is not None and value < 1:
-            problems.append(f"{flag} {value}: must be >= 1")
+    problems += bound_problems(cfg, dict.fromkeys(("reduce_bucket_size", "gpus_per_node", "ep_size", "num_experts",
+                                                   "top_k"), ">= 1"))
     if cfg.device == "cpu" and cfg.offload:
         problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
     if cfg.device == "cpu" and cfg.dtype == "bf16":

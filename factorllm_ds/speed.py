@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factorllm_ds.config import arg, fail_if
+from factorllm_ds.config import arg, bound_problems, fail_if
 from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
@@ -74,11 +74,8 @@ class SpeedConfig:
                     moe_config.get("vocab_size") != dense_config.get("vocab_size"):
                 problems.append(f"--dense {self.dense} ({dense_config.get('model_type')}, vocab "
                                 f"{dense_config.get('vocab_size')}) does not match the MoE's base model")
-        for flag, value, low in (("--batch", self.batch, 1), ("--seq-len", self.seq_len, 1),
-                                 ("--decode-tokens", self.decode_tokens, 0), ("--reps", self.reps, 1),
-                                 ("--warmup", self.warmup, 0), ("--threads", self.threads, 1)):
-            if value is not None and value < low:
-                problems.append(f"{flag} {value}: must be >= {low}")
+        problems += bound_problems(self, {"batch": ">= 1", "seq_len": ">= 1", "decode_tokens": ">= 0", "reps": ">= 1",
+                                          "warmup": ">= 0", "threads": ">= 1"})
         try:  # before the benchmark: a report that cannot be written must not cost a run
             check_output_file(self.report, "--report", {"--model": self.model, "--dense": self.dense})
         except UserError as err:

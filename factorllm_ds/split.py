@@ -33,13 +33,10 @@ def balanced_assign(score_NE: torch.Tensor, capacity: int) -> torch.Tensor:
         unassigned = torch.nonzero(labels_N < 0).squeeze(1)
         if unassigned.numel() == 0:
             return labels_N
-        open_E = remaining_E > 0
-        scores = score_NE[unassigned].masked_fill(~open_E.unsqueeze(0), float("-inf"))
+        scores = score_NE[unassigned].masked_fill(remaining_E.unsqueeze(0) <= 0, float("-inf"))
         best, choice = scores.max(dim=1)
-        for e in torch.nonzero(open_E).squeeze(1).tolist():
+        for e in choice.unique().tolist():
             proposers = torch.nonzero(choice == e).squeeze(1)
-            if proposers.numel() == 0:
-                continue
             take = min(proposers.numel(), int(remaining_E[e]))
             keep = proposers[torch.topk(best[proposers], take).indices]
             labels_N[unassigned[keep]] = e
@@ -109,7 +106,7 @@ def expert_slice(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tens
     size = perm.numel() // num_experts
     idx = perm[expert * size:(expert + 1) * size]
     first = int(idx[0]) if size else 0
-    if perm.device.type != "meta" and torch.equal(idx, torch.arange(first, first + size, dtype=idx.dtype, device=idx.device)):
+    if torch.equal(idx, torch.arange(first, first + size, dtype=idx.dtype, device=idx.device)):
         return (gate_IH.narrow(0, first, size).contiguous(), up_IH.narrow(0, first, size).contiguous(),
                 down_HI.narrow(1, first, size).contiguous())
     # Columns of down: gather with the index broadcast over rows picks exactly down[:, idx], and

@@ -58,8 +58,7 @@ def parse_shared(spec: str | int | float, intermediate_size: int) -> int:
     except ValueError:
         raise ValueError(f"shared size {spec!r}: expected a fraction of the FFN like 0.25 or a neuron count "
                          f"like 384") from None
-    is_fraction = isinstance(spec, float) or any(c in text for c in ".eE")
-    if is_fraction:
+    if isinstance(spec, float) or any(c in text for c in ".eE"):  # a fraction
         if not 0.0 <= value < 1.0:
             raise ValueError(f"shared fraction {spec!r} must be in [0, 1)")
         count = round(value * intermediate_size)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from factorllm_ds.config import Objective, arg, fail_if
+from factorllm_ds.config import Objective, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import load_tokenizer, read_config, tokenizer_dir
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
@@ -34,15 +34,6 @@ MICRO_BATCH_SIZE, GRAD_CLIP = 1, 1.0  # defaults when neither the flag nor --ds-
 # DeepSpeed JSON keys that duplicate a factorllm-ds flag: the flag is the one source of truth.
 DS_KEY_FOR_FLAG = {"micro_batch_size": ("train_micro_batch_size_per_gpu", "--micro-batch-size"),
                    "grad_clip": ("gradient_clipping", "--grad-clip")}
-# The numeric flags' ranges: (requirement, test, the TrainConfig fields it applies to); an unset (None) flag passes.
-NUMBER_RULES = (
-    ("must be a finite number > 0", lambda v: math.isfinite(v) and v > 0, ("lr", "router_lr")),
-    ("must be a finite number >= 0", lambda v: math.isfinite(v) and v >= 0,
-     ("weight_decay", "min_lr_ratio", "grad_clip")),
-    ("must be in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2", "eval_fraction")),
-    ("must be >= 1", lambda v: v >= 1, ("steps", "tokens", "log_every", "dist_timeout", "stop_after", "eval_batches")),
-    ("must be >= 0", lambda v: v >= 0, ("warmup_steps", "save_every", "eval_every")),
-)
 
 
 @dataclass
@@ -156,13 +147,11 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], di
 
 def number_problems(cfg: TrainConfig) -> list[str]:
     """Counts and rates a run cannot start with (NaN, negative, zero steps)."""
-    problems = cfg.objective_problems()
-    for requirement, valid, fields in NUMBER_RULES:
-        for name in fields:
-            value = getattr(cfg, name)
-            if value is not None and not valid(value):
-                problems.append(f"--{name.replace('_', '-')} {value}: {requirement}")
-    return problems
+    return cfg.objective_problems() + bound_problems(cfg, {
+        "lr": "finite > 0", "router_lr": "finite > 0", "weight_decay": "finite >= 0", "min_lr_ratio": "finite >= 0",
+        "grad_clip": "finite >= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "eval_fraction": "in [0, 1)",
+        **dict.fromkeys(("steps", "tokens", "log_every", "dist_timeout", "stop_after", "eval_batches"), ">= 1"),
+        **dict.fromkeys(("warmup_steps", "save_every", "eval_every"), ">= 0")})
 
 
 def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[TrainConfig, dict]:
