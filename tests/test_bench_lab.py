@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+import tiny
 
 from factorllm_ds import structure as st
 
@@ -21,16 +22,10 @@ H, I = 16, 48
 
 
 def tiny_ffn(seed: int = 0, tokens: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    gate = torch.randn(I, H, generator=g) / H ** 0.5
-    up = torch.randn(I, H, generator=g) / H ** 0.5
-    down = torch.randn(H, I, generator=g) / I ** 0.5
-    x = torch.randn(tokens, H, generator=g)
-    return x, gate, up, down
+    return tiny.ffn_tensors(seed, tokens, H, I)
 
 
-def acts(x, gate, up):
-    return F.silu(x @ gate.T) * (x @ up.T)
+acts = tiny.swiglu_acts
 
 
 # ----------------------------------------------------------------------------- the reference forward

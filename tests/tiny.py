@@ -95,6 +95,20 @@ def write_calibration_text(path: Path, chars: int = 20_000) -> Path:
     return Path(path)
 
 
+def ffn_tensors(seed: int = 0, tokens: int = 64, hidden: int = 16, inter: int = 48):
+    """(x [T, H], gate [I, H], up [I, H], down [H, I]): a random SwiGLU FFN and its inputs, unit-scale outputs."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(inter, hidden, generator=g) / hidden ** 0.5
+    up = torch.randn(inter, hidden, generator=g) / hidden ** 0.5
+    down = torch.randn(hidden, inter, generator=g) / inter ** 0.5
+    return torch.randn(tokens, hidden, generator=g), gate, up, down
+
+
+def swiglu_acts(x_TH: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor) -> torch.Tensor:
+    """The down projection's input act(gate x) * (up x): [T, I]."""
+    return torch.nn.functional.silu(x_TH @ gate_IH.T) * (x_TH @ up_IH.T)
+
+
 def expert_output(block, e: int, x_TH: torch.Tensor) -> torch.Tensor:
     """Routed expert ``e`` of a shipped-model MoE block on x, from its own slices of the stacked weights
     (gate rows, then up rows; docs/method.md §1), written out independently of the model's kernels."""
