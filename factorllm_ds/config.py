@@ -28,6 +28,7 @@ BALANCE_KINDS = ("paper", "switch", "bias")
 ROUTER_INITS = ("normal", "prior")
 DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.md §5)
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
+TRAIN_SEQ_LEN = 1024  # train --seq-len default, which plan assumes too
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
 MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
 

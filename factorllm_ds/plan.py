@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, arg, bound_problems, fail_if
+from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, TRAIN_SEQ_LEN, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
 
 GiB = 2**30
@@ -68,8 +68,8 @@ class PlanConfig:
     zero: int | None = arg("ZeRO stage 1 or 2 (default: try both)", default=None)
     offload: bool | None = arg("optimizer state in host memory (ZeRO-Offload, stage 2); default: try "
                                "without, then with", default=None)
-    seq_len: int | None = arg("tokens per training sequence (default: 1024, or the model's max_position_embeddings "
-                              "when that is smaller)", default=None)
+    seq_len: int | None = arg(f"tokens per training sequence (default: {TRAIN_SEQ_LEN}, or the model's "
+                              "max_position_embeddings when that is smaller)", default=None)
     micro_batch_size: int = arg("sequences per rank per forward", default=1)
     prior: str = arg("PA teacher: frozen (a frozen copy of the local experts), self (none kept), none",
                      choices=PRIOR_TEACHERS, default=PRIOR_TEACHERS[0])
@@ -98,8 +98,9 @@ class PlanConfig:
                                     default=None)
     host_memory: str | None = arg("host memory per node, e.g. 1TB: an offload plan fits only if its optimizer "
                                   "state fits there too (default: not checked)", default=None)
-    runtime_memory: str | None = arg("fixed per-process overhead (CUDA context, NCCL, allocator slack); "
-                                     "default 3GiB on GPU, 540MiB on CPU", default=None)
+    runtime_memory: str | None = arg("fixed per-process overhead (CUDA context, NCCL, allocator slack); default "
+                                     f"{GPU_RUNTIME_BYTES // GiB}GiB on GPU, {CPU_RUNTIME_BYTES // MiB}MiB on CPU",
+                                     default=None)
     json: bool = arg("print the plan as JSON", default=False)
 
 
@@ -232,14 +233,12 @@ class Estimate:
         return sum(p.values()) - apart - p["optimizer_step"] + max(together, p["optimizer_step"])
 
 
-DEFAULT_SEQ_LEN = 1024
-
 
 def seq_len_of(cfg: PlanConfig, shape: Shape) -> int:
     """--seq-len, or the default capped at what the model can take (a default is never the user's error)."""
     if cfg.seq_len is not None:
         return cfg.seq_len
-    return min(DEFAULT_SEQ_LEN, shape.max_positions or DEFAULT_SEQ_LEN)
+    return min(TRAIN_SEQ_LEN, shape.max_positions or TRAIN_SEQ_LEN)
 
 
 def tokens_of(cfg: PlanConfig, shape: Shape) -> int:

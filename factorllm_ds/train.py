@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from factorllm_ds.config import Objective, arg, bound_problems, fail_if
+from factorllm_ds.config import TRAIN_SEQ_LEN, Objective, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import load_tokenizer, read_config, tokenizer_dir
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
@@ -47,7 +47,7 @@ class TrainConfig(Objective):
     ds_config: Path | None = arg("DeepSpeed JSON (ZeRO stage, bf16, offload); see ds_configs/. Default: ZeRO-2 fp32",
                                  default=None)
     ep_size: int = arg("expert-parallel size: ranks that share one copy of the experts", default=1)
-    seq_len: int = arg("tokens per training sequence", default=1024)
+    seq_len: int = arg("tokens per training sequence", default=TRAIN_SEQ_LEN)
     steps: int | None = arg("optimizer steps (default: one pass over --data, or from --tokens)", default=None)
     tokens: int | None = arg("training tokens; sets --steps from the global batch", default=None)
     micro_batch_size: int | None = arg(f"sequences per rank per forward (default {MICRO_BATCH_SIZE})", default=None)
