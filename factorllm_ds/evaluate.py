@@ -76,10 +76,7 @@ class EvalConfig:
     def validate(self, model_config: dict) -> bool:
         """Check every flag against the model folder; returns whether the model is a FactorLLM MoE."""
         is_moe = model_config.get("model_type") == "factorllm"
-        problems = []
-        for path in self.data or []:
-            if not Path(path).is_file():
-                problems.append(f"--data {path}: no such file")
+        problems = [f"--data {path}: no such file" for path in self.data or [] if not Path(path).is_file()]
         if self.seq_len < 2:
             problems.append(f"--seq-len {self.seq_len}: must be >= 2 (one window predicts seq_len - 1 tokens)")
         problems += bound_problems(self, {"max_windows": ">= 1", "batch_size": ">= 1", "sample_tokens": ">= 0"})
@@ -133,12 +130,12 @@ def window_nll(model, token_windows: torch.Tensor, batch_size: int = 4, progress
         ids = token_windows[start:start + batch_size].to(device)
         logits = model(input_ids=ids).logits
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                              reduction="sum")
-        if not math.isfinite(nll.item()):
-            raise UserError(f"the loss is {nll.item()} on windows {start}..{start + ids.shape[0] - 1}: "
+                              reduction="sum").item()
+        if not math.isfinite(nll):
+            raise UserError(f"the loss is {nll} on windows {start}..{start + ids.shape[0] - 1}: "
                             f"{first_nonfinite_output(model, ids)}. The weights or the dtype overflow; check the "
                             "model (a float32 run, --dtype float32, tells the two apart).")
-        total += nll.item()
+        total += nll
         count += ids[:, 1:].numel()
     return total, count
 
@@ -323,9 +320,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def run_command(cfg: EvalConfig) -> int:
-    report = evaluate(cfg)
-    for line in summary_lines(report):
-        print(line)
+    print("\n".join(summary_lines(evaluate(cfg))))
     if cfg.report is not None:
         print(f"report: {cfg.report}")
     return 0

@@ -22,7 +22,7 @@ from factorllm_ds.hf_io import TensorInfo
 from factorllm_ds.layout import PARTITION_FILE, load_partition
 from factorllm_ds.sources import ExportSource
 
-PARTS = ("gate", "up", "down")
+PARTS = keys.MLP_PARTS
 
 # FactorLLM tensor names: every key a FactorLLM checkpoint may hold, by role. Unknown keys raise.
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")

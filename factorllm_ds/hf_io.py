@@ -201,14 +201,11 @@ class CheckpointReader:
     def _read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.infos[name]
         path, start, end = self.span(name)
-        if out is None:
-            tensor = torch.empty(info.shape, dtype=info.dtype)
-        elif (tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous()
-              or out.device.type != "cpu"):
+        if out is not None and (tuple(out.shape) != info.shape or out.dtype != info.dtype
+                                or not out.is_contiguous() or out.device.type != "cpu"):
             raise ValueError(f"get({name!r}, out=...): out must be a contiguous CPU tensor of shape {info.shape} "
                              f"and dtype {info.dtype}, not {tuple(out.shape)} {out.dtype}")
-        else:
-            tensor = out
+        tensor = torch.empty(info.shape, dtype=info.dtype) if out is None else out
         with open(path, "rb") as fh:
             fh.seek(start)
             got = fh.readinto(_byte_view(tensor))
@@ -259,7 +256,7 @@ class StreamingSafetensorsWriter:
         self.out_dir = Path(out_dir)
         self.shards = self._assign_shards(plan, max_shard_bytes)
         self.weight_map = {info.name: shard_name for shard_name, infos in self.shards for info in infos}
-        self._queue: Iterator[tuple[str, TensorInfo]] = iter([(s, i) for s, infos in self.shards for i in infos])
+        self._queue: Iterator[tuple[str, TensorInfo]] = ((s, i) for s, infos in self.shards for i in infos)
         self._handle = None
         self._current_shard: str | None = None
         self.bytes_written = 0

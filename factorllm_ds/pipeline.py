@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if
-from factorllm_ds.split import SPLIT_METHODS
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
 from factorllm_ds.safety import check_output
+from factorllm_ds.split import SPLIT_METHODS
 
 
 @dataclass
@@ -144,13 +144,13 @@ def _drop_older_checkpoints(run: Path) -> None:
         shutil.rmtree(run / CHECKPOINT_DIR / tag)
 
 
-def _eval(model: Path, data: Path, report: Path, cfg: DemoConfig, **kw) -> dict:
+def _eval(model: Path, data: Path, report: Path, cfg: DemoConfig, sample_tokens: int = 0, **kw) -> dict:
     from factorllm_ds.evaluate import EvalConfig, evaluate
 
     if report.is_file():
         return json.loads(report.read_text())
     return evaluate(EvalConfig(model=model, data=[data], report=report, seq_len=cfg.eval_seq_len,
-                               max_windows=cfg.eval_windows, sample_tokens=kw.pop("sample_tokens", 0), **kw),
+                               max_windows=cfg.eval_windows, sample_tokens=sample_tokens, **kw),
                     progress=False)
 
 

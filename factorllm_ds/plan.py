@@ -82,8 +82,7 @@ class PlanConfig:
                             default=None)
     shared_neurons: str | None = arg("shared expert of a dense model, as convert --shared-neurons: a fraction of "
                                      "the FFN (0.25) or a neuron count (384); default none. A converted folder has "
-                                     "its own",
-                                     default=None)
+                                     "its own", default=None)
     activation_checkpointing: bool | None = arg("train --activation-checkpointing (recompute each layer in the "
                                                 "backward); default: try without, then with", default=None)
     device: str = arg("gpu, or cpu: plan process memory of a CPU (gloo) run, adding the measured CPU runtime "
@@ -527,7 +526,6 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
     """What would make the smallest configuration fit, when it does not."""
     if best.total <= budget:
         return []
-    over = best.total - budget
     out = []
     if cfg.prior == "frozen":
         saved = best.parts["pa_teacher"] - estimate(shape, replace(cfg, prior="self"), best.choice).parts["pa_teacher"]
@@ -538,9 +536,9 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
     if not best.choice.activation_checkpointing and cfg.activation_checkpointing is None:
         with_ckpt = estimate(shape, cfg, replace(best.choice, activation_checkpointing=True))
         out.append(f"--activation-checkpointing: saves {(best.total - with_ckpt.total) / GiB:.1f} GiB")
-    if best.parts["activations"] > over:
-        out.append(f"a shorter --seq-len or --micro-batch-size: activations are {best.parts['activations'] / GiB:.1f}"
-                   " GiB")
+    activations = best.parts["activations"]
+    if activations > best.total - budget:
+        out.append(f"a shorter --seq-len or --micro-batch-size: activations are {activations / GiB:.1f} GiB")
     if not cfg.offload and not best.choice.offload:
         out.append("--offload moves the optimizer state to host memory")
     for gpus in (2 * cfg.gpus, 4 * cfg.gpus, 8 * cfg.gpus):
@@ -621,13 +619,10 @@ def commands(plan: Plan, cfg: PlanConfig, choice: Choice) -> list[str]:
     flags = (f"--seq-len {seq_len_of(cfg, s)} --micro-batch-size {cfg.micro_batch_size} --prior {cfg.prior}{teacher}"
              f"{' --activation-checkpointing' if choice.activation_checkpointing else ''}")
     ds = ds_config_for(choice, cfg)
-    lines += ["train (the flags of every rank):",
-              f"  factorllm-ds train --model {moe} --data DATA.jsonl --out runs/OUT --ep-size {choice.ep_size} "
-              f"--ds-config {ds} {flags}"]
+    train_args = f"--model {moe} --data DATA.jsonl --out runs/OUT --ep-size {choice.ep_size} --ds-config {ds} {flags}"
+    lines += ["train (the flags of every rank):", f"  factorllm-ds train {train_args}"]
     if cfg.device == "cpu":
-        lines += ["launch:", f"  DEVICE=cpu NPROC={cfg.gpus} launch/torchrun.sh --model {moe} --data DATA.jsonl "
-                             f"--out runs/OUT --ep-size {choice.ep_size} --ds-config {ds} {flags}"]
-        return lines
+        return lines + ["launch:", f"  DEVICE=cpu NPROC={cfg.gpus} launch/torchrun.sh {train_args}"]
     per_node = ranks_per_node(cfg)
     nodes = math.ceil(cfg.gpus / per_node)
     script = "slurm/train_multinode.sbatch" if nodes > 1 else "slurm/train_1node.sbatch"

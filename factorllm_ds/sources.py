@@ -88,9 +88,8 @@ class FolderSource(ExportSource):
         return self.reader.get(name)
 
     def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        num_experts = int(self.config["num_experts"])
-        return [tuple(self.reader.get(keys.expert_key(p, layer, e)) for p in ("gate", "up", "down"))
-                for e in range(num_experts)]
+        return [tuple(self.reader.get(keys.expert_key(p, layer, e)) for p in keys.MLP_PARTS)
+                for e in range(int(self.config["num_experts"]))]
 
 
 DS_EXPERT_KEY = "model.layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{expert}.{part}_proj.weight"
@@ -206,7 +205,7 @@ class DeepSpeedRunSource(ExportSource):
             state = self._expert_file(layer, e)
             try:
                 out.append(tuple(state[DS_EXPERT_KEY.format(layer=layer, expert=e, part=p)].clone()
-                                 for p in ("gate", "up", "down")))
+                                 for p in keys.MLP_PARTS))
             except KeyError as err:
                 raise UserError(f"--run: {EXPERT_FILE.format(layer=layer, expert=e)} in {self.ckpt_dir} lacks "
                                 f"{err}; it was not written by factorllm-ds train") from err
