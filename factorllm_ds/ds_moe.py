@@ -96,7 +96,7 @@ class DeepSpeedMoEBlock(nn.Module):
 
     def _teacher(self, x_NH: torch.Tensor, prefix: str = "teacher") -> torch.Tensor:
         """Frozen initial local experts (or the frozen shared expert) on every token: [E_local or 1, N, H]."""
-        gate, up, down = (getattr(self, f"{prefix}_{part}") for part in ("gate", "up", "down"))
+        gate, up, down = (getattr(self, f"{prefix}_{part}") for part in keys.MLP_PARTS)
         h = self.act_fn(torch.einsum("nh,eih->eni", x_NH, gate)) * torch.einsum("nh,eih->eni", x_NH, up)
         return torch.einsum("eni,ehi->enh", h, down)
 
@@ -291,7 +291,7 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
         state[f"{prefix}{SELECTION_BIAS}"] = torch.zeros(config.num_experts)
         if config.router_bias:
             state[f"{prefix}{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
-        for part in ("gate", "up", "down"):
+        for part in keys.MLP_PARTS:
             experts = [reader.get(keys.expert_key(part, layer, ep_rank * block.num_local + local))
                        for local in range(block.num_local)]
             for local, tensor in enumerate(experts):

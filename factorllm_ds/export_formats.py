@@ -22,8 +22,6 @@ from factorllm_ds.hf_io import TensorInfo
 from factorllm_ds.layout import PARTITION_FILE, load_partition
 from factorllm_ds.sources import ExportSource
 
-PARTS = keys.MLP_PARTS
-
 # FactorLLM tensor names: every key a FactorLLM checkpoint may hold, by role. Unknown keys raise.
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
@@ -98,8 +96,8 @@ def structure_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
         present.add(name)
     for layer in range(facts.num_layers):
         need = [keys.ROUTER_WEIGHT.format(layer=layer)]
-        need += [keys.expert_key(p, layer, e) for e in range(facts.num_experts) for p in PARTS]
-        need += [keys.shared_expert_key(p, layer) for p in PARTS] if facts.shared_size else []
+        need += [keys.expert_key(p, layer, e) for e in range(facts.num_experts) for p in keys.MLP_PARTS]
+        need += [keys.shared_expert_key(p, layer) for p in keys.MLP_PARTS] if facts.shared_size else []
         missing = [n for n in need if n not in present]
         if missing:
             problems.append(f"{source.description}: layer {layer} lacks {missing[0]}"
@@ -165,7 +163,9 @@ class RoutedFormat(ExportFormat):
         return down
 
     def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
-        return [self.source.info(keys.shared_expert_key(p, layer)) for p in PARTS] if self.facts.shared_size else []
+        if not self.facts.shared_size:
+            return []
+        return [self.source.info(keys.shared_expert_key(p, layer)) for p in keys.MLP_PARTS]
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         for info in self.shared_expert_plan(layer):
@@ -175,14 +175,14 @@ class RoutedFormat(ExportFormat):
         info = self.source.info
         plan = [replace(info(name), name=out) for name, out in self.router_names(layer).items()]
         plan += [replace(info(keys.expert_key(part, layer, e)), name=self.expert_name(part, layer, e))
-                 for e in range(self.facts.num_experts) for part in PARTS]
+                 for e in range(self.facts.num_experts) for part in keys.MLP_PARTS]
         return plan + self.shared_expert_plan(layer)
 
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         for name, out in self.router_names(layer).items():
             yield out, self.source.shared_tensor(name)
         for e, tensors in enumerate(self.source.expert_tensors(layer)):
-            for part, tensor in zip(PARTS, tensors):
+            for part, tensor in zip(keys.MLP_PARTS, tensors):
                 yield self.expert_name(part, layer, e), self.expert_down(tensor) if part == "down" else tensor
         yield from self.shared_expert_tensors(layer)
 
@@ -373,8 +373,8 @@ class Qwen2MoeFormat(_QwenMoEFormat):
                 TensorInfo(p + "_gate.weight", (1, hidden), router.dtype)]
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
-        for info, part in zip(self.shared_expert_plan(layer), (*PARTS, "shared_expert_gate")):
-            if part in PARTS and self.facts.shared_size:
+        for info, part in zip(self.shared_expert_plan(layer), (*keys.MLP_PARTS, "shared_expert_gate")):
+            if part in keys.MLP_PARTS and self.facts.shared_size:
                 tensor = self.source.shared_tensor(keys.shared_expert_key(part, layer))
                 yield info.name, fold_scale(tensor, 2.0) if part == "down" else tensor  # sigmoid(0) = 1/2
             else:  # the zero gate, or a size-0 shared expert
@@ -459,8 +459,9 @@ class DenseFormat(ExportFormat):
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         experts = self.source.expert_tensors(layer)
         if self.facts.shared_size:  # the partition lists the shared neurons first (layout.py)
-            experts = [tuple(self.source.shared_tensor(keys.shared_expert_key(p, layer)) for p in PARTS)] + experts
-        for part, tensor in zip(PARTS, split.merge_experts(experts, self.partitions[layer])):
+            shared = tuple(self.source.shared_tensor(keys.shared_expert_key(p, layer)) for p in keys.MLP_PARTS)
+            experts = [shared] + experts
+        for part, tensor in zip(keys.MLP_PARTS, split.merge_experts(experts, self.partitions[layer])):
             yield keys.dense_mlp_key(part, layer), tensor
 
     def save_config(self, folder: Path) -> None:

@@ -236,11 +236,12 @@ def _abandoned(parent: Path, pattern: re.Pattern, name: str | None) -> Iterator[
     parent = Path(parent)
     if not parent.is_dir():
         return
+    host = _host()
     for entry in sorted(parent.iterdir()):
         match = pattern.match(entry.name)
         if match is None or (name is not None and match["name"] != name) or entry.is_symlink() or not entry.is_dir():
             continue
-        if (match["host"] or _host()) == _host() and not _pid_alive(int(match["pid"])):
+        if (match["host"] or host) == host and not _pid_alive(int(match["pid"])):
             yield entry, match["pid"]
 
 
