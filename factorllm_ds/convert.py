@@ -23,7 +23,7 @@ from factorllm_ds.calibration import CalibrationRunner
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (CheckpointReader, FolderWriter, StreamingSafetensorsWriter, TensorInfo,
-                                copy_side_files, read_config, tokenizer_dir)
+                                check_config_shapes, copy_side_files, read_config, tokenizer_dir)
 from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight, route
@@ -152,12 +152,16 @@ def moe_config(dense_config: dict, cfg: ConvertConfig) -> FactorLLMConfig:
 
 def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     dense_config = read_config(cfg.model)
+    reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
+    # Before the flags are judged against config.json (--num-experts must divide its intermediate_size): a
+    # config that does not fit the weights is named as such, not as a flag error, a KeyError or a bad folder.
+    check_config_shapes(dense_config, reader.infos, Path(cfg.model) / "config.json", f"--model {cfg.model}")
     cfg = cfg.validate(dense_config)
     inputs = {"--model": cfg.model, "--calib-data": cfg.calib_data, "--tokenizer": cfg.tokenizer}
-    check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,))  # before any work; FolderWriter re-checks
+    check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,),  # before any work; FolderWriter re-checks
+                 inventory=MANIFEST_FILE)
     if cfg.tokenizer is not None or cfg.needs_calibration():
         tokenizer_dir(cfg.model, cfg.tokenizer)  # the error names the folder and suggests --tokenizer
-    reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
     num_layers = dense_config["num_hidden_layers"]
     # Before the plan: a config.json naming more layers than the weights hold is named here, not a KeyError.
     missing = [name for name in (keys.dense_mlp_key(p, i) for i in range(num_layers) for p in keys.MLP_PARTS)

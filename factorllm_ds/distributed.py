@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from factorllm_ds.errors import UserError
+
 log = logging.getLogger("factorllm_ds")
 
 
@@ -50,6 +52,7 @@ def detect() -> DistInfo:
         world = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", 1)))
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
         local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("MPI_LOCALNRANKS", world)))
+        require_mpi4py()
         return DistInfo(rank, world, local, local_world, "mpi")
     # Only srun-started tasks carry SLURM_STEP_ID: the batch script itself also sees SLURM_PROCID=0 and
     # the job's SLURM_NTASKS, and would wait forever for ranks nobody started.
@@ -58,6 +61,23 @@ def detect() -> DistInfo:
         return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                         int(per_node.split("(")[0].split(",")[0]), "slurm")  # e.g. "8(x2)" or "8,4"
     return DistInfo(0, 1, 0, 1, "single")
+
+
+def require_mpi4py() -> None:
+    """Under mpirun without an exported MASTER_ADDR, rank 0's address comes from DeepSpeed's mpi4py discovery
+    (:func:`init`): say how to install mpi4py, here, before any work, instead of a ModuleNotFoundError after it."""
+    import importlib.util
+
+    if "MASTER_ADDR" in os.environ:
+        return
+    try:
+        if importlib.util.find_spec("mpi4py") is not None:
+            return
+    except (ImportError, ValueError):  # an import hook that refuses it, a half-removed install
+        pass
+    raise UserError("started by mpirun (OMPI_COMM_WORLD_RANK / PMI_RANK is set), which needs mpi4py to find rank 0, "
+                    "and mpi4py is not installed: pip install mpi4py (or pip install 'factorllm-ds[mpi]'); "
+                    "or export rank 0's address to every rank: mpirun -x MASTER_ADDR=HOST -x MASTER_PORT=29500 ...")
 
 
 def init(timeout_s: int) -> DistInfo:

@@ -39,9 +39,9 @@ from factorllm_ds import __version__
 from factorllm_ds.config import arg, bound_problems, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import load_tokenizer, read_config
+from factorllm_ds.hf_io import check_model_folder, load_tokenizer, read_config, seq_len_problems
 from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
-from factorllm_ds.safety import FILE_MARKER, check_output_file
+from factorllm_ds.safety import FILE_MARKER, atomic_file, check_output_file, write_text_atomic
 
 ROUTERS = ("learned", "oracle", "random")  # the first is the default
 
@@ -77,8 +77,7 @@ class EvalConfig:
         """Check every flag against the model folder; returns whether the model is a FactorLLM MoE."""
         is_moe = model_config.get("model_type") == "factorllm"
         problems = [f"--data {path}: no such file" for path in self.data or [] if not Path(path).is_file()]
-        if self.seq_len < 2:
-            problems.append(f"--seq-len {self.seq_len}: must be >= 2 (one window predicts seq_len - 1 tokens)")
+        problems += seq_len_problems(self.seq_len, model_config)  # train's rule: at most the model's positions
         problems += bound_problems(self, {"max_windows": ">= 1", "batch_size": ">= 1", "sample_tokens": ">= 0"})
         # Output files first: a report that cannot be written must not cost an evaluation. An existing one is
         # replaced only if eval wrote it (safety.check_output_file).
@@ -223,9 +222,11 @@ def plot_usage(shares: list[list[float]], path: Path, title: str) -> Path:
     fig.colorbar(im, ax=ax, label="share of routed tokens")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Software": FILE_MARKER.decode()})  # marks it as this tool's
-    plt.close(fig)
+    try:
+        with atomic_file(path, "--plot") as tmp:
+            fig.savefig(tmp, format="png", dpi=120, metadata={"Software": FILE_MARKER.decode()})  # marks it as ours
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -258,9 +259,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     from factorllm_ds.modeling import DTYPES
 
     started = time.time()
-    is_moe = cfg.validate(read_config(cfg.model, "--model"))
+    model_config = read_config(cfg.model, "--model")
+    is_moe = cfg.validate(model_config)
+    check_model_folder(cfg.model, "--model", model_config)  # shards and shapes, before any text is read
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, "--model")
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, "--model", model_config)  # its ids must fit the vocabulary
     text = read_text(cfg.data, "--data")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     windows = token_windows(ids, cfg.seq_len, cfg.max_windows)
@@ -298,9 +301,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     report["seconds"] = round(time.time() - started, 3)
     report["settings"] = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
                           for k, v in asdict(cfg).items()}
-    if cfg.report is not None:
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.report).write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.report is not None:  # whole or not at all: a full disk leaves the previous report, not an empty file
+        write_text_atomic(cfg.report, json.dumps(report, indent=2) + "\n", "--report")
     return report
 
 

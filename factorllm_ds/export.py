@@ -12,10 +12,11 @@ from pathlib import Path
 
 from factorllm_ds import keys
 from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
+from factorllm_ds.errors import UserError
 from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key, open_format
 from factorllm_ds.hf_io import FolderWriter, copy_side_files
-from factorllm_ds.layout import MANIFEST_FILE, read_manifest
-from factorllm_ds.sources import ExportSource, open_source
+from factorllm_ds.layout import MANIFEST_FILE, RUN_MANIFEST, read_manifest
+from factorllm_ds.sources import ExportSource, open_source, read_run_manifest
 from factorllm_ds.safety import output_problems
 
 
@@ -80,6 +81,8 @@ class ExportConfig:
     format: str = arg("output format", choices=tuple(FORMATS), default="factorllm")
     max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default=MAX_SHARD_SIZE)
     overwrite: bool = arg("replace --out if it exists", default=False)
+    allow_nonfinite: bool = arg("export even if a weight holds NaN or Inf (by default the first one is an error, as "
+                                "in convert)", default=False)
 
     def validate(self) -> None:
         problems = []
@@ -89,16 +92,34 @@ class ExportConfig:
         if self.tag is not None and self.run is None:
             problems.append("--tag selects a checkpoint inside --run; it needs --run")
         if self.out is not None:  # --overwrite replaces only an export/convert folder, holding and inside no input
-            problems += output_problems(self.out, "--out", self.overwrite, {"--model": self.model, "--run": self.run},
-                                        (MANIFEST_FILE,))
+            problems += output_problems(self.out, "--out", self.overwrite, self.inputs(), (MANIFEST_FILE,),
+                                        inventory=MANIFEST_FILE)
         try:
             parse_size(self.max_shard_size)
-        except ValueError:
-            problems.append(f"--max-shard-size {self.max_shard_size!r}: expected a size like 2GB or 500MB")
+        except ValueError as err:
+            problems.append(f"--max-shard-size {self.max_shard_size!r}: {err}")
         fail_if(problems, "export: bad arguments")
+
+    def inputs(self) -> dict[str, Path | None]:
+        """Every path export reads, by flag: --model or --run, and what --run's run.json records (the base model
+        the run was trained from, whose config, partition and tokenizer files go into the export), with the run's
+        --teacher and --tokenizer, which an --out over them would destroy just as well."""
+        inputs: dict[str, Path | None] = {"--model": self.model, "--run": self.run}
+        try:
+            record = read_run_manifest(self.run, "--run", need=()) if self.run is not None else None
+        except UserError:
+            record = None  # opening the run names the problem
+        if record is not None:
+            settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+            for what, value in (("base model", record.get("model")), ("--teacher", settings.get("teacher")),
+                                ("--tokenizer", settings.get("tokenizer"))):
+                if isinstance(value, str) and value:
+                    inputs[f"--run's {what} ({RUN_MANIFEST})"] = Path(value)
+        return inputs
 
 
 def run_export(cfg: ExportConfig, progress: bool = True) -> Path:
     cfg.validate()
-    return export(open_source(cfg.model, cfg.run, cfg.tag), cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size,
-                  progress=progress, inputs={"--model": cfg.model, "--run": cfg.run})
+    source = open_source(cfg.model, cfg.run, cfg.tag, cfg.allow_nonfinite)
+    return export(source, cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress,
+                  inputs=cfg.inputs())

@@ -128,7 +128,9 @@ class ExportFormat(ABC):
 
     @classmethod
     def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
-        """Why ``source`` cannot be written in this format (empty: it can)."""
+        """Why ``source`` cannot be written in this format (empty: it can). The reasons do not name the format:
+        one class serves several ``--format`` values (qwen2-moe, and mixtral of a Qwen2 base), so
+        :func:`open_format` prefixes the one the user gave."""
         return []
 
     @abstractmethod
@@ -247,8 +249,9 @@ class StandardMoEFormat(RoutedFormat):
         refusals = cls.refusals(facts)
         if not refusals:
             return []
-        return [f"--format mixtral: {source.description} cannot be written as a standard Hugging Face MoE "
-                "checkpoint:\n      * " + "\n      * ".join(refusals)
+        named = f" ({cls.architecture})" if cls.architecture != "?" else ""
+        return [f"{source.description} cannot be written as a standard Hugging Face MoE checkpoint{named}:"
+                "\n      * " + "\n      * ".join(refusals)
                 + "\n    Formats that represent it exactly: --format factorllm (our HF folder, "
                 "trust_remote_code or `import factorllm_ds`), and --format dense (all experts active, weight 1)."]
 
@@ -433,7 +436,7 @@ class DenseFormat(ExportFormat):
     @classmethod
     def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
         return [] if facts.base_type in keys.SUPPORTED_FAMILIES else [
-            f"--format dense: unsupported base model_type {facts.base_type!r}"]
+            f"unsupported base model_type {facts.base_type!r}"]
 
     def _partition_problems(self) -> list[str]:
         problems = []
@@ -487,5 +490,5 @@ def open_format(source: ExportSource, fmt: str) -> ExportFormat:
         fail_if([f"--format {fmt!r}: expected one of {', '.join(FORMATS)}"], what)
     facts = MoEFacts.of(source)
     cls = FORMATS[fmt].for_model(facts)
-    fail_if(structure_problems(source, facts) + cls.problems(source, facts), what)
+    fail_if(structure_problems(source, facts) + [f"--format {fmt}: {p}" for p in cls.problems(source, facts)], what)
     return cls(source, facts)

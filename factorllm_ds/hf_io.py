@@ -10,11 +10,13 @@ made up front and then appends each tensor's bytes the moment it is produced; a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import struct
 import time
@@ -29,7 +31,9 @@ from tqdm.auto import tqdm
 from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import MANIFEST_FILE
-from factorllm_ds.safety import check_finite, check_output, old_dir_for, recover_replaced, remove_stale_temps, temp_dir_for
+from factorllm_ds.safety import (INVENTORY_KEY, TEMP_MARKER, check_finite, check_free_space, check_output,
+                                 disk_full_error, is_disk_full, make_marked_dir, move_into_place, recover_replaced,
+                                 remove_stale_temps, temp_dir_for)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,8 +74,13 @@ def tokenizer_dir(model_dir: Path, tokenizer: Path | None = None, flag: str = "-
     return folder
 
 
-def load_tokenizer(model_dir: Path, tokenizer: Path | None = None, flag: str = "--model"):
-    """``AutoTokenizer`` of :func:`tokenizer_dir`, any failure one :class:`UserError` naming the folder."""
+def load_tokenizer(model_dir: Path, tokenizer: Path | None = None, flag: str = "--model",
+                   model_config: dict | None = None):
+    """``AutoTokenizer`` of :func:`tokenizer_dir`, any failure one :class:`UserError` naming the folder.
+
+    With ``model_config`` (the model's config.json), a tokenizer with more tokens than the model's
+    ``vocab_size`` is refused too (:func:`tokenizer_fit_problem`).
+    """
     from transformers import AutoTokenizer
 
     folder = tokenizer_dir(model_dir, tokenizer, flag)
@@ -79,10 +88,14 @@ def load_tokenizer(model_dir: Path, tokenizer: Path | None = None, flag: str = "
     try:
         # A converted folder's config.json names remote code (auto_map): without trust_remote_code=False
         # transformers stops at an interactive prompt to load a tokenizer that needs none.
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # transformers raises many kinds for a broken tokenizer
         raise UserError(f"{named} {folder}: the tokenizer files there cannot be loaded ({type(err).__name__}: "
                         f"{err}). Copy the base model's tokenizer files in, or pass --tokenizer DIR.") from err
+    problem = model_config and tokenizer_fit_problem(loaded, model_config, f"{flag} {model_dir}", f"{named} {folder}")
+    if problem:
+        raise UserError(problem)
+    return loaded
 
 
 def read_config(model_dir: Path, flag: str = "--model") -> dict:
@@ -100,6 +113,36 @@ def read_config(model_dir: Path, flag: str = "--model") -> dict:
         raise UserError(f"{flag} {path}: cannot read it as JSON ({err}).") from err
 
 
+def text_config(config: dict) -> dict:
+    """The base model's fields (sizes, positions, vocabulary): a FactorLLM config's ``text_config``, or a dense
+    config itself."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) else config
+
+
+def seq_len_problems(seq_len: int, config: dict) -> list[str]:
+    """``--seq-len`` against the model (train, eval): at least 2 tokens (one prediction), at most its positions."""
+    if seq_len < 2:
+        return [f"--seq-len {seq_len}: must be >= 2 (a sequence predicts seq_len - 1 tokens)"]
+    max_pos = text_config(config).get("max_position_embeddings")
+    if isinstance(max_pos, int) and 0 < max_pos < seq_len:
+        return [f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos}); use --seq-len "
+                f"{max_pos} or less"]
+    return []
+
+
+def tokenizer_fit_problem(tokenizer, config: dict, model_desc: str, tokenizer_desc: str) -> str | None:
+    """Why ``tokenizer`` cannot feed the model of ``config``: it makes token ids the embedding has no row for
+    (an IndexError deep in the forward pass otherwise). ``vocab_size`` may exceed the tokenizer (padded rows)."""
+    vocab = text_config(config).get("vocab_size")
+    ids = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    if not isinstance(vocab, int) or ids <= vocab:
+        return None
+    return (f"{tokenizer_desc}: the tokenizer has {ids} tokens, but {model_desc} has vocab_size {vocab} in "
+            f"config.json: token ids {vocab}..{ids - 1} have no embedding. Use the tokenizer the model was trained "
+            "with (pass --tokenizer DIR, the base model's folder)")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -112,7 +155,7 @@ class TensorInfo:
 
 
 _NONFINITE_FIX = ("The checkpoint is damaged or was saved after a diverged run; use another copy, or pass "
-                  "--allow-nonfinite to convert it anyway.")
+                  "--allow-nonfinite to go ahead anyway.")
 
 
 class CheckpointReader:
@@ -243,6 +286,150 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.infos.values())
 
+    def check_config(self, config: dict) -> None:
+        """:func:`check_config_shapes` of this folder's config.json (``config``) against its weights."""
+        check_config_shapes(config, self.infos, self.model_dir / "config.json", f"{self.flag} {self.model_dir}")
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json against the weights' shapes: a config that does not fit its weights fails later in
+# the middle of a conversion (KeyError, ValueError) or writes a folder that cannot load.
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_NAME = re.compile(r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
+Dim = tuple[str, object]  # (what config.json says this dimension is, its value there)
+
+
+def _config_dims(config: dict) -> tuple[dict[str, tuple[Dim, ...]], dict[str, tuple[Dim, ...]]]:
+    """(global tensor name -> dims, per-layer suffix -> dims) as ``config`` (dense or FactorLLM) has them.
+
+    Per-layer suffixes are in order of preference for naming a layer that is missing (its MLP first).
+    """
+    t = text_config(config)
+    hidden, vocab, inter = (("hidden_size", t.get("hidden_size")), ("vocab_size", t.get("vocab_size")),
+                            ("intermediate_size", t.get("intermediate_size")))
+    heads, kv_heads, head_dim = t.get("num_attention_heads"), t.get("num_key_value_heads"), t.get("head_dim")
+    kv_heads = heads if kv_heads is None else kv_heads
+    derived = head_dim is None and _positive(hidden[1]) and _positive(heads)  # the families' default
+    head = ("head_dim", hidden[1] // heads if derived else head_dim)
+    head_said = f"head_dim {head[1]}" + (" (hidden_size / num_attention_heads)" if derived else "")
+    q = (f"num_attention_heads {heads!r} x {head_said}", _product(heads, head[1]))
+    kv = (f"num_key_value_heads {kv_heads!r} x {head_said}", _product(kv_heads, head[1]))
+    experts, expert, shared = (("num_experts", config.get("num_experts")),
+                               ("expert_intermediate_size", config.get("expert_intermediate_size")),
+                               ("shared_intermediate_size", config.get("shared_intermediate_size") or 0))
+
+    def mlp(prefix: str, rows: Dim) -> dict[str, tuple[Dim, ...]]:  # gate, up [rows, H]; down [H, rows]
+        return {f"{prefix}.{part}_proj.weight": (hidden, rows) if part == "down" else (rows, hidden)
+                for part in ("gate", "up", "down")}
+
+    layer = {**mlp("mlp", inter), "mlp.router.weight": (experts, hidden), "mlp.router.bias": (experts,),
+             **mlp("mlp.experts.*", expert), **mlp("mlp.shared_expert", shared),
+             "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+             "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+             "self_attn.o_proj.bias": (hidden,), "self_attn.q_norm.weight": (head,), "self_attn.k_norm.weight": (head,)}
+    whole = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+             "model.norm.weight": (hidden,)}
+    return whole, layer
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _product(a, b) -> int | None:
+    return a * b if _positive(a) and _positive(b) else None
+
+
+def _said(dim: Dim) -> str:
+    """'hidden_size 96' or 'hidden_size (not set)': a dimension as config.json gives it."""
+    label, value = dim
+    if value is None:
+        return f"{label} (not set, or not a number)"
+    return f"{label} = {value}" if " x " in label else f"{label} {value!r}"
+
+
+def _layer_problem(config: dict, names: list[str], layer_suffixes: list[str]) -> str | None:
+    """config.json's num_hidden_layers against the layer indices the weights hold."""
+    count = text_config(config).get("num_hidden_layers")
+    held = sorted({int(m.group(1)) for m in map(_LAYER_NAME.fullmatch, names) if m})
+    if (count is None and not held) or (_positive(count) and held == list(range(count))):
+        return None
+    span = f"{len(held)} layers ({held[0]}..{held[-1]})" if held else "no model.layers.* tensors"
+    if not isinstance(count, int) or isinstance(count, bool):
+        return f"num_hidden_layers {count!r} (not set, or not a number): the weights hold {span}"
+    lacking = [i for i in range(count) if i not in held]
+    if lacking:
+        present = {m.group(2) for m in map(_LAYER_NAME.fullmatch, names) if m}
+        suffix = next((s for s in layer_suffixes if s in present), "*")
+        return (f"num_hidden_layers {count}: the weights hold {span}; the checkpoint lacks "
+                f"model.layers.{lacking[0]}.{suffix}"
+                + (f" (and {len(lacking) - 1} more layers)" if len(lacking) > 1 else ""))
+    beyond = f"layer {count}" if held[-1] == count else f"layers {count}..{held[-1]}"
+    return f"num_hidden_layers {count}: the weights hold {span}, so {beyond} lie beyond the config"
+
+
+def config_shape_problems(config: dict, infos: dict[str, TensorInfo]) -> list[str]:
+    """Where ``config`` (a dense or FactorLLM config.json) and the weights' shapes disagree: one line per config
+    field (its value, what the weights say, the first tensor that says so), then the layer count.
+
+    Only tensors of the supported LLaMA-family naming are compared; others are the callers' business.
+    """
+    whole, layer = _config_dims(config)
+    found: dict[str, str] = {}  # field -> the first disagreement
+    order = {name: i for i, name in enumerate(whole)}  # the embeddings first: they say hidden_size and vocab_size
+    names = sorted(infos, key=lambda n: (int(m.group(1)) if (m := _LAYER_NAME.fullmatch(n)) else -1,
+                                         order.get(n, len(order)), n))
+    for name in names:
+        m = _LAYER_NAME.fullmatch(name)
+        suffix = m and ("mlp.experts.*." + m.group(2).split(".", 3)[-1] if _EXPERT_NAME.fullmatch(m.group(2))
+                        else m.group(2))
+        dims = whole.get(name) if m is None else layer.get(suffix)
+        shape = list(infos[name].shape)
+        if dims is None:
+            continue
+        if len(dims) != len(shape):
+            found.setdefault(name, f"{name} has shape {shape}, where config.json implies {len(dims)} dimensions")
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if dim[1] != size:
+                found.setdefault(dim[0], f"{_said(dim)}, but the weights say {size} ({name} is {shape}, "
+                                         f"dimension {axis})")
+    layers = _layer_problem(config, list(infos), list(layer))
+    return _mirror_problems(config) + list(found.values()) + ([layers] if layers else [])
+
+
+def _mirror_problems(config: dict) -> list[str]:
+    """A FactorLLM config.json repeats some text_config fields at its top level; the two must agree."""
+    inner = text_config(config)
+    if inner is config:
+        return []
+    return [f"{name} {config[name]!r} at the top level, but text_config has {name} {inner.get(name)!r}"
+            for name in ("vocab_size", "hidden_size", "num_hidden_layers")
+            if name in config and config[name] != inner.get(name)]
+
+
+def check_config_shapes(config: dict, infos: dict[str, TensorInfo], config_path: Path, where: str) -> None:
+    """Raise one :class:`UserError` listing every :func:`config_shape_problems`; ``where`` names the input
+    (``--model DIR``). Runs before any plan is made, so nothing is written."""
+    problems = config_shape_problems(config, infos)
+    if problems:
+        raise UserError(f"{where}: {config_path} disagrees with the weights:\n  - " + "\n  - ".join(problems)
+                        + "\n  Fix config.json, or use the config.json that came with these weights (an edited "
+                          "config or one of another model does not fit them).")
+
+
+def check_model_folder(model_dir: Path, flag: str = "--model", config: dict | None = None) -> dict:
+    """What a command checks before it loads a model folder (returns its config.json): every shard the index
+    names is there and readable (:class:`CheckpointReader`), and config.json fits the weights' shapes
+    (:func:`check_config_shapes`). Without it a missing shard is a FileNotFoundError and a bad config a size
+    mismatch or an IndexError deep in transformers."""
+    config = read_config(model_dir, flag) if config is None else config
+    CheckpointReader(model_dir, flag).check_config(config)
+    return config
+
 
 class StreamingSafetensorsWriter:
     """Writes a sharded safetensors checkpoint one tensor at a time, in a planned order.
@@ -321,6 +508,13 @@ class StreamingSafetensorsWriter:
             _copy_range(fh.fileno(), self._handle.fileno(), start, end - start, path)
         self.bytes_written += info.nbytes
 
+    def discard(self) -> None:
+        """Close the open shard after a failure, without close()'s checks (a full disk may refuse its last bytes)."""
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+
     def close(self) -> None:
         leftover = next(self._queue, None)
         if leftover is not None:
@@ -379,14 +573,18 @@ class FolderWriter:
     """One output model folder: the tensors of ``plan`` streamed into shards (with a progress bar
     by bytes written), then whatever the caller adds under ``path``, then a manifest.
 
-    It is built in the hidden sibling ``safety.temp_dir_for(out)`` and renamed to ``out`` only
-    when the ``with`` body succeeds: a failed or interrupted run leaves nothing at ``out``, and a
-    folder being overwritten stays until the new one is complete. ``out`` is checked with
-    ``safety.check_output`` (``inputs``: the command's input paths by flag): ``--overwrite``
-    replaces only a folder this tool wrote, holding and inside no input. On entry, the temp
-    folders of dead processes in ``out``'s parent are removed, and a replacement of ``out`` that
-    a dead process left half done is finished (``safety.recover_replaced``). ``manifest`` takes
-    the command's own fields.
+    It is built in the hidden sibling ``safety.temp_dir_for(out)``, its marker written first, and
+    moved to ``out`` only when the ``with`` body succeeds (``safety.move_into_place``: never over a
+    folder another process made meanwhile): a failed or interrupted run leaves nothing at ``out``,
+    and a folder being overwritten stays until the new one is complete. ``out`` is checked with
+    ``safety.check_output`` (``inputs``: every path the command reads, by flag) on entry and again
+    before the move: ``--overwrite`` replaces only a folder this tool wrote, holding nothing its
+    manifest does not list, and holding and inside no input. The file system must have room for the
+    planned tensors; a disk that fills up anyway is one UserError naming ``--out``. On entry, this
+    ``out``'s temp folders that dead processes of this host provably left are removed, and a
+    replacement of ``out`` that such a process left half done is finished
+    (``safety.recover_replaced``). ``manifest`` takes the command's own fields; the list of the files
+    written is added at the end.
     """
 
     def __init__(self, out: Path, plan: list[TensorInfo], max_shard_bytes: int, *, command: str,
@@ -397,16 +595,23 @@ class FolderWriter:
         self.path = temp_dir_for(self.out)
         self.shards = shard_writer(self.path, plan, max_shard_bytes)
         self.manifest: dict = {"factorllm_ds_version": __version__, "command": command}
-        self._bar_args = dict(total=sum(i.nbytes for i in plan), unit="B", unit_scale=True, desc=desc or command,
-                              disable=not progress)
+        self.needed = sum(i.nbytes for i in plan)  # bytes the shards will take (the rest is small)
+        self._bar_args = dict(total=self.needed, unit="B", unit_scale=True, desc=desc or command, disable=not progress)
+
+    def _check(self) -> None:
+        check_output(self.out, "--out", self.overwrite, self.inputs, (MANIFEST_FILE,), inventory=MANIFEST_FILE)
 
     def __enter__(self) -> "FolderWriter":
         recover_replaced(self.out)  # before the check: a restored `out` is what --overwrite would replace
-        check_output(self.out, "--out", self.overwrite, self.inputs, (MANIFEST_FILE,))
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.out.parent)
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir()
+        self._check()
+        check_free_space(self.out, self.needed, "--out")
+        remove_stale_temps(self.out)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            make_marked_dir(self.out)
+        except OSError as err:
+            self._reword(err)
+            raise
         self._started = time.time()
         self._bar = tqdm(**self._bar_args)
         return self
@@ -421,30 +626,37 @@ class FolderWriter:
         self.shards.write(name, tensor)
         self._bar.update(tensor.nbytes)
 
-    def __exit__(self, exc_type, *_) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._bar.close()
         try:
-            if exc_type is not None:
-                return
-            self.shards.close()
-            self.manifest.update(bytes_written=self.shards.bytes_written, seconds=round(time.time() - self._started, 3),
-                                 python=platform.python_version(), torch=torch.__version__)
-            (self.path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
-            self._move_in()
-        finally:
-            shutil.rmtree(self.path, ignore_errors=True)  # gone already when the rename succeeded
-
-    def _move_in(self) -> None:
-        # Two renames, never a moment where a crash loses the previous `out`: it is parked under a
-        # name that says which process parked it, and recover_replaced() puts it back if that
-        # process dies before the new folder is in place.
-        old = old_dir_for(self.out)
-        if self.out.exists():
-            self.out.rename(old)
-        try:
-            self.path.rename(self.out)
-        except BaseException:
-            if old.exists() and not self.out.exists():
-                old.rename(self.out)
+            if exc is None:
+                self._finish()
+        except BaseException as err:
+            self._discard()
+            self._reword(err)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        self._discard()  # gone already when the move succeeded
+        if exc is not None:
+            self._reword(exc)
+
+    def _finish(self) -> None:
+        self.shards.close()
+        written = sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                         if (p.is_file() or p.is_symlink()) and p.name != TEMP_MARKER)
+        self.manifest.update(bytes_written=self.shards.bytes_written, seconds=round(time.time() - self._started, 3),
+                             python=platform.python_version(), torch=torch.__version__,
+                             **{INVENTORY_KEY: sorted([*written, MANIFEST_FILE])})
+        (self.path / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
+        (self.path / TEMP_MARKER).unlink()  # the marker proves the temp folder, it does not move in with it
+        if self.overwrite:
+            self._check()  # what --overwrite will replace may have changed while this command worked
+        move_into_place(self.path, self.out, self.overwrite)
+
+    def _discard(self) -> None:
+        self.shards.discard()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _reword(self, err: BaseException) -> None:
+        """A full disk, once the partial output is gone: one UserError naming --out and the space needed."""
+        if is_disk_full(err):
+            raise disk_full_error("--out", self.out, self.needed) from err

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import read_config
+from factorllm_ds.hf_io import check_model_folder, read_config
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import (FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk,
                                                       route)
@@ -39,11 +39,12 @@ def load_moe(moe_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str
     if config.get("model_type") != "factorllm":
         raise UserError(f"{flag} {moe_dir}: not a FactorLLM checkpoint (model_type {config.get('model_type')!r}). "
                         "Convert it first: factorllm-ds convert --model DENSE --out MOE_DIR")
+    check_model_folder(moe_dir, flag, config)
     return FactorLLMForCausalLM.from_pretrained(moe_dir, dtype=dtype or "auto").eval()
 
 
 def load_dense(dense_dir: Path, dtype: torch.dtype | None = torch.float32, flag: str = "--dense"):
-    read_config(dense_dir, flag)
+    check_model_folder(dense_dir, flag)
     return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype or "auto").eval()
 
 

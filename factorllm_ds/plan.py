@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, TRAIN_SEQ_LEN, arg, bound_problems, fail_if
+from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, TRAIN_SEQ_LEN, arg, bound_problems, fail_if, size_bytes
 from factorllm_ds.errors import UserError
 
 GiB = 2**30
@@ -374,13 +374,14 @@ def parse_memory(text: str, flag: str) -> int:
     """'80GB', '80GiB', '512MB' -> bytes; GB and MB count in powers of two (as GPU memory is sold)."""
     t = text.strip().upper().replace("IB", "B")
     units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1, "T": 2**40, "G": 2**30, "M": 2**20}
+    example = "80GB, 40GiB or 512MB"
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * units[unit])
-            except ValueError:
-                break
-    raise UserError(f"{flag} {text!r}: expected a size like 80GB, 40GiB or 512MB")
+                return size_bytes(t[: -len(unit)], units[unit], example)  # 1e400GB: too large, not OverflowError
+            except ValueError as err:
+                raise UserError(f"{flag} {text!r}: {err}") from None
+    raise UserError(f"{flag} {text!r}: expected a size like {example}")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -662,6 +663,7 @@ def run_command(cfg: PlanConfig) -> int:
     plan = make_plan(cfg)
     print(json.dumps(as_json(plan, cfg), indent=2) if cfg.json else report(plan, cfg))
     if plan.recommended is None:
+        # 2, "bad input": the flags ask for more than the memory given (1 would say the tool crashed).
         print(f"factorllm-ds plan: {no_fit_message(plan, cfg)}", file=sys.stderr)
-        return 1
+        return 2
     return 0

@@ -38,7 +38,7 @@ from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
-from factorllm_ds.safety import FILE_MARKER, check_output_file
+from factorllm_ds.safety import FILE_MARKER, check_output_file, write_text_atomic
 
 
 @dataclass
@@ -223,9 +223,8 @@ def bench_speed(cfg: SpeedConfig) -> dict:
         times = _time_variants({"dense": partial(run, dense), "dense_no_ffn": partial(dense_no_ffn, run),
                                 "moe": partial(run, moe)}, cfg.reps, cfg.warmup)
         result[phase] = _phase_result(times, tokens, active)
-    if cfg.report is not None:
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.report).write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.report is not None:  # whole or not at all: a full disk leaves the previous report, not an empty file
+        write_text_atomic(cfg.report, json.dumps(result, indent=2) + "\n", "--report")
     return result
 
 

@@ -213,3 +213,68 @@ def fit_linear_router(x_TH: torch.Tensor, target_idx_TK: torch.Tensor, num_exper
     gram_HH = z_TH.T @ z_TH + ridge * z_TH.shape[0] * torch.eye(z_TH.shape[1])
     w_EH = torch.linalg.solve(gram_HH, z_TH.T @ (y_TE - y_mean_E)).T
     return fold_standardization(w_EH, y_mean_E if bias else None, mean_H, std_H)
+
+
+def _ridge_solve(z_TF: torch.Tensor, y_TO: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_C ||z C - y||^2 + ridge*T ||C||^2: [F, O] (z standardised, y centred)."""
+    gram_FF = z_TF.T @ z_TF
+    gram_FF.diagonal().add_(ridge * z_TF.shape[0])
+    return torch.linalg.solve(gram_FF, z_TF.T @ y_TO)
+
+
+def fit_expert_local_router(x_TH: torch.Tensor, y_TE: torch.Tensor, groups_ER: torch.Tensor, gate_IH: torch.Tensor,
+                            up_IH: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear router whose expert e sees x only through its own neurons' gate and up projections.
+
+    Expert e's score is a ridge regression of its target column ``y_TE[:, e]`` on the 2R features
+    (g_i·x, u_i·x), i in e, folded back to one row W[e] = sum_i c_i g_i + c'_i u_i (and a bias). Fitting
+    2R coefficients per expert instead of H makes it a far smaller model than a free E x H fit, anchored
+    in the weights rather than in the calibration text's hidden states. (W [E, H], b [E]), fp32.
+    """
+    x = x_TH.float()
+    num_experts, hidden = groups_ER.shape[0], x.shape[1]
+    w_EH, b_E = torch.zeros(num_experts, hidden), torch.zeros(num_experts)
+    for e, idx in enumerate(groups_ER):
+        basis_FH = torch.cat([gate_IH[idx], up_IH[idx]]).float()
+        f_TF = x @ basis_FH.T
+        mean_F, std_F = f_TF.mean(dim=0), f_TF.std(dim=0).clamp_min(1e-6)
+        y_T = y_TE[:, e].float()
+        c_F = _ridge_solve((f_TF - mean_F) / std_F, (y_T - y_T.mean()).unsqueeze(1), ridge)[:, 0] / std_F
+        w_EH[e] = c_F @ basis_FH
+        b_E[e] = y_T.mean() - c_F @ mean_F
+    return w_EH, b_E
+
+
+def expert_gains(routed_ETH: torch.Tensor, target_TH: torch.Tensor) -> torch.Tensor:
+    """How much adding expert e alone lowers ||target||^2 (the routed part of the FFN output):
+    2<E_e, t> - ||E_e||^2, per token and expert, [T, E]."""
+    out = routed_ETH.float()
+    return 2 * torch.einsum("eth,th->te", out, target_TH.float()) - out.pow(2).sum(dim=-1).T
+
+
+ROUTER_FITS = ("picks", "gain", "norm", "gate", "local-picks", "local-gain")
+
+
+def fit_router(method: str, x_TH: torch.Tensor, oracle_TK: torch.Tensor, routed_ETH: torch.Tensor,
+               target_TH: torch.Tensor, groups_ER: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor,
+               ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's router by ``method`` (docs/method.md §4): ``picks`` ridge on x to the oracle's k-hot
+    picks; ``gain`` / ``norm`` ridge on x to each expert's gain (:func:`expert_gains`) / output norm;
+    ``gate`` each expert's mean gate row (no data); ``local-*`` :func:`fit_expert_local_router` to the picks
+    or the gains."""
+    num_experts = groups_ER.shape[0]
+    if method == "gate":
+        return gate_IH[groups_ER].float().mean(dim=1), torch.zeros(num_experts)
+    if method in ("picks", "local-picks"):
+        y_TE = k_hot(oracle_TK, num_experts)
+    elif method in ("gain", "local-gain"):
+        y_TE = expert_gains(routed_ETH, target_TH)
+        y_TE = y_TE / y_TE.std().clamp_min(1e-12)
+    elif method == "norm":
+        y_TE = routed_ETH.float().norm(dim=-1).T
+        y_TE = y_TE / y_TE.std().clamp_min(1e-12)
+    else:
+        raise ValueError(f"unknown router fit {method!r}; expected one of {ROUTER_FITS}")
+    if method.startswith("local-"):
+        return fit_expert_local_router(x_TH, y_TE, groups_ER, gate_IH, up_IH, ridge)
+    return fit_linear_router(x_TH, oracle_TK, num_experts, True, ridge=ridge, scores_TE=y_TE)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,10 +24,11 @@ import torch.distributed as dist
 
 from factorllm_ds.config import TRAIN_SEQ_LEN, Objective, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import load_tokenizer, read_config, tokenizer_dir
-from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, METRICS_FILE, RUN_MANIFEST, TENSORBOARD_DIR,
-                                 checkpoint_tag, latest_tag, list_tags)
-from factorllm_ds.safety import CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree_max, output_problems, write_checksums
+from factorllm_ds.hf_io import check_model_folder, load_tokenizer, read_config, seq_len_problems
+from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, LATEST_FILE, METRICS_FILE, RUN_MANIFEST,
+                                 TENSORBOARD_DIR, checkpoint_tag, latest_tag, list_tags)
+from factorllm_ds.safety import (CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree, agree_max, output_problems,
+                                 write_checksums)
 
 log = logging.getLogger("factorllm_ds")
 
@@ -86,9 +90,16 @@ class TrainConfig(Objective):
                        "runs you wrote)", default=False)
     resume_tag: str | None = arg("with --resume: the checkpoint to continue from instead of the newest, e.g. step400 "
                                  "(an error about a damaged checkpoint names the newest intact one)", default=None)
+    restart: bool = arg("start the run in --out again from step 0 when it stopped before its first checkpoint (so "
+                        "there is nothing to --resume): train replaces the run.json, metrics.csv, expert_load.jsonl "
+                        "and TensorBoard steps it wrote there and touches nothing else. Refused when --out holds a "
+                        "finished checkpoint", default=False)
     tokenizer: Path | None = arg("folder with the tokenizer files, when --model has none (default: --model)",
                                  default=None)
     stop_after: int | None = arg("stop (with a checkpoint) after this many steps of this invocation", default=None)
+    nonfinite_steps: int = arg("stop, exit 2, when the training loss (mean over all ranks) is NaN/Inf at this many "
+                               "steps in a row, or at the last step. DeepSpeed skips the update of such a step, so a "
+                               "single bad batch can pass; no checkpoint is saved at one", default=3)
     dist_timeout: int = arg("seconds a rank waits for the others before failing", default=1800)
     progress: bool = arg("rank-0 progress bar", default=True)
     check: bool = arg("only validate the flags, the DeepSpeed JSON and the model folder, then exit (0: fine, 2: the "
@@ -130,15 +141,20 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], di
         if key in ds:
             problems.append(f"--ds-config has an \"{key}\" section; factorllm-ds builds it from --lr/--warmup-steps/"
                             f"--weight-decay. Remove the section")
-    micro = resolved.get("micro_batch_size", cfg.micro_batch_size) or MICRO_BATCH_SIZE
+    # `is None`, not `or`: a 0 given is refused below, never silently taken as "the default".
+    micro = resolved.get("micro_batch_size", cfg.micro_batch_size)
+    micro = MICRO_BATCH_SIZE if micro is None else micro
     clip = resolved.get("grad_clip", cfg.grad_clip)
-    global_bs = cfg.global_batch_size or micro * world
+    global_bs = micro * world if cfg.global_batch_size is None else cfg.global_batch_size
     for key in ("train_batch_size", "gradient_accumulation_steps"):
         if ds.get(key) not in (None, "auto"):
             problems.append(f"--ds-config sets \"{key}\"; use --global-batch-size instead (one source of truth)")
-    if micro < 1:
-        problems.append(f"--micro-batch-size {micro}: must be >= 1")
-    elif global_bs % (micro * world):
+    micro_flag = ("\"train_micro_batch_size_per_gpu\" in --ds-config" if "micro_batch_size" in resolved
+                  else "--micro-batch-size")
+    for flag, value in ((micro_flag, micro), ("--global-batch-size", global_bs)):
+        if value < 1:
+            problems.append(f"{flag} {value}: must be >= 1")
+    if micro >= 1 and global_bs >= 1 and global_bs % (micro * world):
         problems.append(f"--global-batch-size {global_bs} is not a multiple of --micro-batch-size "
                         f"{micro} x world size {world}")
     resolved.update(micro_batch_size=micro, grad_clip=GRAD_CLIP if clip is None else clip, global_batch_size=global_bs)
@@ -150,7 +166,8 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     return cfg.objective_problems() + bound_problems(cfg, {
         "lr": "finite > 0", "router_lr": "finite > 0", "weight_decay": "finite >= 0", "min_lr_ratio": "finite >= 0",
         "grad_clip": "finite >= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "eval_fraction": "in [0, 1)",
-        **dict.fromkeys(("steps", "tokens", "log_every", "dist_timeout", "stop_after", "eval_batches"), ">= 1"),
+        **dict.fromkeys(("steps", "tokens", "log_every", "dist_timeout", "stop_after", "eval_batches",
+                         "nonfinite_steps"), ">= 1"),
         **dict.fromkeys(("warmup_steps", "save_every", "eval_every"), ">= 0")})
 
 
@@ -160,10 +177,11 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
     (the others only compare sizes) and asks whether another job holds --out."""
     problems = []
     model_config = read_config(cfg.model)
-    tokenizer_dir(cfg.model, cfg.tokenizer)
+    load_tokenizer(cfg.model, cfg.tokenizer, model_config=model_config)  # its token ids must fit the vocabulary
     if model_config.get("model_type") != "factorllm":
         raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
                         f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
+    check_model_folder(cfg.model, "--model", model_config)  # shards and shapes, before any process group
     num_experts = model_config["num_experts"]
     if cfg.balance_kind == "bias" and (model_config.get("routing") != "hard" or not model_config.get("router_bias")):
         problems.append(f"--balance-kind bias needs hard routing with a router bias (it is folded into that bias on "
@@ -178,11 +196,7 @@ def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[Tra
     if stage == 3:
         problems.append("--ds-config uses ZeRO stage 3, which DeepSpeed's MoE does not support; use stage 1 or 2 "
                         "(with \"offload_optimizer\" for very large models), e.g. ds_configs/zero2_offload_bf16.json")
-    max_pos = model_config.get("text_config", {}).get("max_position_embeddings")
-    if max_pos and cfg.seq_len > max_pos:
-        problems.append(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
-    if cfg.seq_len < 2:
-        problems.append("--seq-len must be >= 2")
+    problems += seq_len_problems(cfg.seq_len, model_config)
     for source in cfg.data + (cfg.eval_data or []):
         p = Path(source)
         if p.is_file() and p.stat().st_size == 0:
@@ -256,34 +270,63 @@ def _inputs(cfg: TrainConfig) -> dict:
 def run_dir_problems(cfg: TrainConfig, model_config: dict, full_check: bool = True) -> tuple[list[str], str | None]:
     """What stops --out from being written (a new run) or resumed; and the checkpoint tag to resume from.
 
-    ``full_check``: verify every checkpoint byte against its checksums (else only the sizes).
+    ``full_check``: verify every checkpoint byte against its checksums and unpickle (weights only) every file of
+    the tag before DeepSpeed does (else compare sizes only).
     """
-    from factorllm_ds.sources import intact_tag
+    from factorllm_ds.sources import check_loads_safely, checkpoint_to_load, intact_tag, read_run_manifest
 
     out = Path(cfg.out)
-    manifest = out / RUN_MANIFEST
     resume = cfg.resume or cfg.resume_tag is not None
     # The rule of every output: a folder this tool wrote (run.json), holding and inside no input.
     problems = output_problems(out, "--out", True, _inputs(cfg), (RUN_MANIFEST,))
-    if not resume and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        return [f"--out {out} already holds files (another run?); pass --resume to continue it, or a new --out"], None
-    if problems or not resume:
+    if resume and cfg.restart:
+        return ["--resume continues the run in --out, --restart starts it again from step 0: pass one of them"], None
+    if not resume:
+        return new_run_problems(cfg) or problems, None
+    if problems:
         return problems, None
-    tags = list_tags(out)
-    if not manifest.is_file() or not tags:
-        return [f"--resume: no checkpoint in --out {out}; start without --resume"], None
-    previous = json.loads(manifest.read_text())
-    if previous.get("model_fingerprint") != model_fingerprint(model_config):
-        return [f"--resume: --out {out} was trained from a different model ({previous.get('model')}); "
-                "pass the same --model or a new --out"], None
-    tag = cfg.resume_tag or latest_tag(out) or tags[-1]
-    if tag not in tags:
-        return [f"--resume-tag {tag}: no such checkpoint in {out / CHECKPOINT_DIR}; available: {', '.join(tags)}"], None
+    if not list_tags(out):
+        fix = ("the run stopped before its first save: start it again with --restart instead of --resume, or pick a "
+               "new --out" if (out / RUN_MANIFEST).is_file() else "start without --resume")
+        return [f"--resume: no checkpoint in --out {out}; {fix}"], None
     try:
+        previous = read_run_manifest(out, "--resume: --out", need=("ep_size", "world_size"))
+        if previous.get("model_fingerprint") != model_fingerprint(model_config):
+            return [f"--resume: --out {out} was trained from a different model ({previous.get('model')}); "
+                    "pass the same --model or a new --out"], None
+        tag = checkpoint_to_load(out, cfg.resume_tag, "--resume-tag", "--resume --resume-tag {tag}")
         intact_tag(out, tag, "--resume", "--resume --resume-tag {tag}", sizes_only=not full_check)
+        if full_check:  # a file that would run code is refused here, before DeepSpeed unpickles anything
+            check_loads_safely(out, tag, "--resume: checkpoint")
     except UserError as err:
         return [str(err)], None
     return [], tag
+
+
+def finished_tags(out: Path) -> list[str]:
+    """The checkpoints of ``out`` whose save finished (rank 0 writes checksums.json last), oldest first."""
+    return [t for t in list_tags(out) if (Path(out) / CHECKPOINT_DIR / t / CHECKSUM_FILE).is_file()]
+
+
+def new_run_problems(cfg: TrainConfig) -> list[str]:
+    """Why a run cannot start (or, with --restart, start again) in --out. Nothing train did not write is touched,
+    and a finished checkpoint is never discarded."""
+    out = Path(cfg.out)
+    if not out.is_dir() or not any(p.name != LOCK_FILE for p in out.iterdir()):
+        return []
+    if not (out / RUN_MANIFEST).is_file():
+        return [f"--out {out} already holds files, but no {RUN_MANIFEST}: factorllm-ds train did not write it (so "
+                "neither --resume nor --restart applies); pick a new --out"]
+    saved = finished_tags(out)
+    if saved:
+        refused = "--restart refused: " if cfg.restart else ""
+        return [f"{refused}--out {out} already holds files: a run with checkpoints ({', '.join(saved[-3:])}); pass "
+                "--resume to continue it, or a new --out to start over (a checkpoint is never discarded)"]
+    if cfg.restart:
+        return []
+    return [f"--out {out} already holds files: a run that stopped before its first checkpoint, so there is nothing to "
+            "--resume. Pass --restart to start it again from step 0 (train replaces only its own run.json, "
+            "metrics.csv, expert_load.jsonl and TensorBoard steps there), or pick a new --out"]
 
 
 def model_fingerprint(model_config: dict) -> str:
@@ -438,16 +481,21 @@ def write_manifest(run: Run) -> None:
 
 
 def resume(run: Run) -> None:
+    from factorllm_ds.sources import read_run_manifest
+
     cfg = run.cfg
-    previous = json.loads((Path(cfg.out) / RUN_MANIFEST).read_text())
+    previous = read_run_manifest(cfg.out, "--resume: --out", need=("ep_size", "world_size"))
     same_layout = previous["ep_size"] == cfg.ep_size and previous["world_size"] == run.world
     if not same_layout:
         log.warning("resuming a run saved at ep_size %s / world %s at ep_size %s / world %s: model weights and "
                     "step are restored, optimizer state is reset (DeepSpeed cannot reshard it for MoE)",
                     previous["ep_size"], previous["world_size"], cfg.ep_size, run.world)
-    # validate() checked this tag against its checksums (rank 0: every byte) before anything was loaded.
-    path, client = run.engine.load_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=cfg.resume_tag,
-                                              load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
+    # validate() checked this tag against its checksums (rank 0: every byte) and unpickled each file with
+    # weights_only before anything was loaded; DeepSpeed's own reads are weights_only too (a file changed since).
+    with weights_only_loads(run.engine, "--resume: checkpoint"):
+        path, client = run.engine.load_checkpoint(str(Path(cfg.out) / CHECKPOINT_DIR), tag=cfg.resume_tag,
+                                                  load_optimizer_states=same_layout,
+                                                  load_lr_scheduler_states=same_layout)
     if path is None:
         raise UserError(f"--resume: could not load a checkpoint from {Path(cfg.out) / CHECKPOINT_DIR}")
     run.step = int(client["step"])
@@ -455,6 +503,27 @@ def resume(run: Run) -> None:
         for _ in range(run.step):
             run.engine.lr_scheduler.step()
     log.info("resumed from %s at step %d", path, run.step)
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine, what: str):
+    """Within the block, every file DeepSpeed's checkpoint engine reads (model, expert and ZeRO optimizer states:
+    ``load_checkpoint`` reads all of them through ``engine.checkpoint_engine.load``, which would unpickle with
+    ``weights_only=False``) goes through :func:`safe_torch_load` with DeepSpeed's allow-list: tensors, containers
+    and the listed DeepSpeed types, never code."""
+    from factorllm_ds.safety import safe_torch_load
+    from factorllm_ds.sources import CHECKPOINT_GLOBALS
+
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path, map_location=None):  # DeepSpeed maps every checkpoint file to the CPU, as safe_torch_load does
+        return safe_torch_load(path, what, CHECKPOINT_GLOBALS, mmap=False)
+
+    checkpoint_engine.load = load  # this engine only, for this block only
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 # ----------------------------------------------------------------------------- loop
@@ -521,23 +590,116 @@ def evaluate(run: Run) -> float | None:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def save(run: Run) -> None:
-    """A DeepSpeed checkpoint, then (rank 0, once every rank's files are written) its checksum manifest.
+# A full disk surfaces as OSError (ENOSPC, EDQUOT) or as torch's writer failing ("unexpected pos", "file write failed").
+WRITE_ERRORS = (OSError, RuntimeError)
 
-    A tag folder without ``checksums.json`` is a save that did not finish; --resume and export refuse it.
+
+def save(run: Run) -> None:
+    """A DeepSpeed checkpoint, then (rank 0, once every rank's files are written) its checksum manifest, then
+    ``checkpoints/latest`` naming it.
+
+    A tag folder without ``checksums.json`` is a save that did not finish; --resume and export refuse it. Weights
+    that are not finite are never saved. A save that fails on any rank (a full disk) raises the same
+    :class:`UserError` on every rank and leaves the previous checkpoint and ``latest`` as they were.
     """
     cfg = run.cfg
+    if agree(not weights_finite(run.engine)):
+        raise UserError(divergence_message(run, f"the weights after step {run.step} are not finite (NaN or Inf), so "
+                                                "they are not saved"))
     client = {"step": run.step, "samples": run.step * cfg.global_batch_size,
               "tokens": run.step * cfg.global_batch_size * cfg.seq_len}
     checkpoints, tag = Path(cfg.out) / CHECKPOINT_DIR, checkpoint_tag(run.step)
-    if run.rank == 0:  # a tag saved again (a resume from an older tag) is unverified until its new manifest
-        (checkpoints / tag / CHECKSUM_FILE).unlink(missing_ok=True)
-    dist.barrier()
-    run.engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client)
-    dist.barrier()  # save_checkpoint is collective, but each rank writes its own files: all are on disk now
-    if run.rank == 0:
-        write_checksums(checkpoints / tag)
-    dist.barrier()
+    folder = checkpoints / tag
+    fresh = not folder.exists()  # a failed save removes the folder only if this save made it
+
+    def prepare() -> None:
+        if run.rank == 0:  # a tag saved again (a resume from an older tag) is unverified until its new manifest
+            (folder / CHECKSUM_FILE).unlink(missing_ok=True)
+            # Made here, so that DeepSpeed's own mkdir (ahead of a collective) cannot fail mid-save.
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        try:
+            # `latest` is written by seal(), after every rank's files: DeepSpeed's (rank 0, once its own files are
+            # written) could name a tag another rank failed to write.
+            run.engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client, save_latest=False)
+        except WRITE_ERRORS:
+            dist.barrier()  # the barrier save_checkpoint ends with, in which the other ranks wait
+            raise
+
+    def seal() -> None:
+        if run.rank == 0:
+            write_checksums(folder)
+            write_latest(checkpoints, tag)
+
+    for stage in (prepare, write, seal):
+        on_every_rank(run, stage, folder, fresh)
+
+
+def on_every_rank(run: Run, stage, folder: Path, fresh: bool) -> None:
+    """``stage()`` on every rank, then one agreement: when it failed to write on any rank, every rank raises the same
+    error (none is left waiting in a collective), after rank 0 removed ``folder`` if this save created it."""
+    failure = None
+    try:
+        stage()
+    except WRITE_ERRORS as err:
+        failure = err
+    if agree(failure is not None):
+        if run.rank == 0 and fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(save_failure_message(run, folder, failure, removed=fresh)) from failure
+
+
+def save_failure_message(run: Run, folder: Path, err: BaseException | None, removed: bool) -> str:
+    out = Path(run.cfg.out)
+    if err is None:
+        cause = "another rank could not write its part (its error says why)"
+    elif getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        cause = f"the disk is full or the quota is used up ({err.strerror})"
+    else:
+        cause = f"writing failed ({type(err).__name__}: {str(err)[:300]}), which is what a full disk looks like"
+    try:
+        free = f"{shutil.disk_usage(out).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    kept = latest_kept(out)
+    return (f"--out {out}: could not save checkpoint {folder.name}: {cause}. Disk space on --out's file system: {free} "
+            f"now (a quota may allow less). {kept}"
+            + (f" The incomplete {folder.name} was removed." if removed else "")
+            + " Free space (or move the run folder to a larger disk), then " +
+            ("train --resume." if finished_tags(out) else "train --restart."))
+
+
+def latest_kept(out: Path) -> str:
+    saved = finished_tags(out)
+    if not saved:
+        return "No checkpoint of this run was saved before."
+    return f"The previous checkpoint {saved[-1]} and {CHECKPOINT_DIR}/{LATEST_FILE} are unchanged."
+
+
+def write_latest(checkpoints: Path, tag: str) -> None:
+    """``checkpoints/latest`` = ``tag``, replaced in one rename (a reader sees the old name or the new one)."""
+    tmp = checkpoints / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(tag)
+    os.replace(tmp, checkpoints / LATEST_FILE)
+
+
+def weights_finite(engine) -> bool:
+    """Whether every parameter this rank holds is finite (max |x| per tensor: no tensor-sized temporaries)."""
+    peaks = [torch.linalg.vector_norm(p.detach(), float("inf")) for p in engine.module.parameters()]
+    return bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
+
+
+def divergence_message(run: Run, what: str) -> str:
+    """Why the run stopped at ``run.step`` with non-finite numbers, what was kept and what to do."""
+    out, cfg = Path(run.cfg.out), run.cfg
+    saved = finished_tags(out)
+    kept = (f"the last checkpoint, {saved[-1]}, is kept and {CHECKPOINT_DIR}/{LATEST_FILE} names it (export it with "
+            f"export --run {out} --tag {saved[-1]})" if saved else "no checkpoint was saved before it")
+    return (f"{what}: training stopped at step {run.step} without saving; {kept}. Usual causes: a learning rate too "
+            f"high (--lr {cfg.lr:g}), NaN/Inf in --model's weights, fp16 overflow. The settings are saved with the "
+            "checkpoints, so --resume would follow the same course: start a new run with other settings "
+            + ("in a new --out." if saved else f"(--restart reuses --out {out})."))
 
 
 class MetricsLog:
@@ -545,13 +707,18 @@ class MetricsLog:
 
     FIELDS = ("step", "tokens", "lr", "loss", "ce", "pa", "balance", "agreement", "tokens_per_s", "eval_loss", "kd")
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, step: int = 0):
+        """Logs of a run now at ``step``: rows of later steps (a branch abandoned by --resume-tag or a crash, a run
+        started again with --restart) are dropped, so every step has one row, from the branch the model is on."""
         self.enabled = enabled
         self.files = contextlib.ExitStack()
         if not enabled:
             return
-        new = not (out / METRICS_FILE).exists()
-        self.csv_file = self.files.enter_context(open(out / METRICS_FILE, "a", newline=""))
+        drop_rows_after(out / METRICS_FILE, step, csv_steps)
+        drop_rows_after(out / EXPERT_LOAD_FILE, step, jsonl_steps)
+        # No rows (a new run, or one started again): a fresh file with today's header.
+        new = not (out / METRICS_FILE).is_file() or len((out / METRICS_FILE).read_text().splitlines()) <= 1
+        self.csv_file = self.files.enter_context(open(out / METRICS_FILE, "w" if new else "a", newline=""))
         self.csv = csv.DictWriter(self.csv_file, fieldnames=self.FIELDS)
         if new:
             self.csv.writeheader()
@@ -559,7 +726,8 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = self.files.enter_context(SummaryWriter(str(out / TENSORBOARD_DIR)))
+            # purge_step: TensorBoard hides the events of steps > ``step`` that earlier writers logged.
+            self.tb = self.files.enter_context(SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=step + 1))
         except ImportError:
             log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
             self.tb = None
@@ -579,6 +747,45 @@ class MetricsLog:
 
     def close(self) -> None:
         self.files.close()
+
+
+def csv_steps(lines: list[str]) -> list[float | None]:
+    """The step of each line of metrics.csv (None: the header, or a line that names none)."""
+    rows = list(csv.reader(lines))
+    col = rows[0].index("step") if rows and "step" in rows[0] else None
+    return [None if i == 0 or col is None or len(row) <= col else _number(row[col]) for i, row in enumerate(rows)]
+
+
+def jsonl_steps(lines: list[str]) -> list[float | None]:
+    def step(line: str) -> float | None:
+        try:
+            return _number(json.loads(line).get("step"))
+        except (ValueError, AttributeError):
+            return None
+    return [step(line) for line in lines]
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def drop_rows_after(path: Path, step: int, steps_of) -> None:
+    """Rewrite ``path`` (one row per line) without the rows whose step is > ``step``; lines without a step stay.
+    The file is replaced in one rename, and only when a row goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line, at in zip(lines, steps_of(lines)) if at is None or at <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    log.warning("%s: dropped %d rows of steps after %d (the run goes on from step %d)", path.name,
+                len(lines) - len(keep), step, step)
 
 
 def expert_lr(engine) -> float:
@@ -601,42 +808,62 @@ def loop(run: Run, preemption: Preemption | None = None) -> dict:
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    metrics = MetricsLog(Path(cfg.out), run.rank == 0)
+    metrics = MetricsLog(Path(cfg.out), run.rank == 0, run.step)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=run.rank != 0 or not cfg.progress,
                dynamic_ncols=True)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     last = {}
-    steps_here, stop = 0, False
-    while run.step < run.total_steps:
-        started = time.perf_counter()
-        totals = train_step(run)
-        if cfg.balance_kind == "bias":
-            rebalance(run, totals["expert_counts"])
-        steps_here += 1
-        final = run.step == run.total_steps or steps_here == cfg.stop_after
-        # Once per step, on every rank: one rank's signal stops all of them at this same step.
-        exit_code = agree_max(preemption.exit_code if preemption is not None else 0)
-        stop = exit_code != 0 and not final
-        if run.step % cfg.log_every == 0 or final:
+    steps_here, stop, first_nonfinite = 0, False, None
+    with contextlib.closing(bar), contextlib.closing(metrics):
+        while run.step < run.total_steps:
+            started = time.perf_counter()
+            totals = train_step(run)
+            if cfg.balance_kind == "bias":
+                rebalance(run, totals["expert_counts"])
+            steps_here += 1
+            final = run.step == run.total_steps or steps_here == cfg.stop_after
+            # Once per step, on every rank: one rank's signal stops all of them at this same step.
+            exit_code = agree_max(preemption.exit_code if preemption is not None else 0)
+            stop = exit_code != 0 and not final
+            # Every step: the all-reduced loss is the same number on every rank, so all stop at the same step.
             reduced = reduce_metrics(totals, run.world)
-            row = {"step": run.step, "tokens": run.step * tokens_per_step, "lr": expert_lr(run.engine),
-                   **{k: v for k, v in reduced.items() if k != "expert_counts"},
-                   "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-            if (cfg.eval_every and run.step % cfg.eval_every == 0) or final:
-                row["eval_loss"] = evaluate(run)
-            metrics.write(row, reduced["expert_counts"])
-            last = row
-            bar.set_postfix(loss=f"{row['loss']:.4f}", pa=f"{row['pa']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if (cfg.save_every and run.step % cfg.save_every == 0) or final or stop:
-            save(run)
-        if steps_here == cfg.stop_after or stop:
-            break
-    bar.close()
-    metrics.close()
+            diverged = not math.isfinite(reduced["loss"])
+            if run.step % cfg.log_every == 0 or final or diverged:
+                row = {"step": run.step, "tokens": run.step * tokens_per_step, "lr": expert_lr(run.engine),
+                       **{k: v for k, v in reduced.items() if k != "expert_counts"},
+                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+                if ((cfg.eval_every and run.step % cfg.eval_every == 0) or final) and not diverged:
+                    row["eval_loss"] = evaluate(run)
+                metrics.write(row, reduced["expert_counts"])
+                last = row
+                bar.set_postfix(loss=f"{row['loss']:.4f}", pa=f"{row['pa']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            first_nonfinite = nonfinite_streak(run, reduced["loss"], first_nonfinite, final or stop)
+            if diverged:  # a non-finite step is never saved: the last checkpoint stays the latest
+                continue
+            if (cfg.save_every and run.step % cfg.save_every == 0) or final or stop:
+                save(run)
+            if steps_here == cfg.stop_after or stop:
+                break
     if stop:
         raise Preempted(exit_code, run.step)
     return last
+
+
+def nonfinite_streak(run: Run, loss: float, first: int | None, ending: bool) -> int | None:
+    """The first step of the streak of non-finite losses that ``loss`` (this step's, over all ranks) ends or extends
+    (None: it is finite). Raises the divergence error when the streak reaches --nonfinite-steps, or the run ends in
+    one."""
+    if math.isfinite(loss):
+        return None
+    first = first or run.step
+    if run.step - first + 1 >= run.cfg.nonfinite_steps or ending:
+        since = ", and at every step since" if run.step > first else ""
+        raise UserError(divergence_message(run, f"the training loss (mean over the {run.world} ranks) is {loss} at "
+                                                f"step {first}{since}"))
+    log.warning("step %d: the training loss is %s (DeepSpeed skips this update); the run stops if it stays so for "
+                "%d steps", run.step, loss, run.cfg.nonfinite_steps)
+    return first
 
 
 def train(cfg: TrainConfig) -> dict:

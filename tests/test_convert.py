@@ -269,9 +269,13 @@ def test_overwrite_replaces_the_old_folder_entirely(llama_dir, tmp_path, capsys)
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "stale.txt").is_file()
 
+    # A file the user put in is not convert's to delete (its manifest lists what it wrote): moved away first.
+    assert main(base + ["--split", "random", "--max-shard-size", "1GB", "--overwrite"]) == 2
+    assert "stale.txt" in capsys.readouterr().err
+    (out / "stale.txt").unlink()
     assert main(base + ["--split", "random", "--max-shard-size", "1GB", "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted([SINGLE_FILE, PARTITION_FILE])
-    assert not (out / "stale.txt").exists() and not (out / INDEX_FILE).exists()
+    assert not (out / INDEX_FILE).exists()  # the first run's shards and index went with the folder
     assert json.loads((out / MANIFEST_FILE).read_text())["settings"]["split"] == "random"
     assert leftovers(out) == ["moe"]
     assert verify(VerifyConfig(model=out, dense=llama_dir, batches=1, seq_len=16))["ok"]

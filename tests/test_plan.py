@@ -107,7 +107,7 @@ def test_recommendation_for_llama2_13b():
 
 
 def test_llama3_70b_needs_more_experts_and_offload(capsys):
-    assert main(["plan", "--model", "llama3-70b", "--gpus", "8", "--gpu-memory", "80GB"]) == 1
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "8", "--gpu-memory", "80GB"]) == 2
     err = capsys.readouterr().err
     assert "nothing fits: the smallest requirement is" in err and "GiB per GPU" in err
     assert "--prior self" in err
@@ -119,7 +119,7 @@ def test_llama3_70b_needs_more_experts_and_offload(capsys):
 
 def test_host_memory_limits_offload(capsys):
     assert main(["plan", "--model", "llama3-70b", "--gpus", "16", "--num-experts", "8", "--prior", "self",
-                 "--seq-len", "512", "--host-memory", "128GB"]) == 1
+                 "--seq-len", "512", "--host-memory", "128GB"]) == 2
     assert "host memory per node, above --host-memory 128GB" in capsys.readouterr().err
 
 
@@ -200,7 +200,7 @@ def test_distillation_adds_the_dense_model_and_its_logits(capsys):
     assert main(["plan", "--model", "llama2-13b", "--gpus", "8", "--distill"]) == 0
     out = capsys.readouterr().out
     assert "--teacher /path/to/llama2-13b" in out and "distil" in out
-    assert main(["plan", "--model", "llama3-70b", "--gpus", "64", "--distill"]) == 1
+    assert main(["plan", "--model", "llama3-70b", "--gpus", "64", "--distill"]) == 2
     assert "training without --teacher (plan without --distill) saves" in capsys.readouterr().err
 
 

@@ -26,7 +26,7 @@ import tiny
 from factorllm_ds import distributed
 from factorllm_ds.cli import main
 from factorllm_ds.layout import CHECKPOINT_DIR, EXPERT_FILE, MANIFEST_FILE, MODEL_STATES, RUN_MANIFEST
-from factorllm_ds.safety import CHECKSUM_FILE, old_dir_for, temp_dir_for, write_checksums
+from factorllm_ds.safety import CHECKSUM_FILE, make_marked_dir, write_checksums
 
 NUM_EXPERTS, NUM_LAYERS = 4, 2
 
@@ -365,8 +365,7 @@ def test_plan_judges_only_the_flags_given(tmp_path, capsys):
 
 def test_stale_temp_folders_of_dead_processes_are_removed(llama_dir, tmp_path):
     out = tmp_path / "moe"
-    stale = temp_dir_for(out, dead_pid())
-    stale.mkdir()
+    stale = make_marked_dir(out, pid=dead_pid())  # what a killed convert leaves: its marker, then partial shards
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
     other = tmp_path / "keep"
     other.mkdir()
@@ -376,10 +375,10 @@ def test_stale_temp_folders_of_dead_processes_are_removed(llama_dir, tmp_path):
 
 
 def test_a_replacement_cut_between_its_renames_loses_nothing(llama_dir, tmp_path, capsys):
-    """The crash window of FolderWriter: the old `out` parked as .NAME.old-PID@HOST, the new one not yet moved in."""
+    """The crash window of FolderWriter: the old `out` parked in .NAME.old-PID@HOST, the new one not yet moved in."""
     out = tiny.convert_tiny(llama_dir, tmp_path / "moe")
     before = tree(out)
-    out.rename(old_dir_for(out, dead_pid()))
+    out.rename(make_marked_dir(out, "old", dead_pid()) / out.name)
     assert not out.exists()
     code, _, err = cli(capsys, "convert", "--model", llama_dir, "--out", out)
     assert code == 2 and "already exists" in err, err  # the restored folder, which --overwrite would replace

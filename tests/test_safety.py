@@ -167,29 +167,29 @@ def test_stale_temps_of_dead_processes_go_live_ones_stay(tmp_path):
     out = tmp_path / "moe"
     dead = _dead_pid()
     host = socket.gethostname()
-    stale = [safety.temp_dir_for(out, dead), tmp_path / f".moe.tmp-{dead}"]  # current and older naming
-    kept = [safety.temp_dir_for(out),                        # this (live) process
-            tmp_path / f".moe.tmp-{dead}@not-{host}",        # another node's: its pid says nothing here
+    stale = [safety.make_marked_dir(out, pid=dead)]           # made, and marked, by a command for this --out
+    kept = [safety.make_marked_dir(out),                      # this (live) process
+            tmp_path / f".moe.tmp-{dead}",                    # no host in the name: whose it is cannot be told
+            tmp_path / f".moe.tmp-{dead}@not-{host}",         # another node's: its pid says nothing here
             tmp_path / f".moe.tmp-{dead}x", tmp_path / f"moe.tmp-{dead}", tmp_path / "moe"]
     for folder in stale + kept:
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         (folder / "model.safetensors").write_bytes(b"partial")
     a_file = tmp_path / f".other.tmp-{dead}"
     a_file.write_text("not a folder")
-    removed = safety.remove_stale_temps(tmp_path)
+    removed = safety.remove_stale_temps(out)
     assert sorted(removed) == sorted(stale)
     assert not any(p.exists() for p in stale)
     assert all(p.is_dir() for p in kept) and a_file.is_file()
 
 
-def test_stale_temp_removal_can_be_limited_to_one_output(tmp_path):
+def test_stale_temp_removal_is_limited_to_one_output(tmp_path):
     dead = _dead_pid()
-    mine, other = safety.temp_dir_for(tmp_path / "moe", dead), safety.temp_dir_for(tmp_path / "export", dead)
-    mine.mkdir()
-    other.mkdir()
-    assert safety.remove_stale_temps(tmp_path, name="moe") == [mine]
+    mine = safety.make_marked_dir(tmp_path / "moe", pid=dead)
+    other = safety.make_marked_dir(tmp_path / "export", pid=dead)
+    assert safety.remove_stale_temps(tmp_path / "moe") == [mine]
     assert other.is_dir()
-    assert safety.remove_stale_temps(tmp_path / "missing") == []
+    assert safety.remove_stale_temps(tmp_path / "missing" / "moe") == []
 
 
 def test_temp_name_round_trips_through_the_pattern(tmp_path):
