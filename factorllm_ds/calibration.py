@@ -25,7 +25,7 @@ class CalibrationRunner:
         text_cfg = {k: v for k, v in dense_config.items() if k != "model_type"}
         self.config = AutoConfig.for_model(dense_config["model_type"], **text_cfg)
         self.config._attn_implementation = "sdpa"  # causal without building a mask
-        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, model_config=dense_config)  # ids within the vocabulary
         ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
         seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
         if len(ids) < cfg.calib_tokens:

@@ -25,6 +25,7 @@ from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared, valid_num_exp
 PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the paper's)
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
 BALANCE_KINDS = ("paper", "switch", "bias")
+ROUTER_GRADS = ("straight-through", "none")  # the first is the default (docs/method.md §5)
 ROUTER_INITS = ("normal", "prior")
 DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.md §5)
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
@@ -169,6 +170,11 @@ class Objective:
     prior: str = arg("PA teacher: frozen (initial experts = dense FFN) or self (current experts, no grad); "
                      "none disables the PA loss", choices=PRIOR_TEACHERS, default=PRIOR_TEACHERS[0])
     prior_tau: float = arg("temperature of the PA prior softmax", default=1.0)
+    router_grad: str = arg("how the next-token (or distillation) loss reaches a hard router: straight-through "
+                           "(each selected expert's weight s is s * (1 + p - p.detach()): the forward is unchanged, "
+                           "the backward gives the router the loss's gradient through the selected experts' "
+                           "probabilities) or none (the paper: the PA loss alone trains the router)",
+                           choices=ROUTER_GRADS, default=ROUTER_GRADS[0])
     prior_target: str | None = arg("what the PA prior picks: share (paper: the k experts each closest to their "
                                    "share t*k/E of the teacher output t) or subset (the k experts whose combined "
                                    "output is closest to t). Default: the model's config (set by convert)",

@@ -163,7 +163,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     if cfg.tokenizer is not None or cfg.needs_calibration():
         tokenizer_dir(cfg.model, cfg.tokenizer)  # the error names the folder and suggests --tokenizer
     num_layers = dense_config["num_hidden_layers"]
-    # Before the plan: a config.json naming more layers than the weights hold is named here, not a KeyError.
+    # Before the plan: layers present (checked above) but without a SwiGLU MLP are named here, not a KeyError.
     missing = [name for name in (keys.dense_mlp_key(p, i) for i in range(num_layers) for p in keys.MLP_PARTS)
                if name not in reader.infos]
     if missing:

@@ -64,7 +64,7 @@ class DeepSpeedMoEBlock(nn.Module):
         self.moe = MoE(hidden_size=hidden, expert=expert, num_experts=self.num_experts, ep_size=ep_size, k=self.k,
                        drop_tokens=False, use_rts=False, min_capacity=0)
         self.moe.deepspeed_moe.gate = FactorLLMGate(hidden, self.num_experts, self.k, config.routing, config.scale,
-                                                    config.router_bias)
+                                                    config.router_bias, weights.router_grad)
         # The shared expert: a dense module beside the MoE layer, data parallel like every dense weight.
         shared_size = config.shared_intermediate_size
         self.shared_expert = FactorLLMExpert(hidden, shared_size, text.hidden_act) if shared_size else None

@@ -73,10 +73,12 @@ class FactorLLMGate(nn.Module):
     right after the call (as DeepSpeed itself keeps ``l_aux``).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, k: int, routing: str, scale: float, bias: bool):
+    def __init__(self, hidden_size: int, num_experts: int, k: int, routing: str, scale: float, bias: bool,
+                 router_grad: str = "none"):
         super().__init__()
         self.router = nn.Linear(hidden_size, num_experts, bias=bias)
         self.num_experts, self.k, self.routing, self.scale = num_experts, k, routing, scale
+        self.straight_through = router_grad == "straight-through" and routing == "hard"
         self.ep_group = None
         # --balance-kind bias: added to the logits for the top-k choice only (hard routing weights are constant,
         # so it changes who is picked, not by how much); export folds it into the router bias.
@@ -99,6 +101,12 @@ class FactorLLMGate(nn.Module):
                                                                           self.router.weight.float(), bias)
         self.last_probs = F.softmax(aux_logits_TE, dim=-1)
         self.last_indices = idx_TK
+        if self.straight_through and self.last_probs.requires_grad:
+            # Hard routing's weights are constants, so the next-token loss never reaches the router. Multiplying by
+            # (1 + p - p.detach()) = 1 keeps every forward value and gives d loss / d p_e = s * <d loss / d y, E_e(x)>
+            # for each selected expert e: the router learns which of its picks helped (docs/method.md §5).
+            chosen_TK = self.last_probs.gather(1, idx_TK)
+            weights_TK = weights_TK * (1.0 + chosen_TK - chosen_TK.detach())
         # Position of each (token, route) in its expert's buffer; capacity = the largest load
         # over the expert-parallel group, so nothing is dropped (drop_tokens=False semantics).
         mask_TE = torch.zeros_like(logits_TE, dtype=torch.long).scatter_(1, idx_TK, 1)

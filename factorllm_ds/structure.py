@@ -136,8 +136,8 @@ def routed_groups(perm: torch.Tensor, num_shared: int, num_experts: int) -> torc
 
 def group_outputs(act_TI: torch.Tensor, down_HI: torch.Tensor, groups_GN: torch.Tensor) -> torch.Tensor:
     """Output of each neuron group from known activations: [G, T, H] (no second gate/up pass)."""
-    act, down = act_TI.float(), down_HI.float()
-    return torch.stack([act[:, idx] @ down[:, idx].T for idx in groups_GN])
+    act_GTN = act_TI.float()[:, groups_GN].permute(1, 0, 2)
+    return torch.bmm(act_GTN, down_HI.float()[:, groups_GN].permute(1, 2, 0))
 
 
 def neuron_gates(idx_TK: torch.Tensor, weights_TK: torch.Tensor, perm: torch.Tensor, num_shared: int,

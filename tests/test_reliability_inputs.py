@@ -211,6 +211,11 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_moe_dir, llama_d
         code, err = cli(capsys, "eval", "--model", model, "--data", tmp_path / "extra.txt", "--seq-len", "32",
                         "--sample-tokens", "0", "--device", "cpu", *extra)
         assert code == 2 and "the tokenizer has 32003 tokens" in err and "vocab_size 32000" in err, err
+    # convert: only calibration text is tokenized
+    code, err = cli(capsys, "convert", "--model", dense, "--out", tmp_path / "converted", "--calib-data",
+                    tmp_path / "extra.txt", "--calib-tokens", "256", "--calib-seq-len", "64", *dense_flags)
+    assert code == 2 and "the tokenizer has 32003 tokens" in err and "vocab_size 32000" in err, err
+    assert not (tmp_path / "converted").exists()
     # train: refused by --check, before any process group (none is ever started here).
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)

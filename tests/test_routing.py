@@ -312,7 +312,7 @@ def is_zero(gs: list[torch.Tensor | None]) -> bool:
 
 @pytest.mark.parametrize("prior", ["frozen", "self"])
 def test_hard_mode_router_learns_only_from_pa_and_balance(tiny_moe_dir, prior: str) -> None:
-    weights = Objective(pa_weight=0.05, balance_weight=0.01, prior=prior, prior_target="share")
+    weights = Objective(pa_weight=0.05, balance_weight=0.01, prior=prior, prior_target="share", router_grad="none")
     model = build_train_model(tiny_moe_dir, 1, weights, 0).train()
     ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     ce, pa, bal = objective_parts(model, ids)
@@ -333,6 +333,23 @@ def test_hard_mode_router_learns_only_from_pa_and_balance(tiny_moe_dir, prior: s
     loss, metrics = model(ids, labels=ids)
     assert loss.item() == pytest.approx(total.item(), rel=1e-6)
     assert metrics["pa"].item() == pytest.approx(pa.item(), rel=1e-6) and pa.item() > 0
+
+
+def test_straight_through_gives_a_hard_router_the_loss_gradient_and_keeps_the_forward(tiny_moe_dir) -> None:
+    ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
+    parts = {}
+    for grad in ("none", "straight-through"):
+        model = build_train_model(tiny_moe_dir, 1, Objective(prior="none", prior_target="share", router_grad=grad),
+                                  0).train()
+        ce, _, _ = objective_parts(model, ids)
+        parts[grad] = (ce, grads(ce, router_params(model)), model)
+    ce_none, g_none, _ = parts["none"]
+    ce_st, g_st, model = parts["straight-through"]
+    assert torch.equal(ce_none, ce_st)  # the forward is the same, value for value
+    assert is_zero(g_none) and not is_zero(g_st)
+    # The experts' gradients are untouched by the straight-through factor (it is 1 in value).
+    assert all(torch.allclose(a, b) for a, b in zip(grads(ce_none, expert_params(parts["none"][2])),
+                                                    grads(ce_st, expert_params(model))))
 
 
 def test_softmax_mode_router_also_learns_from_ce(tiny_moe_dir) -> None:
