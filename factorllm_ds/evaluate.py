@@ -63,6 +63,8 @@ class EvalConfig:
                       "random (seeded)",
                       choices=ROUTERS, default=ROUTERS[0])
     seed: int = arg("seed of --router random", default=0)
+    recall: bool = arg("FactorLLM with the learned router: also measure, per layer, the share of the oracle's k "
+                       "experts that the router picks on these tokens (slow: every expert runs)", default=False)
     dtype: str = arg("dtype the model runs in", choices=DTYPE_CHOICES, default=DTYPE_CHOICES[0])
     device: str = arg("device: cpu, cuda, cuda:1, ... or auto (cuda when available)", default=DEVICE_DEFAULT)
     report: Path | None = arg("write the full JSON report here", default=None)
@@ -94,9 +96,12 @@ class EvalConfig:
             num_experts = int(model_config.get("num_experts", 0))
             if self.top_k is not None and not 1 <= self.top_k <= num_experts:
                 problems.append(f"--top-k {self.top_k}: must be between 1 and the model's {num_experts} experts")
+            if self.recall and self.router != "learned":
+                problems.append(f"--recall measures the learned router against the oracle; drop --router "
+                                f"{self.router} (or --recall)")
         else:
             for flag, value, default in (("--top-k", self.top_k, None), ("--router", self.router, ROUTERS[0]),
-                                         ("--plot", self.plot, None)):
+                                         ("--plot", self.plot, None), ("--recall", self.recall, False)):
                 if value != default:
                     problems.append(f"{flag} applies to FactorLLM models only; --model {self.model} is a dense "
                                     f"{model_config.get('model_type')!r} model (no experts)")
@@ -189,6 +194,43 @@ def count_expert_usage(model):
         result["counts"] = [block.usage_counts.tolist() for block in blocks]
         for block in blocks:
             block.usage_counts = None
+
+
+@contextmanager
+def oracle_recall(model, enabled: bool = True):
+    """While the body runs, each MoE block also computes the oracle's k experts (docs/method.md §4: the subset
+    of its current experts closest to their sum, as ``--router oracle`` picks them) on its own inputs and counts
+    how many of them its router picked. Yields a dict filled on exit with ``per_layer`` recall and ``mean``."""
+    from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight
+
+    result: dict = {}
+    if not enabled:
+        yield result
+        return
+    blocks = model.moe_blocks()
+    hits = [[0.0, 0] for _ in blocks]
+
+    def hook(layer: int):
+        def count(block, args):
+            x_TH = args[0].reshape(-1, args[0].shape[-1])
+            with torch.no_grad():
+                picked_TK = block.select(x_TH)[0]
+                out_ETH = block.experts.all_outputs(x_TH)
+                oracle_TK = prior_topk(out_ETH, out_ETH.sum(dim=0), block.top_k, block.prior_target,
+                                       prior_weight(block.routing, block.scale, block.top_k))
+            hits[layer][0] += float((picked_TK.unsqueeze(-1) == oracle_TK.unsqueeze(-2)).any(dim=-1).sum())
+            hits[layer][1] += oracle_TK.numel()
+        return count
+
+    handles = [block.register_forward_pre_hook(hook(i)) for i, block in enumerate(blocks)]
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+        result["per_layer"] = [h / n if n else None for h, n in hits]
+        done = [r for r in result["per_layer"] if r is not None]
+        result["mean"] = sum(done) / len(done) if done else None
 
 
 def usage_report(counts: list[list[int]], top_k: int, tokens: int) -> dict:
@@ -287,10 +329,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                          "seed": cfg.seed if cfg.router == "random" else None,
                          "oracle_teacher": "sum of all current experts" if cfg.router == "oracle" else None,
                          "oracle_target": block.prior_target if cfg.router == "oracle" else None}
-    with (count_expert_usage(model) if is_moe else nullcontext()) as usage:
+    with (count_expert_usage(model) if is_moe else nullcontext()) as usage, \
+            oracle_recall(model, is_moe and cfg.recall) as recall:
         total, count = window_nll(model, windows, cfg.batch_size, progress)
     if is_moe:
         report["expert_usage"] = usage_report(usage["counts"], block.top_k, windows.numel())
+        if cfg.recall:
+            report["router_recall"] = recall
     report.update(nll_per_token=total / count, perplexity=math.exp(total / count), tokens_scored=count)
     if is_moe and cfg.plot is not None:
         title = (f"{Path(cfg.model).name}: expert usage, k={block.top_k}/{block.num_experts}, router {cfg.router}, "
@@ -314,6 +359,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"experts: k={m['top_k']}/{m['num_experts']}, routing {m['routing']}, "
                      f"scale {m['combine_scale']:g}, router {m['router']}; usage share per expert "
                      f"{u['min_share']:.3f} .. {u['max_share']:.3f} (uniform {1 / m['num_experts']:.3f})")
+    if report.get("router_recall", {}).get("mean") is not None:
+        lines.append(f"router recall of the oracle's experts: {report['router_recall']['mean']:.3f} (mean over layers)")
     if "sample" in report:
         lines.append(f"sample: {report['sample']['prompt']!r} -> {report['sample']['completion']!r}")
     if "plot" in report:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE, checkpoint_tag, is_run_dir, latest_tag, list_tags
+from factorllm_ds.layout import (CHECKPOINT_DIR, MANIFEST_FILE, METRICS_FILE, checkpoint_tag, is_run_dir, latest_tag,
+                                 list_tags)
 from factorllm_ds.safety import check_output
 from factorllm_ds.split import SPLIT_METHODS
 
@@ -208,7 +209,7 @@ def demo(cfg: DemoConfig) -> dict:
         "trained (paper code: random router)": _eval(exported, held_out, reports / "random.json", cfg,
                                                      router="random"),
         "trained": _eval(exported, held_out, reports / "trained.json", cfg, plot=work / "usage.png",
-                         sample_tokens=24),
+                         sample_tokens=24, recall=True),
         "trained, oracle router": _eval(exported, held_out, reports / "oracle.json", cfg, router="oracle"),
     }
     speed_file = reports / "speed.json"
@@ -228,6 +229,8 @@ def summarize(rows: dict, speed: dict, work: Path, seconds: float) -> dict:
         "trained_over_dense": ppl["trained"] / ppl["dense"],
         "trained_over_oracle": ppl["trained"] / ppl["trained, oracle router"],
         "trained_over_random_router": ppl["trained"] / ppl["trained (paper code: random router)"],
+        "router_recall_of_oracle": rows["trained"].get("router_recall", {}).get("mean"),
+        "train_agreement_last_step": _last_agreement(work / "run"),
         "prefill_speedup_moe_over_dense": speed["prefill"]["speedup"],
         "prefill_amdahl_limit": speed["prefill"]["amdahl_limit"],
         "report_dir": str(work / "reports"),
@@ -237,6 +240,18 @@ def summarize(rows: dict, speed: dict, work: Path, seconds: float) -> dict:
     }
 
 
+def _last_agreement(run: Path) -> float | None:
+    """The router / PA prior top-k agreement train logged last (metrics.csv), if any."""
+    import csv
+
+    path = run / METRICS_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("agreement")]
+    return float(rows[-1]["agreement"]) if rows else None
+
+
 def print_summary(s: dict) -> None:
     print("\nFactorLLM demo: held-out perplexity")
     for name, value in s["perplexity"].items():
@@ -244,6 +259,10 @@ def print_summary(s: dict) -> None:
     print(f"  {'trained / dense':40} {s['trained_over_dense']:12.3f}")
     print(f"  {'trained / oracle router':40} {s['trained_over_oracle']:12.3f}")
     print(f"  {'trained / random router':40} {s['trained_over_random_router']:12.3f}")
+    if s.get("router_recall_of_oracle") is not None:
+        print(f"  {'router picks of the oracle (held out)':40} {s['router_recall_of_oracle']:12.3f}")
+    if s.get("train_agreement_last_step") is not None:
+        print(f"  {'router / PA prior agreement, last step':40} {s['train_agreement_last_step']:12.3f}")
     print(f"  {'prefill speed MoE / dense':40} {s['prefill_speedup_moe_over_dense']:12.3f}  "
           f"(Amdahl limit {s['prefill_amdahl_limit']:.3f})")
     print(f"reports: {s['report_dir']}\nexpert usage plot: {s['usage_plot']}\nsample: {s['sample']!r}")

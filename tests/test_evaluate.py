@@ -27,7 +27,7 @@ import torch
 
 import tiny
 from factorllm_ds.errors import UserError
-from factorllm_ds.evaluate import EvalConfig, evaluate, perplexity
+from factorllm_ds.evaluate import EvalConfig, evaluate, oracle_recall, perplexity
 from factorllm_ds.modeling import load_dense, load_moe
 
 
@@ -177,3 +177,31 @@ def test_amdahl_limit_counts_the_shared_expert():
     assert amdahl_limit(0.6, config.active_fraction) == pytest.approx(1 / (0.4 + 0.3))
     config.num_experts_per_tok = 14
     assert config.active_fraction == 1.0 and amdahl_limit(0.6, 1.0) == 1.0
+
+
+@torch.no_grad()
+def test_recall_counts_the_oracles_experts_the_router_picks(tiny_moe_dir, text_file):
+    report = _eval(tiny_moe_dir, text_file, recall=True)
+    recall = report["router_recall"]
+    assert len(recall["per_layer"]) == 2 and all(0.0 <= r <= 1.0 for r in recall["per_layer"])
+    # by hand on one batch: the router's picks against the oracle's, layer 0
+    model = load_moe(tiny_moe_dir)
+    ids = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with oracle_recall(model) as mine:
+        model(ids)
+    seen = {}
+    block = model.moe_blocks()[0]
+    block.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0].reshape(-1, args[0].shape[-1])))
+    model(ids)
+    picked = block.select(seen["x"])[0]
+    model.set_router_override("oracle")
+    oracle = block.select(seen["x"])[0]
+    expected = (picked.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean().item()
+    assert mine["per_layer"][0] == pytest.approx(expected)
+    # every expert picked (k = E): the router has every one of the oracle's
+    assert _eval(tiny_moe_dir, text_file, recall=True, top_k=4)["router_recall"]["mean"] == 1.0
+
+
+def test_recall_needs_the_learned_router(tiny_moe_dir, text_file):
+    with pytest.raises(UserError, match="--recall"):
+        _eval(tiny_moe_dir, text_file, recall=True, router="oracle")
