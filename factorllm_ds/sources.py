@@ -152,6 +152,11 @@ def _intact_advice(run_dir: Path, bad: list[str], retry: str, sizes_only: bool =
             "no other checkpoint of this run is intact")
 
 
+# The keys of run.json that commands read, with their JSON types.
+RUN_MANIFEST_TYPES = {"model": str, "model_fingerprint": str, "ep_size": int, "world_size": int, "total_steps": int,
+                      "settings": dict}
+
+
 def read_run_manifest(run_dir: Path, flag: str, need: tuple[str, ...] = ("model",)) -> dict:
     """``run_dir/run.json`` (written by train when the run starts) as a dict holding the keys ``need``; one
     :class:`UserError` naming the file when it is missing, not JSON or incomplete."""
@@ -167,6 +172,9 @@ def read_run_manifest(run_dir: Path, flag: str, need: tuple[str, ...] = ("model"
             problem = f"holds a JSON {type(manifest).__name__}, not the object train writes"
         elif missing := [k for k in need if k not in manifest]:
             problem = f"lacks {', '.join(missing)}"
+        elif wrong := [f"{k} {manifest[k]!r} is not a {kind.__name__}" for k, kind in RUN_MANIFEST_TYPES.items()
+                       if k in manifest and not isinstance(manifest[k], kind)]:
+            problem = f"is damaged: {'; '.join(wrong)}"
         else:
             return manifest
     raise UserError(f"{flag} {run_dir}: {path} {problem}. train writes it when a run starts (the model, the layout, "
@@ -194,7 +202,8 @@ def checkpoint_to_load(run_dir: Path, tag: str | None, tag_flag: str, retry: str
         problem = f"names {named!r}, which is not a checkpoint in {root} (available: {', '.join(tags)})"
     if named in tags:
         return named
-    raise UserError(f"{latest} {problem}: the save it points to did not finish, or its folder was removed. Fix: "
+    raise UserError(f"{latest} {problem}: the save it points to did not finish, its folder was removed or the file "
+                    f"was damaged. Fix: "
                     f"{_intact_advice(run_dir, [], retry)}, or write that tag into {latest}.")
 
 

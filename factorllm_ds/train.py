@@ -86,8 +86,9 @@ class TrainConfig(Objective):
     save_every: int = arg("checkpoint every N steps (0 = only at the end)", default=0)
     log_every: int = arg("log metrics every N steps", default=1)
     resume: bool = arg("continue the run in --out from its newest checkpoint, after checking it against the "
-                       "checksums recorded when it was saved (resuming unpickles DeepSpeed's files: resume only "
-                       "runs you wrote)", default=False)
+                       "checksums recorded when it was saved. DeepSpeed's files are unpickled with weights_only and "
+                       "an allow-list of DeepSpeed's types (a file that would run code is refused); their numbers "
+                       "are trusted as they are", default=False)
     resume_tag: str | None = arg("with --resume: the checkpoint to continue from instead of the newest, e.g. step400 "
                                  "(an error about a damaged checkpoint names the newest intact one)", default=None)
     restart: bool = arg("start the run in --out again from step 0 when it stopped before its first checkpoint (so "
@@ -285,9 +286,9 @@ def run_dir_problems(cfg: TrainConfig, model_config: dict, full_check: bool = Tr
         return new_run_problems(cfg) or problems, None
     if problems:
         return problems, None
-    if not list_tags(out):
-        fix = ("the run stopped before its first save: start it again with --restart instead of --resume, or pick a "
-               "new --out" if (out / RUN_MANIFEST).is_file() else "start without --resume")
+    if not saved_tags(out):
+        fix = ("the run stopped before its first save finished: start it again with --restart instead of --resume, "
+               "or pick a new --out" if (out / RUN_MANIFEST).is_file() else "start without --resume")
         return [f"--resume: no checkpoint in --out {out}; {fix}"], None
     try:
         previous = read_run_manifest(out, "--resume: --out", need=("ep_size", "world_size"))
@@ -308,6 +309,13 @@ def finished_tags(out: Path) -> list[str]:
     return [t for t in list_tags(out) if (Path(out) / CHECKPOINT_DIR / t / CHECKSUM_FILE).is_file()]
 
 
+def saved_tags(out: Path) -> list[str]:
+    """:func:`finished_tags`, or else the tag ``checkpoints/latest`` names (written only after a whole save, also by
+    versions that kept no checksums): what --restart must never start over from."""
+    pointer = latest_or_none(out)
+    return finished_tags(out) or ([pointer] if pointer else [])
+
+
 def new_run_problems(cfg: TrainConfig) -> list[str]:
     """Why a run cannot start (or, with --restart, start again) in --out. Nothing train did not write is touched,
     and a finished checkpoint is never discarded."""
@@ -317,7 +325,7 @@ def new_run_problems(cfg: TrainConfig) -> list[str]:
     if not (out / RUN_MANIFEST).is_file():
         return [f"--out {out} already holds files, but no {RUN_MANIFEST}: factorllm-ds train did not write it (so "
                 "neither --resume nor --restart applies); pick a new --out"]
-    saved = finished_tags(out)
+    saved = saved_tags(out)
     if saved:
         refused = "--restart refused: " if cfg.restart else ""
         return [f"{refused}--out {out} already holds files: a run with checkpoints ({', '.join(saved[-3:])}); pass "
@@ -503,6 +511,13 @@ def resume(run: Run) -> None:
         for _ in range(run.step):
             run.engine.lr_scheduler.step()
     log.info("resumed from %s at step %d", path, run.step)
+    pointer = latest_or_none(cfg.out)
+    if run.rank == 0 and pointer != cfg.resume_tag:
+        # `latest` names the branch the run is on, as metrics.csv does: a requeued job (--resume) must not jump
+        # back to the newer, abandoned checkpoints, which stay on disk (--resume-tag picks them).
+        log.warning("%s/%s now names %s, where this run goes on from (was %s)", CHECKPOINT_DIR, LATEST_FILE,
+                    cfg.resume_tag, pointer)
+        write_latest(Path(cfg.out) / CHECKPOINT_DIR, cfg.resume_tag)
 
 
 @contextlib.contextmanager
@@ -671,10 +686,24 @@ def save_failure_message(run: Run, folder: Path, err: BaseException | None, remo
 
 
 def latest_kept(out: Path) -> str:
-    saved = finished_tags(out)
-    if not saved:
+    tag = kept_tag(out)
+    if tag is None:
         return "No checkpoint of this run was saved before."
-    return f"The previous checkpoint {saved[-1]} and {CHECKPOINT_DIR}/{LATEST_FILE} are unchanged."
+    return f"The previous checkpoint {tag} and {CHECKPOINT_DIR}/{LATEST_FILE} are unchanged."
+
+
+def kept_tag(out: Path) -> str | None:
+    """The finished checkpoint ``checkpoints/latest`` names: the one --resume continues from (None: none)."""
+    tag = latest_or_none(out)
+    return tag if tag in finished_tags(out) else None
+
+
+def latest_or_none(out: Path) -> str | None:
+    """What ``checkpoints/latest`` says; None when it is missing or unreadable (checkpoint_to_load words that)."""
+    try:
+        return latest_tag(out)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_latest(checkpoints: Path, tag: str) -> None:
@@ -693,13 +722,13 @@ def weights_finite(engine) -> bool:
 def divergence_message(run: Run, what: str) -> str:
     """Why the run stopped at ``run.step`` with non-finite numbers, what was kept and what to do."""
     out, cfg = Path(run.cfg.out), run.cfg
-    saved = finished_tags(out)
-    kept = (f"the last checkpoint, {saved[-1]}, is kept and {CHECKPOINT_DIR}/{LATEST_FILE} names it (export it with "
-            f"export --run {out} --tag {saved[-1]})" if saved else "no checkpoint was saved before it")
+    saved = kept_tag(out)
+    kept = (f"the last checkpoint, {saved}, is kept and {CHECKPOINT_DIR}/{LATEST_FILE} names it (export it with "
+            f"export --run {out} --tag {saved})" if saved else "no checkpoint was saved before it")
     return (f"{what}: training stopped at step {run.step} without saving; {kept}. Usual causes: a learning rate too "
             f"high (--lr {cfg.lr:g}), NaN/Inf in --model's weights, fp16 overflow. The settings are saved with the "
             "checkpoints, so --resume would follow the same course: start a new run with other settings "
-            + ("in a new --out." if saved else f"(--restart reuses --out {out})."))
+            + ("in a new --out." if finished_tags(out) else f"(--restart reuses --out {out})."))
 
 
 class MetricsLog:

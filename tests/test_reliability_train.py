@@ -143,6 +143,11 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(train_
     with pytest.raises(ReachedProcessGroup):
         train_cli("--restart")
     assert (out / "notes.txt").read_text() == "mine"
+    (out / CHECKPOINT_DIR).mkdir()
+    (out / CHECKPOINT_DIR / LATEST_FILE).write_text("step4")  # a finished save (of a version without checksums)
+    code, err = train_cli("--restart")
+    assert code == 2 and "--restart refused" in err and "step4" in err and "--resume" in err, err
+    (out / CHECKPOINT_DIR / LATEST_FILE).unlink()
     add_checkpoint(out, "step4")  # a finished checkpoint is never discarded
     code, err = train_cli("--restart")
     assert code == 2 and "--restart refused" in err and "step4" in err and "--resume" in err, err
@@ -180,7 +185,9 @@ def test_latest_naming_no_checkpoint_is_blamed_on_the_file(train_cli, tiny_moe_d
 
 
 @pytest.mark.parametrize("content, says", [(b'{"model": ', "is not readable JSON"),
-                                           (b"\xff\xfe", "is not readable JSON"), (b"[1, 2]", "holds a JSON list")])
+                                           (b"\xff\xfe", "is not readable JSON"), (b"[1, 2]", "holds a JSON list"),
+                                           (b'{"model": 5, "ep_size": 1, "world_size": 1}',
+                                            "is damaged: model 5 is not a str")])
 def test_a_run_json_that_is_not_json_is_one_message_naming_it(train_cli, tiny_moe_dir, tmp_path, capsys,
                                                                content, says):
     run = run_folder(tmp_path, tiny_moe_dir)
@@ -348,4 +355,6 @@ def test_resume_tag_drops_the_abandoned_branch_and_loads_deepspeed_files_weights
     assert "resumed from" in resumed.output and "at step 1" in resumed.output, resumed.tail()
     assert verify_checksums(out / CHECKPOINT_DIR / "step2") == []
     assert logged_steps(out / METRICS_FILE) == [1, 2, 3]  # not 1, 2, 3, 2, 3
+    # ... and checkpoints/latest names the branch the run is on (a requeued --resume does not jump back to step3)
+    assert "checkpoints/latest now names step1, where this run goes on from (was step3)" in resumed.output
     assert logged_steps(out / EXPERT_LOAD_FILE) == [1, 2, 3]
