@@ -275,7 +275,7 @@ def finetune_static(args, model, tokenizer, kjv: Path, tokens: int, teacher=None
 
     defaults = TrainConfig(model=Path("."), data=["x"], out=Path("."))
     gbs, micro = args.global_batch_size, args.micro_batch_size
-    steps = max(1, tokens // (gbs * args.seq_len))  # as pipeline.train_stage
+    steps = max(1, tokens // (gbs * args.seq_len))  # as pipeline.train_config
     warmup = max(1, steps // 10)
     packed = prepare([str(kjv)], None, tokenizer, args.seq_len, defaults.eval_fraction)
     sampler = Sampler(len(packed.train), defaults.seed)

@@ -37,6 +37,7 @@ from factorllm_ds import assets
 from factorllm_ds import structure as st
 from factorllm_ds.data import read_text
 from factorllm_ds.hf_model.modeling_factorllm import prior_topk
+from factorllm_ds.split import SPLIT_METHODS
 
 TEXTS = {"kjv": assets.kjv_text, "botchan": assets.botchan_text, "tech": assets.technical_text,
          "code": assets.code_text}
@@ -54,6 +55,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval", nargs="+", default=["botchan", "tech", "code"], choices=list(TEXTS))
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--split", default="coactivation", choices=SPLIT_METHODS, help="how routed neurons are grouped")
     p.add_argument("--refit-down", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -116,12 +118,13 @@ class Layer:
         s, e, k = run["shared"], run["E"], run["k"]
         self.s, self.e, self.k = s, e, k
         seed = args.seed * 100_003 + layer
-        self.perm = st.shared_partition(imp_I, s, e, "coactivation", seed, act_TI=act_TI)
+        self.perm = st.shared_partition(imp_I, s, e, args.split, seed, act_TI=act_TI, weights=(gate_IH, up_IH, down_HI))
         groups_ER = st.routed_groups(self.perm, s, e)
         routed_ETH = st.group_outputs(act_TI, down_HI, groups_ER)
         oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), k, "subset", 1.0)
-        self.router_EH, self.bias_E = st.fit_router(run["method"], x_TH, oracle_TK, routed_ETH,
-                                                     routed_ETH.sum(dim=0), groups_ER, gate_IH, up_IH)
+        y_TE = st.router_targets(run["method"], routed_ETH, oracle_TK)
+        self.router_EH, self.bias_E = st.fit_router(run["method"], x_TH, y_TE, act_TI, groups_ER, gate_IH, up_IH,
+                                                     down_HI)
         del routed_ETH
         self.down_HI = down_HI
         self.calib_recall = recall(self.learned_topk(x_TH), oracle_TK)
@@ -266,7 +269,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     dense_mlps = [layer.mlp for layer in model.model.layers]
     setting = {k: getattr(args, k) for k in ("calib", "calib_tokens", "calib_seq_len", "eval", "eval_windows",
-                                             "eval_seq_len", "refit_down", "seed")}
+                                             "eval_seq_len", "refit_down", "seed", "split")}
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
     rows = []
     dense_file = work / f"dense-{key}.json"

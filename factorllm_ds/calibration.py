@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from factorllm_ds import keys
 from factorllm_ds.data import read_text
-from factorllm_ds.hf_io import load_tokenizer
+from factorllm_ds.hf_io import check_token_ids, load_tokenizer
 from factorllm_ds.errors import UserError
 
 
@@ -27,6 +27,7 @@ class CalibrationRunner:
         self.config._attn_implementation = "sdpa"  # causal without building a mask
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, model_config=dense_config)  # ids within the vocabulary
         ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
+        check_token_ids(max(ids, default=-1), tokenizer, dense_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
         seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
         if len(ids) < cfg.calib_tokens:
             raise UserError(f"--calib-data {cfg.calib_data}: only {len(ids)} tokens, fewer than --calib-tokens "

@@ -20,7 +20,7 @@ from factorllm_ds.keys import SUPPORTED_FAMILIES
 from factorllm_ds.hf_model.configuration_factorllm import ROUTING_MODES, FactorLLMConfig, default_combine_scale
 from factorllm_ds.hf_model.modeling_factorllm import PRIOR_TARGETS
 from factorllm_ds.split import SPLIT_METHODS
-from factorllm_ds.structure import IMPORTANCE_KINDS, parse_shared, valid_num_experts
+from factorllm_ds.structure import IMPORTANCE_KINDS, ROUTER_FITS, parse_shared, valid_num_experts
 
 PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the paper's)
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
@@ -219,6 +219,13 @@ class ConvertConfig(MoEShape):
                                   "on the hidden states of the already-converted layers, to the experts the PA prior "
                                   "(the oracle) picks, so the model is routed well before any training. Default: "
                                   "prior when --calib-data is given, else normal", choices=ROUTER_INITS, default=None)
+    router_fit: str = arg("how --router-init prior sets each layer's router (docs/method.md §4): gate (each "
+                          "expert's mean gate row, no data: it routes text of any domain alike), gate-w (the same, "
+                          "each neuron weighted by the size of its term on the calibration text), picks (ridge "
+                          "regression to the oracle's picks on the calibration text), gain / norm (ridge to each "
+                          "expert's gain / output norm), lowrank (a rank-64 neuron-contribution predictor folded "
+                          "into the router), local-picks / local-gain (each expert's row built from its own "
+                          "neurons' gate and up rows)", choices=ROUTER_FITS, default=ROUTER_FITS[0])
     refit_down: float | None = arg("ridge strength d of the down-projection refit: after the router is fitted, each "
                                    "layer's down projection is refitted by ridge regression so that the routed FFN "
                                    "(shared + the router's picks) reproduces the dense FFN output on the calibration "

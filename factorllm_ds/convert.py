@@ -96,29 +96,32 @@ def initial_router(cfg: ConvertConfig, hidden_size: int, gen) -> tuple[torch.Ten
     return torch.empty(cfg.num_experts, hidden_size).normal_(0.0, 0.02, generator=gen), bias
 
 
-def fitted_router(cfg: ConvertConfig, down, perm, calib) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fit the router to the PA prior's (the oracle's) choice on the calibration tokens of this layer.
+def fitted_router(cfg: ConvertConfig, gate, up, down, perm, calib) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fit the router on the calibration tokens of this layer (``cfg.router_fit``, docs/method.md §4).
 
-    The inputs are the hidden states of the already-converted layers below, so the router learns the
-    inputs it will see. The target is what the routed experts must add up to: the dense FFN output
-    minus the shared expert's. With ``--refit-down`` the layer's down projection (``down``, in place) is then
-    refitted to the fitted router's picks. Afterwards the calibration stream continues through the converted
-    layer.
+    The inputs are the hidden states of the already-converted layers below, so the router sees the
+    inputs it will see. The fits that learn from the experts regress what the oracle (the PA prior) makes
+    of them: its picks, or each expert's gain or output norm. With ``--refit-down`` the layer's down
+    projection (``down``, in place) is then refitted to the fitted router's picks. Afterwards the
+    calibration stream continues through the converted layer.
     """
     acts_TI = calib.mlp_activations()
     groups_ER = structure.routed_groups(perm, cfg.num_shared, cfg.num_experts)
-    weight = prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k)
-    # Every routed expert's output [E, T, H] in fp32 would be the largest tensor of the conversion (8 GB at
-    # 13B, E=24, 16k tokens); the oracle's choice is per token, so it is made a block of tokens at a time.
-    rows = max(1, ORACLE_BLOCK_BYTES // (4 * cfg.num_experts * down.shape[0]))
-    picks = []
-    for block_TI in acts_TI.split(rows):
-        routed_ETH = structure.group_outputs(block_TI, down, groups_ER)
-        picks.append(prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight))
-    oracle_TK = torch.cat(picks)
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
-    router, bias = structure.fit_linear_router(x_TH, oracle_TK, cfg.num_experts, cfg.resolved_router_bias(),
-                                               ridge=ROUTER_FIT_RIDGE)
+    targets_TE = None
+    if cfg.router_fit not in structure.DATA_FREE_FITS:
+        weight = prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k)
+        # Every routed expert's output [E, T, H] in fp32 would be the largest tensor of the conversion (8 GB at
+        # 13B, E=24, 16k tokens); the oracle's choice is per token, so it is made a block of tokens at a time.
+        rows = max(1, ORACLE_BLOCK_BYTES // (4 * cfg.num_experts * down.shape[0]))
+        blocks = []
+        for block_TI in acts_TI.split(rows):
+            routed_ETH = structure.group_outputs(block_TI, down, groups_ER)
+            oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
+            blocks.append(structure.router_targets(cfg.router_fit, routed_ETH, oracle_TK))
+        targets_TE = None if blocks[0] is None else torch.cat(blocks)
+    router, bias = structure.fit_router(cfg.router_fit, x_TH, targets_TE, acts_TI, groups_ER, gate, up, down,
+                                        ridge=ROUTER_FIT_RIDGE, bias=cfg.resolved_router_bias())
     idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
     gates_TI = structure.neuron_gates(idx_TK, weights_TK, perm, cfg.num_shared, cfg.num_experts)
     if cfg.refit_down:  # the experts absorb what the router's picks leave out (docs/method.md §4)
@@ -201,7 +204,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                 calib.run_layer(layer)
             perm = make_partition(cfg, layer, gate, up, down, calib)
             partitions[f"layers.{layer}"] = perm.to(torch.int32)
-            router, bias = (fitted_router(cfg, down, perm, calib) if cfg.router_init == "prior" else
+            router, bias = (fitted_router(cfg, gate, up, down, perm, calib) if cfg.router_init == "prior" else
                             initial_router(cfg, gate.shape[1], gen))
             folder.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
             if bias is not None:

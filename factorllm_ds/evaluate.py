@@ -39,7 +39,7 @@ from factorllm_ds import __version__
 from factorllm_ds.config import arg, bound_problems, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import check_model_folder, load_tokenizer, read_config, seq_len_problems
+from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, seq_len_problems
 from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds.safety import FILE_MARKER, atomic_file, check_output_file, write_text_atomic
 
@@ -308,6 +308,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, "--model", model_config)  # its ids must fit the vocabulary
     text = read_text(cfg.data, "--data")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    check_token_ids(max(ids, default=-1), tokenizer, model_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
     windows = token_windows(ids, cfg.seq_len, cfg.max_windows)
     if windows.shape[0] == 0:
         raise UserError(f"--data {' '.join(map(str, cfg.data))}: {len(ids)} tokens, shorter than one window of "

@@ -92,9 +92,9 @@ def load_tokenizer(model_dir: Path, tokenizer: Path | None = None, flag: str = "
     except Exception as err:  # transformers raises many kinds for a broken tokenizer
         raise UserError(f"{named} {folder}: the tokenizer files there cannot be loaded ({type(err).__name__}: "
                         f"{err}). Copy the base model's tokenizer files in, or pass --tokenizer DIR.") from err
-    problem = model_config and tokenizer_fit_problem(loaded, model_config, f"{flag} {model_dir}", f"{named} {folder}")
-    if problem:
-        raise UserError(problem)
+    if model_config:
+        check_token_ids(-1, loaded, model_config, f"{flag} {model_dir}", f"{named} {folder}")
+    loaded.factorllm_desc = f"{named} {folder}"  # what check_token_ids names later, when the text is tokenized
     return loaded
 
 
@@ -131,16 +131,33 @@ def seq_len_problems(seq_len: int, config: dict) -> list[str]:
     return []
 
 
-def tokenizer_fit_problem(tokenizer, config: dict, model_desc: str, tokenizer_desc: str) -> str | None:
+def tokenizer_fit_problem(tokenizer, config: dict, model_desc: str, tokenizer_desc: str,
+                          max_id: int | None = None) -> str | None:
     """Why ``tokenizer`` cannot feed the model of ``config``: it makes token ids the embedding has no row for
-    (an IndexError deep in the forward pass otherwise). ``vocab_size`` may exceed the tokenizer (padded rows)."""
+    (an IndexError deep in the forward pass otherwise). ``vocab_size`` may exceed the tokenizer (padded rows).
+
+    The base vocabulary must fit. Tokens added on top of it (a chat template's special tokens, say) may lie beyond
+    ``vocab_size`` as long as the text never produces them: pass ``max_id``, the largest id of the tokenized text,
+    to check that (tokenizers load such added tokens for models whose embedding lacks them).
+    """
     vocab = text_config(config).get("vocab_size")
-    ids = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
-    if not isinstance(vocab, int) or ids <= vocab:
+    needed = max(tokenizer.vocab_size, -1 if max_id is None else max_id + 1)
+    if not isinstance(vocab, int) or needed <= vocab:
         return None
-    return (f"{tokenizer_desc}: the tokenizer has {ids} tokens, but {model_desc} has vocab_size {vocab} in "
-            f"config.json: token ids {vocab}..{ids - 1} have no embedding. Use the tokenizer the model was trained "
-            "with (pass --tokenizer DIR, the base model's folder)")
+    size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    where = (f"the text holds token id {max_id} ({tokenizer.convert_ids_to_tokens(max_id)!r}), which has no "
+             "embedding" if max_id is not None and max_id >= vocab else f"token ids {vocab}..{size - 1} have no "
+             "embedding")
+    return (f"{tokenizer_desc}: the tokenizer has {size} tokens, but {model_desc} has vocab_size {vocab} in "
+            f"config.json: {where}. Use the tokenizer the model was trained with (pass --tokenizer DIR, the base "
+            "model's folder)")
+
+
+def check_token_ids(max_id: int, tokenizer, config: dict, model_desc: str, tokenizer_desc: str) -> None:
+    """Raise :class:`UserError` when the tokenized text holds an id the model has no embedding for."""
+    problem = tokenizer_fit_problem(tokenizer, config, model_desc, tokenizer_desc, max_id)
+    if problem:
+        raise UserError(problem)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.layout import (CHECKPOINT_DIR, MANIFEST_FILE, METRICS_FILE, checkpoint_tag, is_run_dir, latest_tag,
+from factorllm_ds.layout import (CHECKPOINT_DIR, MANIFEST_FILE, METRICS_FILE, RUN_MANIFEST, checkpoint_tag, latest_tag,
                                  list_tags)
-from factorllm_ds.safety import check_output
+from factorllm_ds.safety import (check_output, has_file_marker, listed_files, not_listed, recover_replaced,
+                                 remove_stale_temps)
 from factorllm_ds.split import SPLIT_METHODS
 
 
@@ -60,7 +61,8 @@ class DemoConfig:
     launcher: str = arg("how the training processes start", choices=("deepspeed", "torchrun"), default="deepspeed")
     eval_windows: int = arg("held-out windows of --eval-seq-len tokens", default=16)
     eval_seq_len: int = arg("tokens per evaluation window", default=256)
-    fresh: bool = arg("delete --work first and redo every stage", default=False)
+    fresh: bool = arg("delete the demo's outputs in --work first and redo every stage (refused, listing them, if "
+                      "--work holds files the demo did not write)", default=False)
 
     def validate(self) -> "DemoConfig":
         """Every flag problem at once; the convert and train settings are checked again by their stages."""
@@ -79,7 +81,9 @@ class DemoConfig:
 
 
 SETTINGS_FILE = "demo_settings.json"
-DEMO_OUTPUTS = {"moe", "run", "export", "reports", "usage.png", "summary.json", SETTINGS_FILE}
+DEMO_FOLDERS = ("moe", "run", "export", "reports")  # convert's, train's and export's outputs; eval's reports
+DEMO_FILES = ("usage.png", "summary.json", SETTINGS_FILE)
+DEMO_OUTPUTS = {*DEMO_FOLDERS, *DEMO_FILES}
 
 
 def _reset_if_settings_changed(work: Path, cfg: DemoConfig) -> None:
@@ -89,45 +93,96 @@ def _reset_if_settings_changed(work: Path, cfg: DemoConfig) -> None:
     old = json.loads(recorded.read_text()) if recorded.is_file() else None
     if old is not None and old != wanted:
         changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-        print(f"demo: {work} was made with other settings ({', '.join(changed)}); starting over",
-              file=sys.stderr)
-        shutil.rmtree(work)
+        _start_over(work, f"it was made with other settings ({', '.join(changed)})")
     elif old is None and work.is_dir() and any(work.iterdir()):
-        foreign = sorted(p.name for p in work.iterdir() if p.name not in DEMO_OUTPUTS and not p.name.startswith("."))
-        if foreign:
-            raise UserError(f"--work {work} holds files that no demo wrote ({', '.join(foreign[:3])}); "
-                            "pass an empty or new folder")
-        print(f"demo: {work} has no {SETTINGS_FILE} (an older version made it); starting over", file=sys.stderr)
-        shutil.rmtree(work)
+        _start_over(work, f"it has no {SETTINGS_FILE} (an older version made it, or not the demo)")
     work.mkdir(parents=True, exist_ok=True)
     if not recorded.is_file():
         recorded.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def _start_over(work: Path, why: str) -> None:
+    """Delete the demo's outputs in ``work`` (``why``: --fresh, changed settings, an older version's folder), but only
+    once every file there is proven to be its stages' (:func:`_unproven`); else refuse, listing the others, and
+    delete nothing."""
+    unproven = _unproven(work)
+    if unproven:
+        more = f" and {len(unproven) - 5} more" if len(unproven) > 5 else ""
+        raise UserError(f"--work {work}: {why}, so the demo would start over, deleting its outputs there; but it holds "
+                        f"{len(unproven)} entries no demo stage wrote: {', '.join(unproven[:5])}{more}. Move them out "
+                        "of the folder, or pass an empty or new folder as --work (nothing was deleted)")
+    print(f"demo: {work}: {why}; starting over", file=sys.stderr)
+    for name in DEMO_OUTPUTS:
+        path = work / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _unproven(work: Path) -> list[str]:
+    """The entries of ``work`` no demo stage is proven to have written: any name but its outputs', and inside each
+    output what its own record does not vouch for (convert's and export's manifest, train's run.json and checksums,
+    the factorllm_ds mark of the reports and the plot; the settings and the summary are the demo's records)."""
+    from factorllm_ds.train import own_files
+
+    for out in (work / "moe", work / "export"):  # what a convert or export cut short left beside them (marked)
+        recover_replaced(out)
+        remove_stale_temps(out)
+
+    def manifest(folder: Path) -> set[str] | None:
+        return listed_files(folder, MANIFEST_FILE)
+
+    def marked(folder: Path) -> set[str]:
+        return {p.name for p in folder.iterdir() if has_file_marker(p)}
+
+    proofs = {"moe": manifest, "export": manifest, "run": own_files, "reports": marked}
+    found = [p.name for p in work.iterdir() if p.name not in DEMO_OUTPUTS]
+    for name, proof in proofs.items():
+        path = work / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            found.append(name)
+        elif path.is_dir():
+            found += [f"{name}/{entry}" for entry in not_listed(path, proof(path) or set())]
+    for name in DEMO_FILES:
+        path = work / name
+        if path.is_symlink() or path.is_dir() or (name == "usage.png" and path.exists() and not has_file_marker(path)):
+            found.append(name)
+    return sorted(found)
 
 
 def _stage(name: str) -> None:
     print(f"\n== {name} ==", file=sys.stderr, flush=True)
 
 
-def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None,
-                teacher: Path | None = None) -> None:
-    """``teacher``: distil from it with --distill-weight (else CE only, whatever the weight)."""
-    from factorllm_ds.launcher import Launch, command
-    from factorllm_ds.train import TrainConfig
+def train_config(cfg: DemoConfig, moe: Path, data: Path, run: Path, teacher: Path | None = None):
+    """The train stage's TrainConfig. ``teacher``: distil from it with --distill-weight (else CE only, whatever the
+    weight). A run already in ``run`` goes on with --resume, or, when it died before its first checkpoint, starts
+    again with --restart: train replaces only its own files there and refuses a folder it did not write, so the demo
+    deletes nothing of it."""
+    from factorllm_ds.train import TrainConfig, saved_tags
 
     steps = max(1, cfg.tokens // (cfg.global_batch_size * cfg.seq_len))
-    if latest_tag(run) == checkpoint_tag(steps):
-        print(f"train: {run} already at step {steps}; skipping", file=sys.stderr)
-        return
-    resume = is_run_dir(run)
-    if run.exists() and not resume:
-        shutil.rmtree(run)  # an attempt that never checkpointed: start clean
+    started = (run / RUN_MANIFEST).is_file()
+    resume = started and bool(saved_tags(run))
     # Warm-up: train's default (500 steps) would keep a run of a few dozen steps below 5% of --lr;
     # the quality benchmarks (bench/RESULTS.md) were measured with this rule (1 step of 12).
-    train = TrainConfig(model=moe, data=[str(data)], out=run, seq_len=cfg.seq_len, steps=steps, lr=cfg.lr,
-                        micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
-                        ep_size=cfg.ep_size, warmup_steps=max(1, steps // 10), save_every=max(1, steps // 2),
-                        eval_every=max(1, steps // 2), eval_batches=2, resume=resume, teacher=teacher,
-                        distill_weight=cfg.distill_weight if teacher is not None else None)
+    return TrainConfig(model=moe, data=[str(data)], out=run, seq_len=cfg.seq_len, steps=steps, lr=cfg.lr,
+                       micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
+                       ep_size=cfg.ep_size, warmup_steps=max(1, steps // 10), save_every=max(1, steps // 2),
+                       eval_every=max(1, steps // 2), eval_batches=2, resume=resume, restart=started and not resume,
+                       teacher=teacher, distill_weight=cfg.distill_weight if teacher is not None else None)
+
+
+def train_stage(cfg: DemoConfig, moe: Path, data: Path, run: Path, extra: list[str] | None = None,
+                teacher: Path | None = None) -> None:
+    """Train as :func:`train_config` says, unless ``run`` already reached its last step."""
+    from factorllm_ds.launcher import Launch, command
+
+    train = train_config(cfg, moe, data, run, teacher)
+    if latest_tag(run) == checkpoint_tag(train.steps):
+        print(f"train: {run} already at step {train.steps}; skipping", file=sys.stderr)
+        return
     spec = Launch(cfg.launcher, nproc=cfg.nproc, master_port=29500 + os.getpid() % 2000, device="cpu",
                   bin_dir=Path(sys.executable).parent, python=sys.executable)
     argv, env = command(spec, train)
@@ -169,7 +224,7 @@ def demo(cfg: DemoConfig) -> dict:
     check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data},
                  (SETTINGS_FILE, "summary.json"))
     if cfg.fresh and work.exists():
-        shutil.rmtree(work)
+        _start_over(work, "--fresh was given")
     _reset_if_settings_changed(work, cfg)  # also creates work
     _stage("1/5 fetch")
     dense = Path(cfg.model) if cfg.model else assets.smollm2_model_dir()

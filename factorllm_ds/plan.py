@@ -444,12 +444,14 @@ def validate(cfg: PlanConfig, shape: Shape | None, problems: list[str] | None = 
                         "for native MoE); use --offload for the largest models")
     if cfg.zero == 1 and cfg.offload:
         problems.append("--offload with --zero 1: plan ZeRO-Offload with --zero 2")
-    if (cfg.seq_len is not None and cfg.seq_len < 2) or cfg.micro_batch_size < 1:
-        problems.append("--seq-len must be >= 2 and --micro-batch-size >= 1")
+    if cfg.seq_len is not None:  # train's rule (hf_io), against the model's positions when it could be read
+        from factorllm_ds.hf_io import seq_len_problems
+
+        problems += seq_len_problems(cfg.seq_len, {"max_position_embeddings": shape.max_positions if shape else None})
     if cfg.capacity_factor < 1:
         problems.append(f"--capacity-factor {cfg.capacity_factor}: must be >= 1 (max load >= mean load)")
-    problems += bound_problems(cfg, dict.fromkeys(("reduce_bucket_size", "gpus_per_node", "ep_size", "num_experts",
-                                                   "top_k"), ">= 1"))
+    problems += bound_problems(cfg, dict.fromkeys(("micro_batch_size", "reduce_bucket_size", "gpus_per_node", "ep_size",
+                                                   "num_experts", "top_k"), ">= 1"))
     if cfg.device == "cpu" and cfg.offload:
         problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
     if cfg.device == "cpu" and cfg.dtype == "bf16":
@@ -496,9 +498,6 @@ def shape_problems(cfg: PlanConfig, shape: Shape) -> list[str]:
             problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({shape.num_experts})")
         elif cfg.gpus and cfg.gpus % cfg.ep_size:
             problems.append(f"--ep-size {cfg.ep_size} must divide --gpus {cfg.gpus}")
-    if cfg.seq_len is not None and shape.max_positions and cfg.seq_len > shape.max_positions:
-        problems.append(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                        f"({shape.max_positions})")
     return problems
 
 

@@ -47,7 +47,8 @@ from factorllm_ds.errors import UserError
 log = logging.getLogger("factorllm_ds")
 
 __all__ = [
-    "check_output", "output_problems", "check_output_file", "INVENTORY_KEY", "temp_dir_for", "old_dir_for",
+    "check_output", "output_problems", "check_output_file", "INVENTORY_KEY", "listed_files", "not_listed",
+    "has_file_marker", "temp_dir_for", "old_dir_for",
     "TEMP_MARKER", "make_marked_dir", "move_into_place", "remove_stale_temps", "recover_replaced", "RunLock",
     "free_bytes", "mount_point", "human_bytes", "check_free_space", "is_disk_full", "disk_full_error",
     "atomic_file", "write_text_atomic",
@@ -83,8 +84,9 @@ def _read_json(path: Path):
         return None
 
 
-def _not_listed(out: Path, listed: set[str]) -> list[str]:
-    """The top-level entries of ``out`` that hold anything outside ``listed``: ``["notes.txt", "run/ (44 files)"]``."""
+def not_listed(out: Path, listed: set[str]) -> list[str]:
+    """The top-level entries of ``out`` that hold anything outside ``listed`` (paths relative to ``out``; the run
+    lock aside): ``["notes.txt", "run/ (44 files)"]``."""
     found: dict[str, int] = {}
     for root, dirs, files in os.walk(out):  # links to folders come in dirs, and are not followed
         rel = Path(root).relative_to(out)
@@ -98,16 +100,23 @@ def _not_listed(out: Path, listed: set[str]) -> list[str]:
             else top for top, n in sorted(found.items())]
 
 
+def listed_files(folder: Path, inventory: str) -> set[str] | None:
+    """The files (relative to ``folder``) that its ``inventory`` marker lists under :data:`INVENTORY_KEY`, as a list
+    (convert/export's manifest) or as the keys of a dict (checksums.json); None when it lists none or is unreadable."""
+    record = _read_json(Path(folder) / inventory)
+    listed = record.get(INVENTORY_KEY) if isinstance(record, dict) else None
+    return {str(name) for name in listed} if isinstance(listed, (list, dict)) else None
+
+
 def _inventory_problem(out: Path, inventory: str) -> str | None:
     """Why --overwrite would delete entries the command did not write: ``out`` holds files its ``inventory``
     marker does not list (a training run, notes put there later), or the marker lists nothing."""
-    record = _read_json(out / inventory)
-    listed = record.get(INVENTORY_KEY) if isinstance(record, dict) else None
-    if not isinstance(listed, list):
+    listed = listed_files(out, inventory)
+    if listed is None:
         return (f"its {inventory} does not list the files factorllm-ds wrote (an older version made it), so files "
                 "you added cannot be told apart; move out what you keep and remove the folder yourself, or pick "
                 "another path")
-    extra = _not_listed(out, {str(name) for name in listed})
+    extra = not_listed(out, listed)
     if not extra:
         return None
     more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
@@ -220,6 +229,20 @@ FILE_MARKER = b"factorllm_ds"
 FILE_SPACE = 1 << 20
 
 
+def _head(path: Path) -> bytes:
+    """The first 4 KiB of ``path``, where a report or plot carries :data:`FILE_MARKER`."""
+    with open(path, "rb") as fh:
+        return fh.read(4096)
+
+
+def has_file_marker(path: Path) -> bool:
+    """``path`` is a file (not a link) this tool wrote: a report or plot carrying :data:`FILE_MARKER`."""
+    try:
+        return Path(path).is_file() and not Path(path).is_symlink() and FILE_MARKER in _head(path)
+    except OSError:
+        return False
+
+
 def check_output_file(path: Path | None, flag: str, inputs: Mapping[str, Path | None]) -> None:
     """The rule of :func:`check_output` for one output *file* (``eval --report``, ``--plot``).
 
@@ -241,8 +264,7 @@ def check_output_file(path: Path | None, flag: str, inputs: Mapping[str, Path | 
                 problems.append(f"it is (or lies inside) the input {name} {given}: writing it would destroy input "
                                 "data; pick another path")
         try:
-            with open(path, "rb") as fh:
-                head = fh.read(4096)
+            head = _head(path)
         except OSError as err:
             head = b""
             problems.append(f"it cannot be read ({err.strerror})")

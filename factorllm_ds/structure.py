@@ -252,29 +252,61 @@ def expert_gains(routed_ETH: torch.Tensor, target_TH: torch.Tensor) -> torch.Ten
     return 2 * torch.einsum("eth,th->te", out, target_TH.float()) - out.pow(2).sum(dim=-1).T
 
 
-ROUTER_FITS = ("picks", "gain", "norm", "gate", "local-picks", "local-gain")
+ROUTER_FITS = ("gate", "gate-w", "picks", "gain", "norm", "lowrank", "local-picks", "local-gain")
+DATA_FREE_FITS = ("gate", "gate-w")  # need neither the oracle nor any expert's output
+LOWRANK_RANK = 64  # the rank of the "lowrank" neuron-contribution predictor
 
 
-def fit_router(method: str, x_TH: torch.Tensor, oracle_TK: torch.Tensor, routed_ETH: torch.Tensor,
-               target_TH: torch.Tensor, groups_ER: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor,
-               ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's router by ``method`` (docs/method.md §4): ``picks`` ridge on x to the oracle's k-hot
-    picks; ``gain`` / ``norm`` ridge on x to each expert's gain (:func:`expert_gains`) / output norm;
-    ``gate`` each expert's mean gate row (no data); ``local-*`` :func:`fit_expert_local_router` to the picks
-    or the gains."""
-    num_experts = groups_ER.shape[0]
-    if method == "gate":
-        return gate_IH[groups_ER].float().mean(dim=1), torch.zeros(num_experts)
+def router_targets(method: str, routed_ETH: torch.Tensor, oracle_TK: torch.Tensor) -> torch.Tensor | None:
+    """What ``method`` regresses, per token and expert, from one block of tokens: [T, E] (None: nothing).
+
+    ``picks``: the oracle's k-hot choice; ``gain``: :func:`expert_gains` against the sum of the routed experts;
+    ``norm``: each expert's output norm ||E_e(x)|| (D2DMoE, arXiv 2310.04361)."""
     if method in ("picks", "local-picks"):
-        y_TE = k_hot(oracle_TK, num_experts)
-    elif method in ("gain", "local-gain"):
-        y_TE = expert_gains(routed_ETH, target_TH)
-        y_TE = y_TE / y_TE.std().clamp_min(1e-12)
-    elif method == "norm":
-        y_TE = routed_ETH.float().norm(dim=-1).T
-        y_TE = y_TE / y_TE.std().clamp_min(1e-12)
-    else:
+        return k_hot(oracle_TK, routed_ETH.shape[0])
+    if method in ("gain", "local-gain"):
+        return expert_gains(routed_ETH, routed_ETH.sum(dim=0))
+    if method == "norm":
+        return routed_ETH.float().norm(dim=-1).T
+    return None
+
+
+def fit_router(method: str, x_TH: torch.Tensor, y_TE: torch.Tensor | None, act_TI: torch.Tensor,
+               groups_ER: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor,
+               ridge: float = 0.1, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's linear router (W [E, H], b [E] or None without ``bias``, fp32) by ``method`` (docs/method.md §4).
+
+    ``gate`` (EMoE, arXiv 2310.10908): W[e] = the mean gate row of e's neurons, b = 0: no data, so nothing of
+    the calibration text is learned. ``gate-w``: the same mean, each neuron's row weighted by the size of its term
+    when its gate opens (mean |u_i x| on the calibration tokens times ||W_down[:, i]||). ``picks`` / ``gain`` /
+    ``norm``: ridge on x to :func:`router_targets` (``y_TE``). ``lowrank`` (Deja Vu): each neuron's contribution
+    |a_i|·||d_i|| predicted from a rank-64 projection of x; summed over an expert, the predictor folds into the
+    router. ``local-*``: :func:`fit_expert_local_router` to the picks or the gains.
+    """
+    if not bias and method not in ("picks", "gain", "norm"):  # a fit without an intercept where there is one
+        return fit_router(method, x_TH, y_TE, act_TI, groups_ER, gate_IH, up_IH, down_HI, ridge)[0], None
+    num_experts = groups_ER.shape[0]
+    down_norm_I = down_HI.float().norm(dim=0)
+    if method in DATA_FREE_FITS:
+        weight_I = torch.ones_like(down_norm_I) if method == "gate" else \
+            (x_TH.float() @ up_IH.float().T).abs().mean(dim=0) * down_norm_I
+        w_ER = weight_I[groups_ER]
+        rows_EH = (gate_IH[groups_ER].float() * w_ER.unsqueeze(-1)).sum(dim=1) / w_ER.sum(dim=1, keepdim=True)
+        return rows_EH, torch.zeros(num_experts)
+    if method == "lowrank":
+        y_TE = (act_TI.float().abs() * down_norm_I)[:, groups_ER].sum(dim=-1)
+    elif y_TE is None:
         raise ValueError(f"unknown router fit {method!r}; expected one of {ROUTER_FITS}")
+    y_TE = y_TE.float()
+    if method not in ("picks", "local-picks"):  # regression targets in units of their spread
+        y_TE = y_TE / y_TE.std().clamp_min(1e-12)
     if method.startswith("local-"):
         return fit_expert_local_router(x_TH, y_TE, groups_ER, gate_IH, up_IH, ridge)
-    return fit_linear_router(x_TH, oracle_TK, num_experts, True, ridge=ridge, scores_TE=y_TE)
+    if method == "lowrank":
+        z_TH, mean_H, std_H = standardize(x_TH, True)
+        basis_RH = torch.linalg.svd(z_TH[:: max(1, z_TH.shape[0] // 8192)], full_matrices=False)[2][:LOWRANK_RANK]
+        coef_RE = _ridge_solve(z_TH @ basis_RH.T, y_TE - y_TE.mean(dim=0), ridge)
+        return fold_standardization(coef_RE.T @ basis_RH, y_TE.mean(dim=0), mean_H, std_H)
+    if method in ("picks", "gain", "norm"):
+        return fit_linear_router(x_TH, None, num_experts, bias, ridge=ridge, scores_TE=y_TE)
+    raise ValueError(f"unknown router fit {method!r}; expected one of {ROUTER_FITS}")

@@ -24,11 +24,11 @@ import torch.distributed as dist
 
 from factorllm_ds.config import TRAIN_SEQ_LEN, Objective, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import check_model_folder, load_tokenizer, read_config, seq_len_problems
+from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, seq_len_problems
 from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, LATEST_FILE, METRICS_FILE, RUN_MANIFEST,
                                  TENSORBOARD_DIR, checkpoint_tag, latest_tag, list_tags)
-from factorllm_ds.safety import (CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree, agree_max, output_problems,
-                                 write_checksums)
+from factorllm_ds.safety import (CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree, agree_max, listed_files,
+                                 output_problems, write_checksums)
 
 log = logging.getLogger("factorllm_ds")
 
@@ -233,6 +233,10 @@ def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
     teacher = read_config(cfg.teacher, "--teacher")
     if teacher.get("model_type") == "factorllm":
         return [f"--teacher {cfg.teacher} is a FactorLLM MoE; pass the dense model it was converted from"]
+    try:  # its shards and shapes now: loading it comes only after the process group started
+        check_model_folder(cfg.teacher, "--teacher", teacher)
+    except UserError as err:
+        return [str(err)]
     vocab, student_vocab = teacher.get("vocab_size"), model_config.get("text_config", {}).get("vocab_size")
     if vocab != student_vocab:
         return [f"--teacher {cfg.teacher} has vocab_size {vocab}, --model {cfg.model} has {student_vocab}: the "
@@ -314,6 +318,28 @@ def saved_tags(out: Path) -> list[str]:
     versions that kept no checksums): what --restart must never start over from."""
     pointer = latest_or_none(out)
     return finished_tags(out) or ([pointer] if pointer else [])
+
+
+# What DeepSpeed's ZeRO save copies into checkpoints/, beside the tags: its recovery scripts.
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def own_files(out: Path) -> set[str]:
+    """The files of run folder ``out`` (paths relative to it) that train can prove it wrote, for whoever must delete
+    the run (the demo starting over): none without its run.json; else its logs, TensorBoard's event files,
+    ``checkpoints/latest``, DeepSpeed's recovery scripts, and each finished checkpoint's files as its checksums.json
+    lists them. The files of a save cut short prove nothing."""
+    out = Path(out)
+    if not (out / RUN_MANIFEST).is_file():
+        return set()
+    root = Path(CHECKPOINT_DIR)
+    files = {RUN_MANIFEST, METRICS_FILE, EXPERT_LOAD_FILE, (root / LATEST_FILE).as_posix(),
+             *((root / script).as_posix() for script in DEEPSPEED_SCRIPTS)}
+    files |= {p.relative_to(out).as_posix() for p in (out / TENSORBOARD_DIR).glob("events.out.tfevents.*")}
+    for tag in finished_tags(out):
+        listed = listed_files(out / root / tag, CHECKSUM_FILE) or set()
+        files |= {(root / tag / name).as_posix() for name in (*listed, CHECKSUM_FILE)}
+    return files
 
 
 def new_run_problems(cfg: TrainConfig) -> list[str]:
@@ -409,6 +435,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     # Before the process group: too little text is a user error, reported without any rendezvous.
     packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
+    max_id = max((int(part.max()) for part in (packed.train, packed.eval) if part is not None and part.size), default=-1)
+    check_token_ids(max_id, tokenizer, model_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
     if info.rank == 0:
         take_lock(cfg, model_config, held)
     return start(cfg, ds, packed)
@@ -482,7 +510,8 @@ def write_manifest(run: Run) -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"model": str(Path(cfg.model).resolve()), "model_fingerprint": model_fingerprint(read_config(cfg.model)),
                 "ep_size": cfg.ep_size, "world_size": run.world, "total_steps": run.total_steps,
-                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
+                # Paths absolute: export checks --out against them from wherever it runs (the run's inputs).
+                "settings": {k: (str(v.resolve()) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}}
     tmp = out / (RUN_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.rename(out / RUN_MANIFEST)

@@ -17,8 +17,9 @@
 # SIGTERM to this script goes to srun, which passes it to its tasks; torchrun passes it on to the ranks
 # (TORCHELASTIC_SIGNALS_TO_HANDLE below) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default 110) seconds
 # for their save. Every rank finishes its step, a checkpoint is saved and train exits 138 (USR1) or 143
-# (TERM); this script then runs `scontrol requeue`. A job that starts with a checkpoint in OUT (a requeued
-# one: OUT defaults to runs/slurm-$SLURM_JOB_ID, which a requeue keeps) passes --resume.
+# (TERM); this script then runs `scontrol requeue`. A job that starts with a run in OUT (a requeued one: OUT
+# defaults to runs/slurm-$SLURM_JOB_ID, which a requeue keeps) passes --resume when it holds a finished
+# checkpoint, else --restart (it died before its first one).
 set -euo pipefail
 SCRIPT=slurm/launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/common.sh"
@@ -70,8 +71,15 @@ fi
 
 # shellcheck disable=SC2206  # DATA is a space-separated list of files
 TRAIN=(--model "$MODEL" --data $DATA --out "$OUT" --ds-config "$DS_CONFIG" --ep-size "$EP_SIZE" --no-progress "$@")
-# A checkpoint in OUT: this job was requeued (or resubmitted with the same OUT); train verifies it first.
-if [[ -f "$OUT/run.json" && -f "$OUT/checkpoints/latest" ]]; then TRAIN+=(--resume); fi
+# A run in OUT: this job was requeued (or resubmitted with the same OUT). With a finished checkpoint (latest, or a
+# tag whose checksums.json rank 0 wrote last) it goes on with --resume, which verifies it first; a run that died
+# before its first one starts again with --restart (train's rules: only its own files are replaced, and it is
+# refused if a checkpoint appeared). Flags of the user's that pick either are left as given.
+finished() { [[ -f "$OUT/checkpoints/latest" ]] || compgen -G "$OUT/checkpoints/*/checksums.json" >/dev/null; }
+picked=' --(resume|resume-tag|restart)[ =]'
+if [[ -f "$OUT/run.json" && ! " $* " =~ $picked ]]; then
+    if finished; then TRAIN+=(--resume); else TRAIN+=(--restart); fi
+fi
 check_train "$WORLD" "${TRAIN[@]}"
 LINE="$(launch_line "${OPTS[@]}" --master-addr "$HEAD_NODE" --master-port "$MASTER_PORT" -- train "${TRAIN[@]}")"
 echo "job ${JOB_ID}: $WHAT = $WORLD ranks, ep_size $EP_SIZE, $DEVICE, master $HEAD_NODE:$MASTER_PORT" >&2

@@ -563,8 +563,8 @@ def test_bad_flag_value_is_an_argparse_error(llama_dir, tmp_path, capsys):
 
 def test_router_init_prior_predicts_the_prior(llama_dir, calib_text, tmp_path):
     shape = dict(num_experts=E, top_k=2, combine_scale=1.0, prior_target="subset")
-    fitted = tiny.convert_tiny(llama_dir, tmp_path / "fitted", router_init="prior", calib_data=calib_text,
-                               calib_tokens=512, calib_seq_len=128, refit_down=0, **shape)
+    fitted = tiny.convert_tiny(llama_dir, tmp_path / "fitted", router_init="prior", router_fit="picks",
+                               calib_data=calib_text, calib_tokens=512, calib_seq_len=128, refit_down=0, **shape)
     normal = tiny.convert_tiny(llama_dir, tmp_path / "normal", **shape)
     assert json.loads((fitted / "config.json").read_text())["prior_target"] == "subset"
     manifest = json.loads((fitted / MANIFEST_FILE).read_text())
@@ -578,6 +578,27 @@ def test_router_init_prior_predicts_the_prior(llama_dir, calib_text, tmp_path):
     batch = token_batch(llama_dir)
     with torch.no_grad():
         assert relative_diff(model(batch).logits, dense(batch).logits) <= FP32_TOL
+
+
+@pytest.mark.parametrize("fit", ["gate", "gate-w"])
+def test_gate_routers_are_each_experts_mean_gate_row(llama_dir, calib_text, tmp_path, fit):
+    """The data-free router (the default fit): row e is the mean (gate-w: weighted mean) of expert e's gate rows."""
+    shape = dict(num_experts=E, top_k=2, combine_scale=1.0, prior_target="subset")
+    out = tiny.convert_tiny(llama_dir, tmp_path / fit, router_fit=fit, calib_data=calib_text, calib_tokens=512,
+                            calib_seq_len=128, refit_down=0, **shape)
+    assert json.loads((out / MANIFEST_FILE).read_text())["settings"]["router_fit"] == fit
+    dense, moe = CheckpointReader(llama_dir), CheckpointReader(out)
+    size = tiny.SPECS["llama"]["intermediate_size"] // E
+    for layer, perm in load_partition(out).items():
+        gate_EnH = dense.get(keys.dense_mlp_key("gate", layer)).float()[perm.long()].view(E, size, -1)
+        router = moe.get(keys.ROUTER_WEIGHT.format(layer=layer)).float()
+        mean_EH = gate_EnH.mean(dim=1)
+        cos = torch.nn.functional.cosine_similarity(router, mean_EH, dim=-1)
+        if fit == "gate":  # exactly the mean, up to the checkpoint dtype's rounding
+            assert torch.allclose(router, mean_EH.to(router.dtype).float(), rtol=1e-2, atol=1e-3)
+        else:  # a weighted mean: close to the mean's direction, not equal to it
+            assert bool((cos > 0.5).all()) and not torch.allclose(router, mean_EH, rtol=1e-2, atol=1e-3)
+        assert torch.count_nonzero(moe.get(keys.ROUTER_BIAS.format(layer=layer))) == 0
 
 
 def test_refit_down_without_a_shared_expert(llama_dir, calib_text, tmp_path):

@@ -149,7 +149,7 @@ def test_every_problem_is_reported_at_once(capsys):
     assert main(["plan", "--model", "llama2-13b", "--gpus", "0", "--num-experts", "7", "--zero", "3",
                  "--seq-len", "1"]) == 2
     err = capsys.readouterr().err
-    for message in ("--gpus 0: must be >= 1", "--num-experts 7 must divide", "--zero 3", "--seq-len must be >= 2"):
+    for message in ("--gpus 0: must be >= 1", "--num-experts 7 must divide", "--zero 3", "--seq-len 1: must be >= 2"):
         assert message in err
 
 

@@ -515,7 +515,9 @@ def test_sbatch_scripts_ask_for_a_warning_signal_and_requeue():
         assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text, script.name
 
 
-def test_requeued_job_resumes(tmp_path):
+def test_requeued_job_resumes_or_restarts(tmp_path):
+    """A run in OUT with a finished checkpoint (latest, or a tag holding checksums.json) goes on with --resume; one
+    that died before its first checkpoint starts again with --restart; the user's own choice is left alone."""
     root = Path(__file__).resolve().parents[1]
     model, data, out = tmp_path / "moe", tmp_path / "train.txt", tmp_path / "run"
     model.mkdir()
@@ -524,15 +526,20 @@ def test_requeued_job_resumes(tmp_path):
     env = {**du.worker_env(), "MODEL": str(model), "DATA": str(data), "OUT": str(out), "DRY_RUN": "1", "CHECK": "0",
            "NTASKS": "2", "EP_SIZE": "2", "PYTHON": sys.executable, "DEVICE": "cpu"}
 
-    def dry() -> list[str]:
-        res = subprocess.run(["bash", str(root / "slurm/train_tasks.sbatch")], env=env, capture_output=True,
+    def dry(*args: str) -> list[str]:
+        res = subprocess.run(["bash", str(root / "slurm/train_tasks.sbatch"), *args], env=env, capture_output=True,
                              text=True, cwd=root, timeout=60)
         assert res.returncode == 0, res.stderr
         return res.stdout.split()
 
-    assert "--resume" not in dry()
-    (out / CHECKPOINT_DIR).mkdir(parents=True)
+    assert not {"--resume", "--restart"} & set(dry())
+    (out / CHECKPOINT_DIR / "step4").mkdir(parents=True)  # a save that never finished: no checksums, no latest
     (out / RUN_MANIFEST).write_text("{}")
+    assert dry()[-1] == "--restart" and "--resume" not in dry()
+    assert dry("--resume-tag", "step2")[-2:] == ["--resume-tag", "step2"]  # the user's choice, nothing added
+    (out / CHECKPOINT_DIR / "step4" / CHECKSUM_FILE).write_text("{}")  # finished, though latest was not written
+    assert dry()[-1] == "--resume" and "--restart" not in dry()
+    (out / CHECKPOINT_DIR / "step4" / CHECKSUM_FILE).unlink()
     (out / CHECKPOINT_DIR / "latest").write_text("step4")
     assert dry()[-1] == "--resume"
 

@@ -139,6 +139,28 @@ def test_moe_commands_refuse_a_config_that_does_not_fit(tiny_moe_dir, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("fault", ["config", "shard"])
+def test_train_checks_the_teacher_folder_before_its_process_group(llama_dir, tiny_moe_dir, tmp_path, capsys, text,
+                                                                   fault):
+    """--teacher is loaded only after the process group started: its config and shards are checked by --check."""
+    teacher = shutil.copytree(llama_dir, tmp_path / "dense")
+    if fault == "config":
+        edit_config(teacher, intermediate_size=256)
+    else:
+        index = json.loads((teacher / "model.safetensors.index.json").read_text())
+        shard = sorted(set(index["weight_map"].values()))[-1]
+        (teacher / shard).unlink()
+    code, err = cli(capsys, "train", "--check", "--model", tiny_moe_dir, "--data", text, "--out", tmp_path / "run",
+                    "--seq-len", "32", "--steps", "1", "--ep-size", "1", "--teacher", teacher)
+    assert code == 2, err
+    if fault == "config":
+        assert_names_the_config(err, teacher, "intermediate_size", 256, "128")
+    else:
+        assert f"--teacher {teacher}" in err and f"shard {shard} named in model.safetensors.index.json is missing" \
+            in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_consistent_config_passes(llama_dir, qwen2_dir, tiny_moe_dir):
     """The check itself: every tiny model as built agrees with its config (tied embeddings, q/k/v biases, MoE);
     a FactorLLM config's top-level copies of text_config fields must agree with it."""
@@ -216,10 +238,15 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_moe_dir, llama_d
                     tmp_path / "extra.txt", "--calib-tokens", "256", "--calib-seq-len", "64", *dense_flags)
     assert code == 2 and "the tokenizer has 32003 tokens" in err and "vocab_size 32000" in err, err
     assert not (tmp_path / "converted").exists()
-    # train: refused by --check, before any process group (none is ever started here).
+    # train: refused once its text is tokenized, before any process group (none is ever started here). The added
+    # tokens alone are no error: a text that never produces them trains (tokenizers carry chat tokens a model's
+    # embedding may lack), so `train --check`, which reads no text, passes.
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     code, err = cli(capsys, "train", "--check", "--model", moe, "--data", text, "--out", tmp_path / "run",
+                    "--seq-len", "32", "--steps", "1", "--ep-size", "1", *flags)
+    assert code == 0, err
+    code, err = cli(capsys, "train", "--model", moe, "--data", tmp_path / "extra.txt", "--out", tmp_path / "run",
                     "--seq-len", "32", "--steps", "1", "--ep-size", "1", *flags)
     assert code == 2 and "the tokenizer has 32003 tokens" in err and "vocab_size 32000" in err, err
     assert not (tmp_path / "run").exists()

@@ -203,6 +203,28 @@ def test_export_never_writes_over_what_the_run_was_made_from(which, tiny_moe_dir
     assert code == 2 and f"holds the input --run's {which}" in err, err
 
 
+def test_a_run_records_its_inputs_as_absolute_paths(tiny_moe_dir, converted, tmp_path, capsys, monkeypatch):
+    """train gets --teacher and --tokenizer relative to where it ran; run.json names them absolute, so export's
+    input check holds from any other folder."""
+    from factorllm_ds.train import Run, TrainConfig, write_manifest
+
+    shutil.copytree(converted, tmp_path / "base")
+    for name in ("teacher", "tokenizer"):
+        assert cli(capsys, "export", "--model", tiny_moe_dir, "--out", tmp_path / name, "--format", "dense")[0] == 0
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(model=Path("base"), data=["train.txt"], out=Path("run"), teacher=Path("teacher"),
+                      tokenizer=Path("tokenizer"))
+    write_manifest(Run(cfg, engine=None, data=None, sampler=None, rank=0, world=1, accum=1, total_steps=1))
+    monkeypatch.chdir(tmp_path / "base")  # export runs elsewhere, where "teacher" names nothing
+    for name in ("teacher", "tokenizer"):
+        target = tmp_path / name
+        before = tree(target)
+        code, err = cli(capsys, "export", "--run", tmp_path / "run", "--out", target, "--overwrite", "--format",
+                        "dense")
+        assert code == 2 and f"it is the input --run's --{name} ({RUN_MANIFEST})" in err, err
+        assert tree(target) == before
+
+
 # ============================================================================ 4: two jobs, one new --out
 
 
