@@ -74,6 +74,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="--jobs: convert --seed of moe jobs (the split's k-means "
                    "initialisation); a non-zero seed is its own cache entry (-seed<N>)")
+    p.add_argument("--router-fit", default="picks", help="--jobs: convert --router-fit of moe jobs; one other than "
+                   "picks (the fit every earlier row used) is its own cache entry (-fit<name> in the name)")
     p.add_argument("--routed-split", default="coactivation", help="--jobs: how moe jobs group the routed neurons "
                    "(convert --split); a non-default split is its own cache entry (-<split> in the name)")
     p.add_argument("--table-only", action="store_true", help="--jobs: print the table of the cached jobs, run none")
@@ -94,8 +96,8 @@ def main() -> None:
     from factorllm_ds.convert import convert
     from factorllm_ds.evaluate import EvalConfig, evaluate
     from factorllm_ds.export import ExportConfig, run_export
-    from factorllm_ds.pipeline import DemoConfig, train_stage
     from factorllm_ds.layout import CHECKPOINT_DIR
+    from factorllm_ds.pipeline import DemoConfig, train_stage
 
     work = args.work or assets.cache_dir() / "bench_quality"
     work.mkdir(parents=True, exist_ok=True)
@@ -166,7 +168,7 @@ def print_table(rows: list[dict]) -> None:
           "(the paper's public code never trains the router); oracle: the PA prior's experts")
 
 
-# ----------------------------------------------------------------------------- issue 13: shared experts vs static pruning
+# ------------------------------------------------------------------------ issue 13: shared experts vs static pruning
 
 
 def _parse_job(spec: str) -> dict:
@@ -236,7 +238,7 @@ def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
         for layer in inner.layers:
             mlp = layer.mlp
             seen = {}
-            hook = mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("act", a[0]))
+            hook = mlp.down_proj.register_forward_pre_hook(lambda _m, a, seen=seen: seen.setdefault("act", a[0]))
             run(layer, hidden)
             hook.remove()
             act_TI = seen["act"].reshape(-1, inter)
@@ -249,7 +251,8 @@ def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
             mlp.gate_proj.weight = torch.nn.Parameter(mlp.gate_proj.weight[idx].clone())
             mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight[idx].clone())
             mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, idx].clone())
-            for lin, (o, i) in ((mlp.gate_proj, (keep, None)), (mlp.up_proj, (keep, None)), (mlp.down_proj, (None, keep))):
+            for lin, (o, i) in ((mlp.gate_proj, (keep, None)), (mlp.up_proj, (keep, None)),
+                                (mlp.down_proj, (None, keep))):
                 if o:
                     lin.out_features = o
                 else:
@@ -310,8 +313,8 @@ def finetune_static(args, model, tokenizer, kjv: Path, tokens: int, teacher=None
         losses.append(total)
         if not math.isfinite(total):
             raise RuntimeError(f"static fine-tune: loss {total} at step {step}")
-        print(f"static fine-tune step {step + 1}/{steps} loss {total:.4f} ({time.strftime('%H:%M:%S')})", file=sys.stderr,
-              flush=True)
+        print(f"static fine-tune step {step + 1}/{steps} loss {total:.4f} ({time.strftime('%H:%M:%S')})",
+              file=sys.stderr, flush=True)
     model.eval()
     return {"steps": steps, "warmup_steps": warmup, "first_loss": losses[0], "last_loss": losses[-1]}
 
@@ -333,6 +336,7 @@ def issue13(args) -> None:
     jobs = [_parse_job(j) for j in args.jobs]
     # A conversion variant (--routed-split, --seed) is its own moe struct, e.g. S0.25-E24k8-R4-seed1.
     variant = (f"-{args.routed_split}" if args.routed_split != "coactivation" else "") + (
+        f"-fit{args.router_fit}" if args.router_fit != "picks" else "") + (
         f"-seed{args.seed}" if args.seed else "")
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
         if job["kind"] == "moe" and variant:
@@ -358,7 +362,8 @@ def issue13(args) -> None:
         u = rep.get("expert_usage")
         if not u:
             return None
-        return {"per_layer_max_share": [max(r) for r in u["shares"]], "per_layer_min_share": [min(r) for r in u["shares"]],
+        return {"per_layer_max_share": [max(r) for r in u["shares"]],
+                "per_layer_min_share": [min(r) for r in u["shares"]],
                 "max_share": u["max_share"], "min_share": u["min_share"]}
 
     settings = {"seq_len": args.seq_len, "global_batch_size": args.global_batch_size,
@@ -408,7 +413,8 @@ def issue13(args) -> None:
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=job["E"], top_k=job["k"],
                                         split=args.routed_split, shared_neurons=job["shared"], calib_data=kjv,
                                         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                                        refit_down=job["refit"], seed=args.seed, overwrite=True)
+                                        refit_down=job["refit"], seed=args.seed, router_fit=args.router_fit,
+                                        overwrite=True)
                 else:
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=4, top_k=2, split="contiguous",
                                         overwrite=True)

@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from factorllm_ds import assets
-from factorllm_ds import structure as st
+from factorllm_ds import assets, structure as st
 from factorllm_ds.data import read_text
 from factorllm_ds.hf_model.modeling_factorllm import prior_topk
 from factorllm_ds.split import SPLIT_METHODS
@@ -61,6 +60,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="row cache (default <cache>/bench_router)")
     p.add_argument("--out", type=Path, default=None, help="also write every row as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="PNG: perplexity / dense against the active fraction, "
+                   "on the first --eval text, for every run (the quality-compute frontier)")
     return p.parse_args()
 
 
@@ -197,11 +198,11 @@ def run_one(model, dense_mlps, run: dict, args, calib_ids, evals: dict) -> dict:
         swap = decoder.mlp = Swap()
         built = {}
 
-        def build(x_TH):
+        def build(x_TH, built=built, i=i):  # bound now: called within this layer's loop turn
             built["layer"] = Layer(dense_mlps[i], x_TH, run, args, i)
             return built["layer"].out_calib
 
-        def apply(stream):
+        def apply(stream, built=built):
             def fn(x_TH):
                 layer = built["layer"]
                 act_TI = layer.activations(x_TH)
@@ -295,11 +296,43 @@ def main() -> None:
             rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print_table(rows, dense, args)
+    if args.plot:
+        plot_frontier(rows, dense, args.eval[0], args.plot)
     if args.out:
         meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "machine": platform.processor() or platform.machine(), "threads": args.threads,
                 "torch": torch.__version__, "argv": sys.argv[1:], "settings": setting}
         args.out.write_text(json.dumps({"meta": meta, "dense": dense, "rows": rows}, indent=1))
+
+
+def plot_frontier(rows: list[dict], dense: dict, text: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        ratio = r[f"ppl/{text}/fitted"] / dense[f"ppl/{text}"]
+        label = {"static": "static pruning + refit", "limit": "per-token neuron limit"}.get(
+            r["kind"], f"MoE, {r.get('method')} router")
+        series.setdefault(label, []).append((r["active"], ratio))
+        if r.get(f"ppl/{text}/oracle"):
+            series.setdefault("MoE, oracle router", []).append(
+                (r["active"], r[f"ppl/{text}/oracle"] / dense[f"ppl/{text}"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, points in series.items():
+        points = sorted(set(points))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.axhline(1.0, color="gray", linestyle=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("active fraction of the FFN neurons per token")
+    ax.set_ylabel(f"perplexity / dense ({text}, held out)")
+    ax.set_title("SmolLM2-135M, untrained conversion: quality against compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def print_table(rows: list[dict], dense: dict, args) -> None:
@@ -322,7 +355,8 @@ def print_table(rows: list[dict], dense: dict, args) -> None:
         calib = r.get("recall/calib")
         print(f"| {r['name']} | {r['active']:.3f} | " + " | ".join(cells) +
               f" | {'–' if calib is None else f'{calib:.3f}'} |")
-    print("| dense | 1.000 | " + " | ".join(f"{dense[f'ppl/{n}']:.2f} | – | – | 1.000 | –" for n in args.eval) + " | – |")
+    print("| dense | 1.000 | " + " | ".join(f"{dense[f'ppl/{n}']:.2f} | – | – | 1.000 | –" for n in args.eval)
+          + " | – |")
 
 
 if __name__ == "__main__":

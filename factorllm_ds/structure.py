@@ -5,12 +5,8 @@ that every token needs. Here the most important neurons form an always-on *share
 the rest are split into ``num_experts`` equal routed experts, of which ``k`` run per token, each
 with weight 1. Convert calls these per layer; every function is a function of tensors.
 
-Partition convention (as in :mod:`factorllm_ds.split`, with a shared block in front): a
-permutation ``perm`` of the I neurons; ``perm[:S]`` is the shared expert and routed expert e owns
-``perm[S + e*R : S + (e+1)*R]``, R = (I - S) / E.
-
-Shapes: T tokens, H hidden, I dense neurons, S shared neurons, E routed experts, R neurons per
-routed expert, K experts per token.
+The partition convention and the letters of tensor names (T, H, I, S, E, R, K, ...) are
+:mod:`factorllm_ds.shape`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from factorllm_ds import split
+from factorllm_ds.shape import ARGUMENT_WORDING, MoEShape, expert_problems
 
 IMPORTANCE_KINDS = ("contribution", "activation_rate")
 
@@ -70,26 +67,10 @@ def parse_shared(spec: str | int | float, intermediate_size: int) -> int:
     return count
 
 
-def valid_num_experts(intermediate_size: int, num_shared: int) -> list[int]:
-    """Every routed expert count E that splits the I - S non-shared neurons equally."""
-    routed = intermediate_size - num_shared
-    return [e for e in range(1, routed + 1) if routed % e == 0]
-
-
 def check_shared_split(intermediate_size: int, num_shared: int, num_experts: int, top_k: int | None = None) -> None:
-    """Raise one ValueError naming every problem with (I, S, E[, k])."""
-    problems = []
-    if not 0 <= num_shared < intermediate_size:
-        problems.append(f"num_shared {num_shared} must be in [0, {intermediate_size}) (intermediate_size)")
-    else:
-        routed = intermediate_size - num_shared
-        if num_experts < 1 or num_experts > routed or routed % num_experts:
-            valid = valid_num_experts(intermediate_size, num_shared)
-            shown = ", ".join(map(str, valid[:24])) + (", ..." if len(valid) > 24 else "")
-            problems.append(f"num_experts {num_experts} must divide the {routed} routed neurons "
-                            f"(intermediate_size {intermediate_size} - num_shared {num_shared}); valid: {shown}")
-    if top_k is not None and not 0 <= top_k <= num_experts:
-        problems.append(f"top_k {top_k} must be in [0, num_experts {num_experts}]")
+    """Raise one ValueError naming every problem with (I, S, E[, k]): the shape's rules (shape.py)."""
+    shape = MoEShape(num_experts, num_experts if top_k is None else top_k, intermediate_size, num_shared)
+    problems = expert_problems(shape, ARGUMENT_WORDING)
     if problems:
         raise ValueError("invalid shared-expert structure: " + "; ".join(problems))
 
@@ -108,21 +89,7 @@ def shared_partition(importance_I: torch.Tensor, num_shared: int, num_experts: i
     order = torch.argsort(importance_I.float(), descending=True, stable=True)
     shared_S = order[:num_shared].sort().values
     rest_N = order[num_shared:].sort().values
-    if method == "coactivation":
-        if act_TI is None:
-            raise ValueError("the coactivation split needs calibration activations act_TI")
-        local = split.coactivation_partition(act_TI[:, rest_N], num_experts, seed)
-    elif method == "kmeans":
-        if weights is None:
-            raise ValueError("the kmeans split needs weights=(gate_IH, up_IH, down_HI)")
-        gate_IH, up_IH, down_HI = weights
-        local = split.kmeans_partition(gate_IH[rest_N], up_IH[rest_N], down_HI[:, rest_N], num_experts, seed)
-    elif method == "contiguous":
-        local = split.contiguous_partition(rest_N.numel())
-    elif method == "random":
-        local = split.random_partition(rest_N.numel(), seed)
-    else:
-        raise ValueError(f"unknown routed split {method!r}; expected one of {split.SPLIT_METHODS}")
+    local = split.partition(method, num_neurons, num_experts, seed, act_TI, weights, neurons_N=rest_N)
     return torch.cat([shared_S, rest_N[local]])
 
 
@@ -144,9 +111,11 @@ def neuron_gates(idx_TK: torch.Tensor, weights_TK: torch.Tensor, perm: torch.Ten
                  num_experts: int) -> torch.Tensor:
     """Each neuron's weight in each token's output, as the MoE computes it: 1 for the shared neurons,
     the combine weight of the expert for the routed neurons of a selected expert, else 0. [T, I]."""
-    expert_of_I = torch.full((perm.numel(),), num_experts, dtype=torch.long)  # column E: the shared expert
-    expert_of_I[routed_groups(perm, num_shared, num_experts)] = torch.arange(num_experts).unsqueeze(1)
-    gates_TE = torch.zeros(idx_TK.shape[0], num_experts + 1)
+    device = idx_TK.device
+    expert_of_I = torch.full((perm.numel(),), num_experts, dtype=torch.long, device=device)  # column E: shared
+    expert_of_I[routed_groups(perm, num_shared, num_experts).to(device)] = \
+        torch.arange(num_experts, device=device).unsqueeze(1)
+    gates_TE = torch.zeros(idx_TK.shape[0], num_experts + 1, device=device)
     gates_TE[:, num_experts] = 1.0
     gates_TE.scatter_add_(1, idx_TK, weights_TK.float())
     return gates_TE[:, expert_of_I]
@@ -209,8 +178,8 @@ def fit_linear_router(x_TH: torch.Tensor, target_idx_TK: torch.Tensor, num_exper
     """
     z_TH, mean_H, std_H = standardize(x_TH.detach(), bias)
     y_TE = k_hot(target_idx_TK, num_experts) if scores_TE is None else scores_TE.float()
-    y_mean_E = y_TE.mean(dim=0) if bias else torch.zeros(num_experts)
-    gram_HH = z_TH.T @ z_TH + ridge * z_TH.shape[0] * torch.eye(z_TH.shape[1])
+    y_mean_E = y_TE.mean(dim=0) if bias else torch.zeros(num_experts, device=y_TE.device)
+    gram_HH = z_TH.T @ z_TH + ridge * z_TH.shape[0] * torch.eye(z_TH.shape[1], device=z_TH.device)
     w_EH = torch.linalg.solve(gram_HH, z_TH.T @ (y_TE - y_mean_E)).T
     return fold_standardization(w_EH, y_mean_E if bias else None, mean_H, std_H)
 
@@ -233,7 +202,7 @@ def fit_expert_local_router(x_TH: torch.Tensor, y_TE: torch.Tensor, groups_ER: t
     """
     x = x_TH.float()
     num_experts, hidden = groups_ER.shape[0], x.shape[1]
-    w_EH, b_E = torch.zeros(num_experts, hidden), torch.zeros(num_experts)
+    w_EH, b_E = torch.zeros(num_experts, hidden, device=x.device), torch.zeros(num_experts, device=x.device)
     for e, idx in enumerate(groups_ER):
         basis_FH = torch.cat([gate_IH[idx], up_IH[idx]]).float()
         f_TF = x @ basis_FH.T
@@ -252,8 +221,8 @@ def expert_gains(routed_ETH: torch.Tensor, target_TH: torch.Tensor) -> torch.Ten
     return 2 * torch.einsum("eth,th->te", out, target_TH.float()) - out.pow(2).sum(dim=-1).T
 
 
-ROUTER_FITS = ("gate", "gate-w", "picks", "gain", "norm", "lowrank", "local-picks", "local-gain")
-DATA_FREE_FITS = ("gate", "gate-w")  # need neither the oracle nor any expert's output
+ROUTER_FITS = ("gate", "gate-w", "gate-z", "gate-b", "picks", "gain", "norm", "lowrank", "local-picks", "local-gain")
+DATA_FREE_FITS = ("gate", "gate-w", "gate-z")  # need neither the oracle nor any expert's output
 LOWRANK_RANK = 64  # the rank of the "lowrank" neuron-contribution predictor
 
 
@@ -262,13 +231,24 @@ def router_targets(method: str, routed_ETH: torch.Tensor, oracle_TK: torch.Tenso
 
     ``picks``: the oracle's k-hot choice; ``gain``: :func:`expert_gains` against the sum of the routed experts;
     ``norm``: each expert's output norm ||E_e(x)|| (D2DMoE, arXiv 2310.04361)."""
-    if method in ("picks", "local-picks"):
+    if method in ("picks", "local-picks", "gate-b"):
         return k_hot(oracle_TK, routed_ETH.shape[0])
     if method in ("gain", "local-gain"):
         return expert_gains(routed_ETH, routed_ETH.sum(dim=0))
     if method == "norm":
         return routed_ETH.float().norm(dim=-1).T
     return None
+
+
+def frequency_bias(scores_TE: torch.Tensor, target_share_E: torch.Tensor, k: int, steps: int = 200) -> torch.Tensor:
+    """b [E] such that top-k of ``scores + b`` picks each expert on about ``target_share`` of the tokens."""
+    bias_E = torch.zeros(scores_TE.shape[1], device=scores_TE.device)
+    step = scores_TE.std() * 0.05
+    for _ in range(steps):
+        picked_TE = k_hot(torch.topk(scores_TE + bias_E, k, dim=-1).indices, scores_TE.shape[1])
+        bias_E += step * torch.sign(target_share_E - picked_TE.mean(dim=0))
+        step *= 0.98
+    return bias_E
 
 
 def fit_router(method: str, x_TH: torch.Tensor, y_TE: torch.Tensor | None, act_TI: torch.Tensor,
@@ -287,12 +267,19 @@ def fit_router(method: str, x_TH: torch.Tensor, y_TE: torch.Tensor | None, act_T
         return fit_router(method, x_TH, y_TE, act_TI, groups_ER, gate_IH, up_IH, down_HI, ridge)[0], None
     num_experts = groups_ER.shape[0]
     down_norm_I = down_HI.float().norm(dim=0)
-    if method in DATA_FREE_FITS:
-        weight_I = torch.ones_like(down_norm_I) if method == "gate" else \
-            (x_TH.float() @ up_IH.float().T).abs().mean(dim=0) * down_norm_I
+    if method in DATA_FREE_FITS or method == "gate-b":
+        weight_I = (x_TH.float() @ up_IH.float().T).abs().mean(dim=0) * down_norm_I if method == "gate-w" else \
+            torch.ones_like(down_norm_I)
         w_ER = weight_I[groups_ER]
         rows_EH = (gate_IH[groups_ER].float() * w_ER.unsqueeze(-1)).sum(dim=1) / w_ER.sum(dim=1, keepdim=True)
-        return rows_EH, torch.zeros(num_experts)
+        bias_E = torch.zeros(num_experts, device=rows_EH.device)
+        if method == "gate-z":  # every expert's score in units of its own spread on the calibration tokens
+            scores_TE = x_TH.float() @ rows_EH.T
+            std_E = scores_TE.std(dim=0).clamp_min(1e-12)
+            rows_EH, bias_E = rows_EH / std_E.unsqueeze(1), -scores_TE.mean(dim=0) / std_E
+        elif method == "gate-b":  # one bias per expert: picked as often as the oracle picks it
+            bias_E = frequency_bias(x_TH.float() @ rows_EH.T, y_TE.float().mean(dim=0), int(y_TE[0].sum()))
+        return rows_EH, bias_E
     if method == "lowrank":
         y_TE = (act_TI.float().abs() * down_norm_I)[:, groups_ER].sum(dim=-1)
     elif y_TE is None:
@@ -304,9 +291,9 @@ def fit_router(method: str, x_TH: torch.Tensor, y_TE: torch.Tensor | None, act_T
         return fit_expert_local_router(x_TH, y_TE, groups_ER, gate_IH, up_IH, ridge)
     if method == "lowrank":
         z_TH, mean_H, std_H = standardize(x_TH, True)
-        basis_RH = torch.linalg.svd(z_TH[:: max(1, z_TH.shape[0] // 8192)], full_matrices=False)[2][:LOWRANK_RANK]
-        coef_RE = _ridge_solve(z_TH @ basis_RH.T, y_TE - y_TE.mean(dim=0), ridge)
-        return fold_standardization(coef_RE.T @ basis_RH, y_TE.mean(dim=0), mean_H, std_H)
+        basis_QH = torch.linalg.svd(z_TH[:: max(1, z_TH.shape[0] // 8192)], full_matrices=False)[2][:LOWRANK_RANK]
+        coef_QE = _ridge_solve(z_TH @ basis_QH.T, y_TE - y_TE.mean(dim=0), ridge)
+        return fold_standardization(coef_QE.T @ basis_QH, y_TE.mean(dim=0), mean_H, std_H)
     if method in ("picks", "gain", "norm"):
         return fit_linear_router(x_TH, None, num_experts, bias, ridge=ridge, scores_TE=y_TE)
     raise ValueError(f"unknown router fit {method!r}; expected one of {ROUTER_FITS}")
