@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-
 from factorllm_ds import structure as st
+from factorllm_ds.shape import MoEShape
 from factorllm_ds.split import SPLIT_METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only wait on each other
@@ -101,7 +101,7 @@ def test_bad_num_experts_lists_the_valid_ones() -> None:
         st.check_shared_split(I, 8, 7)
     with pytest.raises(ValueError, match="top_k 5"):
         st.check_shared_split(I, 8, 4, top_k=5)
-    assert st.valid_num_experts(1536, 384) == [e for e in range(1, 1153) if 1152 % e == 0]
+    assert MoEShape(1, 1, 1536, 384).valid_num_experts() == [e for e in range(1, 1153) if 1152 % e == 0]
 
 
 def test_calibrated_split_without_calibration_says_what_it_needs() -> None:
@@ -221,3 +221,64 @@ def test_refit_down_limits() -> None:
     # a very strong ridge keeps the dense slice; a weak one moves away from it
     assert torch.allclose(st.refit_down(act_TI, gates_TI, down_HI, target_TH, 1e6), down_HI, atol=1e-4)
     assert (st.refit_down(act_TI, gates_TI, down_HI, target_TH, 0.01) - down_HI).abs().max() > 0.1
+
+
+# ----------------------------------------------------------------------------- router fits (convert --router-fit)
+
+
+def _layer(tokens: int = 600, hidden: int = 12, neurons: int = 48, experts: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate, up, down = (torch.randn(neurons, hidden, generator=gen), torch.randn(neurons, hidden, generator=gen),
+                      torch.randn(hidden, neurons, generator=gen))
+    act = F.silu(x @ gate.T) * (x @ up.T)
+    groups = torch.randperm(neurons, generator=gen).view(experts, -1)
+    return x, gate, up, down, act, groups
+
+
+@pytest.mark.parametrize("method", st.ROUTER_FITS)
+def test_every_router_fit_is_one_linear_router(method) -> None:
+    from factorllm_ds.hf_model.modeling_factorllm import prior_topk
+
+    x, gate, up, down, act, groups = _layer()
+    routed = st.group_outputs(act, down, groups)
+    oracle = prior_topk(routed, routed.sum(0), 2, "subset", 1.0)
+    targets = None if method in st.DATA_FREE_FITS else st.router_targets(method, routed, oracle)
+    w, b = st.fit_router(method, x, targets, act, groups, gate, up, down)
+    assert w.shape == (6, 12) and b.shape == (6,) and torch.isfinite(w).all() and torch.isfinite(b).all()
+    w_nb, b_nb = st.fit_router(method, x, targets, act, groups, gate, up, down, bias=False)
+    assert b_nb is None and w_nb.shape == (6, 12)
+
+
+def test_gate_router_is_each_experts_mean_gate_row_and_reads_no_data() -> None:
+    x, gate, up, down, act, groups = _layer()
+    w, b = st.fit_router("gate", x, None, act, groups, gate, up, down)
+    assert torch.allclose(w, gate[groups].mean(dim=1)) and not b.any()
+    w2, _ = st.fit_router("gate", x[:10] * 7, None, act[:10], groups, gate, up, down)
+    assert torch.equal(w, w2)  # no calibration token changes it
+
+
+def test_gate_b_picks_each_expert_as_often_as_the_oracle() -> None:
+    from factorllm_ds.hf_model.modeling_factorllm import prior_topk
+
+    x, gate, up, down, act, groups = _layer(tokens=2000)
+    routed = st.group_outputs(act, down, groups)
+    oracle = prior_topk(routed, routed.sum(0), 2, "subset", 1.0)
+    w, b = st.fit_router("gate-b", x, st.router_targets("gate-b", routed, oracle), act, groups, gate, up, down)
+    share = st.k_hot(torch.topk(x @ w.T + b, 2).indices, 6).mean(0)
+    target = st.k_hot(oracle, 6).mean(0)
+    plain = st.k_hot(torch.topk(x @ w.T, 2).indices, 6).mean(0)
+    assert (share - target).abs().max() < 0.02 < (plain - target).abs().max()
+
+
+def test_lowrank_router_is_the_sum_of_its_neuron_predictions() -> None:
+    """Deja Vu's neuron predictor, folded: expert e's score regresses the summed contributions of e's neurons (a
+    sum of linear per-neuron predictions is one linear row); the scores keep that target's mean and follow it."""
+    x, gate, up, down, act, groups = _layer(hidden=12)
+    w, b = st.fit_router("lowrank", x, None, act, groups, gate, up, down)
+    contrib = (act.abs() * down.norm(dim=0))[:, groups].sum(-1)  # what each expert's score regresses
+    scores = x @ w.T + b
+    # a least-squares fit with an intercept reproduces the target's mean, and correlates with it
+    scale = contrib.std()
+    assert torch.allclose(scores.mean(0), contrib.mean(0) / scale, atol=1e-3)
+    assert all(torch.corrcoef(torch.stack([scores[:, e], contrib[:, e]]))[0, 1] > 0.3 for e in range(6))
