@@ -41,9 +41,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from factorllm_ds.keys import dense_infos_from_config
 from factorllm_ds.hf_io import DTYPE_NAMES, INDEX_FILE, TensorInfo
-from factorllm_ds.keys import layer_of
+from factorllm_ds.keys import dense_infos_from_config, layer_of
 
 
 def llama_config(args) -> dict:
@@ -285,12 +284,14 @@ def main() -> int:
         check_output(dense, moe, config["num_hidden_layers"] - 1, args.num_experts)
         out_bytes = sum(p.stat().st_size for p in moe.iterdir() if p.is_file())
         manifest = json.loads((moe / "factorllm_manifest.json").read_text())
-        print(f"convert (python -m factorllm_ds convert, contiguous, E={args.num_experts}): {conv['wall_s']:.3f} s wall "
+        print(f"convert (python -m factorllm_ds convert, contiguous, E={args.num_experts}): {conv['wall_s']:.3f} s "
+              "wall "
               f"(then sync {conv_sync_s:.3f} s); conversion proper per its manifest {manifest['seconds']} s; "
               f"wrote {out_bytes} bytes")
         print(f"factorllm_ds used by the conversion: {conv['package']}")
         print(f"convert peak RSS: VmHWM {conv['vmhwm_bytes']} bytes; psutil polling {conv['polled_peak_rss_bytes']} "
-              f"bytes; (wait4 ru_maxrss {conv['wait4_maxrss_bytes']} bytes: Linux counts the forking parent's RSS in it)")
+              f"bytes; (wait4 ru_maxrss {conv['wait4_maxrss_bytes']} bytes: Linux counts the forking parent's RSS in "
+              "it)")
 
         runtime = run_measured(["-c", RUNTIME_IMPORTS], env, work / "hwm-runtime")
         print(f"runtime baseline (python -c '{RUNTIME_IMPORTS}'): VmHWM {runtime['vmhwm_bytes']} bytes, "
@@ -307,7 +308,8 @@ def main() -> int:
         print(f"  both including their sync:                          "
               f"{(conv['wall_s'] + conv_sync_s) / (copy_s + copy_sync_s):.3f}")
         print(f"  conversion proper (manifest seconds) / copy:        {manifest['seconds'] / copy_s:.3f}")
-        print(f"ratio peak RSS / largest layer:                       {peak / layer:.3f}  (goal <= 3, plus the runtime)")
+        print(f"ratio peak RSS / largest layer:                       {peak / layer:.3f}  "
+              "(goal <= 3, plus the runtime)")
         print(f"ratio (peak RSS - runtime RSS) / largest layer:       {(peak - base) / layer:.3f}")
         print(f"ratio (peak RSS - runtime RSS) / largest of (layer, embedding, lm_head) = {biggest} bytes: "
               f"{(peak - base) / biggest:.3f}")

@@ -35,8 +35,8 @@ import psutil
 import torch
 
 from factorllm_ds.assets import llama_tokenizer_dir
-from factorllm_ds.keys import dense_infos_from_config
 from factorllm_ds.hf_io import CheckpointReader, StreamingSafetensorsWriter
+from factorllm_ds.keys import dense_infos_from_config
 from factorllm_ds.plan import BUILTIN_MODELS
 
 GB = 10**9
@@ -155,7 +155,8 @@ def main() -> int:
         if d.exists():
             shutil.rmtree(d)
     try:
-        print(f"writing a synthetic {args.model} checkpoint ({dense_bytes / GB:.1f} GB bf16) to {dense_dir}", flush=True)
+        print(f"writing a synthetic {args.model} checkpoint ({dense_bytes / GB:.1f} GB bf16) to {dense_dir}",
+              flush=True)
         t0 = time.time()
         write_synthetic(dense_dir, config, parse_size(args.shard_size), args.seed)
         synth_s = time.time() - t0

@@ -27,10 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import (RUNTIME_IMPORTS, add_shape_args, largest_layer_bytes, llama_config,  # noqa: E402
-                           machine_line, run_measured, write_synthetic_checkpoint)
+from bench_convert import (  # noqa: E402
+    RUNTIME_IMPORTS,
+    add_shape_args,
+    largest_layer_bytes,
+    llama_config,
+    machine_line,
+    run_measured,
+    write_synthetic_checkpoint,
+)
 
 from factorllm_ds import assets  # noqa: E402
 from factorllm_ds.config import parse_size  # noqa: E402

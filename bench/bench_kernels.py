@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 err = float((out - reference).abs().max() / reference.abs().max())
                 if err > 1e-4:
                     raise SystemExit(f"kernel {name} differs from loop by {err:.2e} (E={num_experts})")
-                t = median_seconds(lambda: (experts(x_TH, idx_TK, w_TK), sync()), args.reps)
+                t = median_seconds(lambda e=experts, i=idx_TK, w=w_TK: (e(x_TH, i, w), sync()), args.reps)
                 cells.append(f"{t * 1e3:11.1f} {dense_s / t:7.2f}")
             experts.kernel = "auto"
             print(f"{num_experts:4d} {k:4d} {inter // num_experts:5d} {experts._kernel(x_TH):>8} " + " ".join(cells))

@@ -36,7 +36,8 @@ def best_of(fn, reps: int) -> float:
 def measure(hidden: int, inter: int, tokens: int, reps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=gen)
-    gate, up = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5, torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
+    gate = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
+    up = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
     down = torch.randn(hidden, inter, generator=gen) * inter ** -0.5
     act = None
 
@@ -61,7 +62,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, "
           f"T = {args.tokens} tokens, best of {args.reps}")
     print("| FFN (H x I) | calibration forward s | refit s | refit / forward |\n|---|---|---|---|")
     for shape in args.shapes:

@@ -30,10 +30,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import moe_lab as lab  # bench/: the script's own folder is on sys.path
 import torch
 from torch import nn
 
-import moe_lab as lab  # bench/: the script's own folder is on sys.path
 from factorllm_ds import structure as st
 from factorllm_ds.split import SPLIT_METHODS
 

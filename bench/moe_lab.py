@@ -11,7 +11,8 @@ routed expert, K experts per token, M representative neurons per expert.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -3,6 +3,10 @@
 Only the current layer's weights are in memory: each layer is built on the meta device,
 filled from the checkpoint, run over the calibration hidden states, and dropped. Used by
 the ``coactivation`` split, which needs each layer's FFN activations on real text.
+
+``cfg.device`` (convert --device) is where the layer runs and the hidden states, MLP inputs,
+outputs and activations live; the weights are read on the CPU and copied there one layer at
+a time, and the embedding lookup stays on the CPU (the [vocab, H] table never goes to the GPU).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from factorllm_ds import keys
 from factorllm_ds.data import read_text
-from factorllm_ds.hf_io import check_token_ids, load_tokenizer
 from factorllm_ds.errors import UserError
+from factorllm_ds.hf_io import check_token_ids, load_tokenizer
 
 
 class CalibrationRunner:
     def __init__(self, reader, dense_config: dict, cfg):
         self.reader = reader
+        self.device = torch.device(cfg.device)
         text_cfg = {k: v for k, v in dense_config.items() if k != "model_type"}
         self.config = AutoConfig.for_model(dense_config["model_type"], **text_cfg)
         self.config._attn_implementation = "sdpa"  # causal without building a mask
@@ -33,17 +38,19 @@ class CalibrationRunner:
             raise UserError(f"--calib-data {cfg.calib_data}: only {len(ids)} tokens, fewer than --calib-tokens "
                             f"{cfg.calib_tokens}. Use a longer text or lower --calib-tokens.")
         n_seq = cfg.calib_tokens // seq_len
-        self.input_ids = torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
+        self.input_ids = torch.tensor(ids[: n_seq * seq_len], device="cpu").view(n_seq, seq_len)
         base = MODEL_MAPPING[type(self.config)]
         module = sys.modules[base.__module__]
         prefix = base.__name__[: -len("Model")]
         self.layer_cls = getattr(module, prefix + "DecoderLayer")
-        self.rotary = getattr(module, prefix + "RotaryEmbedding")(config=self.config)
+        with torch.device("cpu"):  # built where its inverse frequencies are computed on every machine alike
+            self.rotary = getattr(module, prefix + "RotaryEmbedding")(config=self.config).to(self.device)
 
     def start(self) -> None:
         embed = self.reader.get("model.embed_tokens.weight").float()
-        self.hidden = torch.nn.functional.embedding(self.input_ids, embed)
-        self.position_ids = torch.arange(self.input_ids.shape[1]).unsqueeze(0)
+        self.hidden = torch.nn.functional.embedding(self.input_ids, embed).to(self.device)
+        del embed
+        self.position_ids = torch.arange(self.input_ids.shape[1], device=self.device).unsqueeze(0)
         self.position_embeddings = self.rotary(self.hidden, self.position_ids)
 
     @torch.no_grad()
@@ -52,7 +59,8 @@ class CalibrationRunner:
         with torch.device("meta"):
             block = self.layer_cls(self.config, layer)
         prefix = keys.LAYER.format(layer=layer)
-        state = {name[len(prefix):]: self.reader.get(name).float()
+        # copied in the checkpoint's dtype (half the bytes of fp32 for bf16), widened where it runs
+        state = {name[len(prefix):]: self.reader.get(name).to(self.device).float()
                  for name in self.reader.infos if name.startswith(prefix)}
         block.load_state_dict(state, strict=True, assign=True)
         block.eval()

@@ -1,7 +1,9 @@
 """Typed configs for each command; the CLI flags and their help come from these fields.
 
 Validation happens once, up front, before any disk or process-group work: every problem
-is collected and reported together, each naming its flag.
+is collected and reported together, each naming its flag. Every command's config has one
+contract for it: ``cfg.validate(<what the flags are judged against>)`` returns the resolved
+copy the command runs with (defaults filled in, the MoE shape built) or raises one UserError.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from factorllm_ds.errors import UserError
-from factorllm_ds.safety import parse_finite_float
-from factorllm_ds.keys import SUPPORTED_FAMILIES
+from factorllm_ds.finite import parse_finite_float
 from factorllm_ds.hf_model.configuration_factorllm import ROUTING_MODES, FactorLLMConfig, default_combine_scale
 from factorllm_ds.hf_model.modeling_factorllm import PRIOR_TARGETS
+from factorllm_ds.keys import SUPPORTED_FAMILIES
+from factorllm_ds.shape import MoEShape, shape_problems
 from factorllm_ds.split import SPLIT_METHODS
-from factorllm_ds.structure import IMPORTANCE_KINDS, ROUTER_FITS, parse_shared, valid_num_experts
+from factorllm_ds.structure import IMPORTANCE_KINDS, ROUTER_FITS, parse_shared
 
 PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the paper's)
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
@@ -29,6 +32,7 @@ ROUTER_GRADS = ("straight-through", "none")  # the first is the default (docs/me
 ROUTER_INITS = ("normal", "prior")
 DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.md §5)
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
+CONVERT_DEVICE = "cpu"  # convert --device default: the output's bytes do not depend on the machine (docs/cluster.md)
 TRAIN_SEQ_LEN = 1024  # train --seq-len default, which plan assumes too
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
 MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
@@ -100,8 +104,8 @@ def fail_if(problems: list[str], what: str) -> None:
 
 
 @dataclass
-class MoEShape:
-    """How the dense FFN becomes experts; shared by convert and train."""
+class MoEFlags:
+    """The flags that choose the MoE shape and its routing (convert's); the shape itself is shape.MoEShape."""
 
     num_experts: int = arg("E: experts per MoE layer; must divide the FFN intermediate size",
                            default=MODEL_DEFAULTS["num_experts"])
@@ -113,22 +117,9 @@ class MoEShape:
     router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: on for hard, off for "
                                    "softmax (Mixtral routers have no bias)", default=None)
 
-    def moe_problems(self, intermediate_size: int | None, num_shared: int = 0) -> list[str]:
-        """Problems of E, k, s and the router bias for an FFN of ``intermediate_size`` neurons, ``num_shared``
-        of them in the shared expert (the routed experts split the rest equally)."""
-        problems = []
-        routed = None if intermediate_size is None else intermediate_size - num_shared
-        if self.num_experts < 1:
-            problems.append(f"--num-experts {self.num_experts}: must be >= 1")
-        elif routed is not None and (routed < self.num_experts or routed % self.num_experts):
-            divisors = [d for d in valid_num_experts(intermediate_size, num_shared) if d >= 2]
-            what = (f"the FFN intermediate size {intermediate_size}" if not num_shared else
-                    f"the {routed} routed neurons (intermediate size {intermediate_size} - {num_shared} shared)")
-            problems.append(f"--num-experts {self.num_experts} does not divide {what}; valid E: "
-                            f"{', '.join(map(str, divisors[:16]))}{', ...' if len(divisors) > 16 else ''}")
-        if not 1 <= self.top_k <= max(self.num_experts, 1):
-            problems.append(f"--top-k {self.top_k}: must be between 1 and --num-experts ({self.num_experts})")
-        problems += bound_problems(self, {"combine_scale": "finite > 0"})
+    def routing_problems(self) -> list[str]:
+        """Problems of s and the router bias (the shape's own rules are shape.shape_problems)."""
+        problems = bound_problems(self, {"combine_scale": "finite > 0"})
         # s weighs each selected expert's output. s = E already gives one expert, 1/E of the FFN's neurons, the whole
         # dense FFN's weight (the largest default: E/k with k = 1, or E for softmax); a larger s only amplifies the
         # FFN beyond anything the dense model produced (1e38 overflows to inf: a model at chance), so it is refused.
@@ -141,11 +132,23 @@ class MoEShape:
                             "model could not be exported; drop --router-bias")
         return problems
 
-    def resolved_scale(self) -> float:
+    def resolved_scale(self, num_shared: int = 0) -> float:
+        # Measured best with a shared expert: every selected routed expert adds its output as is (docs/method.md).
+        if self.combine_scale is None and num_shared and self.routing == "hard":
+            return 1.0
         return default_combine_scale(self.routing, self.num_experts, self.top_k, self.combine_scale)
 
     def resolved_router_bias(self) -> bool:
         return self.routing == "hard" if self.router_bias is None else self.router_bias
+
+    def shape_for(self, dense_config: dict, num_shared: int = 0) -> MoEShape:
+        """The MoE shape these flags make of the dense model of ``dense_config``, ``num_shared`` of its FFN's neurons
+        in the shared expert. Its scale means something only once shape_problems accepts it (k >= 1)."""
+        return MoEShape(num_experts=self.num_experts, top_k=self.top_k,
+                        intermediate_size=dense_config.get("intermediate_size"), shared_size=num_shared,
+                        hidden_size=dense_config.get("hidden_size"), num_layers=dense_config.get("num_hidden_layers"),
+                        routing=self.routing, scale=self.resolved_scale(num_shared) if self.top_k >= 1 else 0.0,
+                        router_bias=self.resolved_router_bias())
 
 
 @dataclass
@@ -196,7 +199,7 @@ class Objective:
 
 
 @dataclass
-class ConvertConfig(MoEShape):
+class ConvertConfig(MoEFlags):
     """factorllm-ds convert: a dense HF checkpoint folder -> a FactorLLM MoE folder."""
 
     model: Path = arg("dense Hugging Face model folder (safetensors)", default=None, required=True)
@@ -245,16 +248,17 @@ class ConvertConfig(MoEShape):
                                  "folder); they are copied into --out", default=None)
     allow_nonfinite: bool = arg("convert even if a weight holds NaN or Inf (by default the first one is an "
                                 "error)", default=False)
-    num_shared: int = field(default=0)  # resolved by validate() from --shared-neurons; not a flag
+    device: str = arg("where the calibrated steps run (calibration forward, importance, co-activation split, "
+                      "oracle, router fit, down refit), one decoder layer at a time: cpu, cuda, cuda:N or auto (cuda "
+                      "when available). The weights stream from disk and the output is written from host memory "
+                      "either way; the GPU holds one layer and the calibration activations (docs/cluster.md). cpu, "
+                      "the default, gives the same bytes on every machine; cuda agrees with it within the tolerance "
+                      "docs/cluster.md states. Without calibration there is nothing to compute",
+                      default=CONVERT_DEVICE)
+    shape: MoEShape | None = field(default=None)  # resolved by validate() from the flags and --model; not a flag
 
     def needs_calibration(self) -> bool:
         return self.split == "coactivation" or self.router_init == "prior" or bool(self.shared_neurons)
-
-    def resolved_scale(self) -> float:
-        # Measured best with a shared expert: every selected routed expert adds its output as is (docs/method.md).
-        if self.combine_scale is None and self.num_shared and self.routing == "hard":
-            return 1.0
-        return super().resolved_scale()
 
     def _shared_problems(self, intermediate_size: int | None) -> tuple[list[str], int]:
         if not self.shared_neurons or intermediate_size is None:
@@ -273,7 +277,17 @@ class ConvertConfig(MoEShape):
                             "use a smaller shared part or fewer experts")
         return problems, num_shared
 
-    def validate(self, dense_config: dict) -> "ConvertConfig":
+    def _device_problems(self, problems: list[str]) -> str:
+        """--device resolved (auto -> cuda or cpu), or its problem appended to ``problems``."""
+        from factorllm_ds.modeling import resolve_device  # imports transformers: only when convert runs
+
+        try:
+            return str(resolve_device(self.device))
+        except UserError as err:
+            problems.append(str(err))
+            return self.device
+
+    def validate(self, dense_config: dict) -> ConvertConfig:
         """Every problem at once (one error); returns the resolved copy convert runs with."""
         problems = []
         model_type = dense_config.get("model_type")
@@ -285,7 +299,8 @@ class ConvertConfig(MoEShape):
                             f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)")
         intermediate = dense_config.get("intermediate_size")
         shared_problems, num_shared = self._shared_problems(intermediate)
-        problems += shared_problems or self.moe_problems(intermediate, num_shared)
+        shape = self.shape_for(dense_config, num_shared)
+        problems += shared_problems or shape_problems(shape) + self.routing_problems()
         router_init = self.router_init or ("prior" if self.calib_data is not None else "normal")
         for flag, needs in (("--split coactivation", self.split == "coactivation"),
                             ("--router-init prior", router_init == "prior")):
@@ -309,9 +324,11 @@ class ConvertConfig(MoEShape):
             problems.append(f"--out {self.out} already exists; choose another path or pass --overwrite")
         if self.out is not None and self.model is not None and Path(self.out).resolve() == Path(self.model).resolve():
             problems.append("--out must differ from --model")
+        device = self._device_problems(problems)
         fail_if(problems, "convert: bad arguments")
-        return dataclasses.replace(self, router_init=router_init, num_shared=num_shared, refit_down=refit,
-                                   prior_target=self.prior_target or ("subset" if num_shared else "share"))
+        target = self.prior_target or ("subset" if num_shared else "share")
+        return dataclasses.replace(self, router_init=router_init, shape=shape, refit_down=refit,
+                                   prior_target=target, device=device)
 
 
 # No disk or memory holds more: a larger size is a slip of the keyboard (and 1e400 is no float at all).

@@ -22,14 +22,21 @@ from factorllm_ds import keys, split, structure
 from factorllm_ds.calibration import CalibrationRunner
 from factorllm_ds.config import ConvertConfig, parse_size
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import (CheckpointReader, FolderWriter, StreamingSafetensorsWriter, TensorInfo,
-                                check_config_shapes, copy_side_files, read_config, tokenizer_dir)
+from factorllm_ds.hf_io import (
+    CheckpointReader,
+    FolderWriter,
+    StreamingSafetensorsWriter,
+    TensorInfo,
+    check_config_shapes,
+    copy_side_files,
+    read_config,
+    tokenizer_dir,
+)
 from factorllm_ds.hf_model import AUTO_MAP, MODEL_CODE_DIR, MODEL_CODE_FILES
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import prior_topk, prior_weight, route
 from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE
-from factorllm_ds.safety import check_output
-
+from factorllm_ds.outputs import check_output
 
 # Ridge strength of the router fitted to the oracle's picks at conversion (structure.fit_linear_router).
 ROUTER_FIT_RIDGE = 0.1
@@ -52,48 +59,39 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
         raise UserError(f"--model {cfg.model}: {len(unknown)} tensor names this converter does not know "
                         f"(first: {unknown[0]}). Supported: {', '.join(keys.SUPPORTED_FAMILIES.values())} "
                         "checkpoints in Hugging Face naming.")
-    plan = [dense[n] for n in keys.GLOBAL_PASSTHROUGH[:1] if n in dense]
+    plan, shape = [dense[n] for n in keys.GLOBAL_PASSTHROUGH[:1] if n in dense], cfg.shape
     for layer in range(num_layers):
         plan += [dense[n] for n in sorted(by_layer[layer])]
-        gate = dense[keys.dense_mlp_key("gate", layer)]
-        down = dense[keys.dense_mlp_key("down", layer)]
-        inter, hidden = gate.shape
-        size = (inter - cfg.num_shared) // cfg.num_experts
-        plan.append(TensorInfo(keys.ROUTER_WEIGHT.format(layer=layer), (cfg.num_experts, hidden), gate.dtype))
-        if cfg.resolved_router_bias():
-            plan.append(TensorInfo(keys.ROUTER_BIAS.format(layer=layer), (cfg.num_experts,), gate.dtype))
-        # (name of each part, neurons): the shared expert, if any, then the routed experts
-        blocks = [(partial(keys.shared_expert_key, layer=layer), cfg.num_shared)] if cfg.num_shared else []
-        blocks += [(partial(keys.expert_key, layer=layer, expert=e), size) for e in range(cfg.num_experts)]
-        for name_of, rows in blocks:
-            plan += [TensorInfo(name_of("gate"), (rows, hidden), gate.dtype),
-                     TensorInfo(name_of("up"), (rows, hidden), gate.dtype),
-                     TensorInfo(name_of("down"), (hidden, rows), down.dtype)]
+        dtypes = {part: dense[keys.dense_mlp_key(part, layer)].dtype for part in keys.MLP_PARTS}
+        plan.append(TensorInfo(keys.ROUTER_WEIGHT.format(layer=layer), (shape.num_experts, shape.hidden_size),
+                               dtypes["gate"]))
+        if shape.router_bias:
+            plan.append(TensorInfo(keys.ROUTER_BIAS.format(layer=layer), (shape.num_experts,), dtypes["gate"]))
+        # (name of each part, its tensors' shapes): the shared expert, if any, then the routed experts
+        blocks = [(partial(keys.shared_expert_key, layer=layer), shape.shared_shapes())] if shape.shared_size else []
+        blocks += [(partial(keys.expert_key, layer=layer, expert=e), shape.expert_shapes())
+                   for e in range(shape.num_experts)]
+        plan += [TensorInfo(name_of(part), shapes[part], dtypes[part]) for name_of, shapes in blocks
+                 for part in keys.MLP_PARTS]
     plan += [dense[n] for n in keys.GLOBAL_PASSTHROUGH[1:] if n in dense]
     return plan
 
 
 def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> torch.Tensor:
-    """The layer's neuron permutation: perm[:S] the shared expert, then E equal routed groups (layout.py)."""
+    """The layer's neuron permutation: perm[:S] the shared expert, then E equal routed groups (shape.py)."""
     seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
-    if cfg.num_shared:
-        acts_TI = calib.mlp_activations()
+    shape, acts_TI = cfg.shape, None if calib is None else calib.mlp_activations()
+    if shape.shared_size:
         importance_I = structure.neuron_importance(acts_TI, down, cfg.importance)
-        return structure.shared_partition(importance_I, cfg.num_shared, cfg.num_experts, cfg.split, seed,
+        return structure.shared_partition(importance_I, shape.shared_size, shape.num_experts, cfg.split, seed,
                                           act_TI=acts_TI, weights=(gate, up, down))
-    if cfg.split == "contiguous":
-        return split.contiguous_partition(gate.shape[0])
-    if cfg.split == "random":
-        return split.random_partition(gate.shape[0], seed)
-    if cfg.split == "kmeans":
-        return split.kmeans_partition(gate, up, down, cfg.num_experts, seed)
-    return split.coactivation_partition(calib.mlp_activations(), cfg.num_experts, seed)
+    return split.partition(cfg.split, gate.shape[0], shape.num_experts, seed, acts_TI, (gate, up, down))
 
 
 def initial_router(cfg: ConvertConfig, hidden_size: int, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The router of one layer before fitting: N(0, 0.02), bias 0 (the paper)."""
-    bias = torch.zeros(cfg.num_experts) if cfg.resolved_router_bias() else None
-    return torch.empty(cfg.num_experts, hidden_size).normal_(0.0, 0.02, generator=gen), bias
+    bias = torch.zeros(cfg.shape.num_experts, device="cpu") if cfg.shape.router_bias else None
+    return torch.empty(cfg.shape.num_experts, hidden_size, device="cpu").normal_(0.0, 0.02, generator=gen), bias
 
 
 def fitted_router(cfg: ConvertConfig, gate, up, down, perm, calib) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,44 +103,64 @@ def fitted_router(cfg: ConvertConfig, gate, up, down, perm, calib) -> tuple[torc
     projection (``down``, in place) is then refitted to the fitted router's picks. Afterwards the
     calibration stream continues through the converted layer.
     """
-    acts_TI = calib.mlp_activations()
-    groups_ER = structure.routed_groups(perm, cfg.num_shared, cfg.num_experts)
+    acts_TI, shape = calib.mlp_activations(), cfg.shape
+    groups_ER = structure.routed_groups(perm, shape.shared_size, shape.num_experts)
     x_TH = calib.mlp_input.reshape(-1, calib.mlp_input.shape[-1]).float()
     targets_TE = None
     if cfg.router_fit not in structure.DATA_FREE_FITS:
-        weight = prior_weight(cfg.routing, cfg.resolved_scale(), cfg.top_k)
+        weight = prior_weight(shape.routing, shape.scale, shape.top_k)
         # Every routed expert's output [E, T, H] in fp32 would be the largest tensor of the conversion (8 GB at
         # 13B, E=24, 16k tokens); the oracle's choice is per token, so it is made a block of tokens at a time.
-        rows = max(1, ORACLE_BLOCK_BYTES // (4 * cfg.num_experts * down.shape[0]))
+        rows = max(1, ORACLE_BLOCK_BYTES // (4 * shape.num_experts * down.shape[0]))
         blocks = []
         for block_TI in acts_TI.split(rows):
             routed_ETH = structure.group_outputs(block_TI, down, groups_ER)
-            oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), cfg.top_k, cfg.prior_target, weight)
+            oracle_TK = prior_topk(routed_ETH, routed_ETH.sum(dim=0), shape.top_k, cfg.prior_target, weight)
             blocks.append(structure.router_targets(cfg.router_fit, routed_ETH, oracle_TK))
         targets_TE = None if blocks[0] is None else torch.cat(blocks)
     router, bias = structure.fit_router(cfg.router_fit, x_TH, targets_TE, acts_TI, groups_ER, gate, up, down,
-                                        ridge=ROUTER_FIT_RIDGE, bias=cfg.resolved_router_bias())
-    idx_TK, weights_TK = route(F.linear(x_TH, router, bias), cfg.top_k, cfg.routing, cfg.resolved_scale())
-    gates_TI = structure.neuron_gates(idx_TK, weights_TK, perm, cfg.num_shared, cfg.num_experts)
+                                        ridge=ROUTER_FIT_RIDGE, bias=shape.router_bias)
+    idx_TK, weights_TK = route(F.linear(x_TH, router, bias), shape.top_k, shape.routing, shape.scale)
+    gates_TI = structure.neuron_gates(idx_TK, weights_TK, perm, shape.shared_size, shape.num_experts)
     if cfg.refit_down:  # the experts absorb what the router's picks leave out (docs/method.md §4)
         down.copy_(structure.refit_down(acts_TI, gates_TI, down, calib.mlp_output(), cfg.refit_down))
     calib.replace_mlp_output((acts_TI.float() * gates_TI) @ down.float().T)
     return router, bias
 
 
+def layer_structure(cfg: ConvertConfig, layer: int, gate, up, down, calib, gen) -> tuple[torch.Tensor, ...]:
+    """The layer's partition, router and router bias (or None), on the CPU; with ``--refit-down``, ``down`` (the
+    host buffer the experts are written from) is refitted in place.
+
+    The arithmetic runs on ``cfg.device``: the layer's gate/up/down are copied there once (on the CPU they are the
+    buffers themselves, so the CPU path is unchanged), next to the calibration runner's activations.
+    """
+    if calib is None and cfg.split != "kmeans":  # nothing to compute: the split numbers the neurons on the CPU
+        return (make_partition(cfg, layer, gate, up, down, calib), *initial_router(cfg, gate.shape[1], gen))
+    device = torch.device(cfg.device)
+    work = [t.to(device) for t in (gate, up, down)]
+    perm = make_partition(cfg, layer, *work, calib).to(device)  # the contiguous and random splits number on the CPU
+    router, bias = (fitted_router(cfg, *work, perm, calib) if cfg.router_init == "prior" else
+                    initial_router(cfg, gate.shape[1], gen))
+    if work[2] is not down:  # the refit changed the device's copy
+        down.copy_(work[2])
+    return perm.cpu(), router.cpu(), None if bias is None else bias.cpu()
+
+
 def moe_config(dense_config: dict, cfg: ConvertConfig) -> FactorLLMConfig:
     text = {k: v for k, v in dense_config.items()
             if k not in ("architectures", "auto_map", "transformers_version", "_name_or_path")}
     dtype = dense_config.get("dtype") or dense_config.get("torch_dtype")
+    shape = cfg.shape
     moe = FactorLLMConfig(
         text_config=text,
-        num_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-        expert_intermediate_size=(dense_config["intermediate_size"] - cfg.num_shared) // cfg.num_experts,
-        shared_intermediate_size=cfg.num_shared,
-        routing=cfg.routing,
-        combine_scale=cfg.resolved_scale() if cfg.num_shared else cfg.combine_scale,
-        router_bias=cfg.resolved_router_bias(),
+        num_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        expert_intermediate_size=shape.expert_size,
+        shared_intermediate_size=shape.shared_size,
+        routing=shape.routing,
+        combine_scale=shape.scale if shape.shared_size else cfg.combine_scale,
+        router_bias=shape.router_bias,
         partition_method=cfg.split,
         prior_target=cfg.prior_target,
     )
@@ -189,7 +207,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
             info = reader.infos[name]
             buf = mlp_buffers.get(part)
             if buf is None or tuple(buf.shape) != info.shape or buf.dtype != info.dtype:
-                buf = mlp_buffers[part] = torch.empty(info.shape, dtype=info.dtype)
+                buf = mlp_buffers[part] = torch.empty(info.shape, dtype=info.dtype, device="cpu")
             return reader.get(name, out=buf)
 
         folder.copy(reader, "model.embed_tokens.weight")
@@ -202,20 +220,18 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
             gate, up, down = (read_mlp(keys.dense_mlp_key(p, layer), p) for p in keys.MLP_PARTS)
             if calib is not None:
                 calib.run_layer(layer)
-            perm = make_partition(cfg, layer, gate, up, down, calib)
+            perm, router, bias = layer_structure(cfg, layer, gate, up, down, calib, gen)
             partitions[f"layers.{layer}"] = perm.to(torch.int32)
-            router, bias = (fitted_router(cfg, gate, up, down, perm, calib) if cfg.router_init == "prior" else
-                            initial_router(cfg, gate.shape[1], gen))
             folder.write(keys.ROUTER_WEIGHT.format(layer=layer), router.to(gate.dtype))
             if bias is not None:
                 folder.write(keys.ROUTER_BIAS.format(layer=layer), bias.to(gate.dtype))
-            if cfg.num_shared:
-                shared = perm[:cfg.num_shared]
+            if cfg.shape.shared_size:
+                shared = perm[:cfg.shape.shared_size]
                 for part, piece in zip(keys.MLP_PARTS, (gate[shared], up[shared], down[:, shared])):
                     folder.write(keys.shared_expert_key(part, layer), piece.contiguous())
-            routed = perm[cfg.num_shared:]
-            for e in range(cfg.num_experts):  # one expert's slices at a time: the layer is held once, not twice
-                pieces = split.expert_slice(gate, up, down, routed, cfg.num_experts, e)
+            routed = perm[cfg.shape.shared_size:]
+            for e in range(cfg.shape.num_experts):  # one expert's slices at a time: the layer is held once, not twice
+                pieces = split.expert_slice(gate, up, down, routed, cfg.shape.num_experts, e)
                 for part, piece in zip(keys.MLP_PARTS, pieces):
                     folder.write(keys.expert_key(part, layer, e), piece)
                 del pieces, piece
@@ -230,8 +246,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
         if cfg.tokenizer is not None:
             side += copy_side_files(cfg.tokenizer, folder.path)
         save_file(partitions, str(folder.path / PARTITION_FILE),
-                  metadata={"method": cfg.split, "num_experts": str(cfg.num_experts), "seed": str(cfg.seed),
-                            "num_shared": str(cfg.num_shared)})
+                  metadata={"method": cfg.split, "num_experts": str(cfg.shape.num_experts), "seed": str(cfg.seed),
+                            "num_shared": str(cfg.shape.shared_size)})
         folder.manifest.update(source_model=str(cfg.model), partition_file=PARTITION_FILE, copied_files=side,
                                settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                                bytes_read=reader.total_bytes)

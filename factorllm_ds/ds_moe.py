@@ -24,8 +24,8 @@ from factorllm_ds.config import Objective
 from factorllm_ds.hf_io import CheckpointReader
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import FactorLLMExpert, prior_weight
-from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_agreement, prior_topk,
-                                  switch_balance_loss)
+from factorllm_ds.routing import FactorLLMGate, balance_loss, pa_loss, prior_agreement, prior_topk, switch_balance_loss
+from factorllm_ds.shape import MoEShape
 
 EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
 GATE_PREFIX = "moe.deepspeed_moe.gate.router"
@@ -51,32 +51,29 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 class DeepSpeedMoEBlock(nn.Module):
     """Router + experts as a DeepSpeed MoE layer, plus the PA prior and losses."""
 
-    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: Objective):
+    def __init__(self, shape: MoEShape, hidden_act: str, ep_size: int, objective: Objective):
         super().__init__()
-        text = config.text_config
-        hidden = self.hidden_size = text.hidden_size
-        self.num_experts, self.k = config.num_experts, config.num_experts_per_tok
-        self.num_local = config.num_experts // ep_size
+        hidden = self.hidden_size = shape.hidden_size
+        self.num_experts, self.k = shape.num_experts, shape.top_k
+        self.num_local = shape.num_experts // ep_size
         self.ep_size = ep_size
-        self.weights = weights
-        self.prior_weight = prior_weight(config.routing, config.scale, self.k)
-        expert = FactorLLMExpert(hidden, config.expert_intermediate_size, text.hidden_act)
+        self.objective = objective
+        self.prior_weight = prior_weight(shape.routing, shape.scale, self.k)
+        expert = FactorLLMExpert(hidden, shape.expert_size, hidden_act)
         self.moe = MoE(hidden_size=hidden, expert=expert, num_experts=self.num_experts, ep_size=ep_size, k=self.k,
                        drop_tokens=False, use_rts=False, min_capacity=0)
-        self.moe.deepspeed_moe.gate = FactorLLMGate(hidden, self.num_experts, self.k, config.routing, config.scale,
-                                                    config.router_bias, weights.router_grad)
+        self.moe.deepspeed_moe.gate = FactorLLMGate(hidden, self.num_experts, self.k, shape.routing, shape.scale,
+                                                    shape.router_bias, objective.router_grad)
         # The shared expert: a dense module beside the MoE layer, data parallel like every dense weight.
-        shared_size = config.shared_intermediate_size
-        self.shared_expert = FactorLLMExpert(hidden, shared_size, text.hidden_act) if shared_size else None
-        if weights.prior == "frozen":
+        self.shared_expert = FactorLLMExpert(hidden, shape.shared_size, hidden_act) if shape.shared_size else None
+        if objective.prior == "frozen":
             # The frozen teacher: this rank's initial experts, stacked (and the initial shared expert); non-persistent
             # so they are never written to checkpoints (they are re-read from the converted folder on resume).
-            teachers = {"teacher": (self.num_local, config.expert_intermediate_size)}
-            if shared_size:
-                teachers["teacher_shared"] = (1, shared_size)
-            for prefix, (count, size) in teachers.items():
-                for part, shape in (("gate", (size, hidden)), ("up", (size, hidden)), ("down", (hidden, size))):
-                    self.register_buffer(f"{prefix}_{part}", torch.empty(count, *shape), persistent=False)
+            teachers = {"teacher": (self.num_local, shape.expert_shapes()),
+                        "teacher_shared": (1, shape.shared_shapes())}
+            for prefix, (count, shapes) in teachers.items():
+                for part, part_shape in shapes.items():
+                    self.register_buffer(f"{prefix}_{part}", torch.empty(count, *part_shape), persistent=False)
         self.act_fn = expert.act_fn
         self.last_aux: BlockAux | None = None
         # Activation checkpointing (enable_activation_checkpointing): the first forward keeps the PA prior's
@@ -94,10 +91,10 @@ class DeepSpeedMoEBlock(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
-    def _teacher(self, x_NH: torch.Tensor, prefix: str = "teacher") -> torch.Tensor:
-        """Frozen initial local experts (or the frozen shared expert) on every token: [E_local or 1, N, H]."""
+    def _teacher(self, x_TH: torch.Tensor, prefix: str = "teacher") -> torch.Tensor:
+        """Frozen initial local experts (or the frozen shared expert) on every token: [E_local or 1, T, H]."""
         gate, up, down = (getattr(self, f"{prefix}_{part}") for part in keys.MLP_PARTS)
-        h = self.act_fn(torch.einsum("nh,eih->eni", x_NH, gate)) * torch.einsum("nh,eih->eni", x_NH, up)
+        h = self.act_fn(torch.einsum("nh,eih->eni", x_TH, gate)) * torch.einsum("nh,eih->eni", x_TH, up)
         return torch.einsum("eni,ehi->enh", h, down)
 
     @torch.no_grad()
@@ -114,20 +111,20 @@ class DeepSpeedMoEBlock(nn.Module):
         group = self.moe.deepspeed_moe.ep_group
         ep = self.ep_size
         num_tokens = x_TH.shape[0]
-        x_RTH = x_TH.unsqueeze(0)
+        x_PTH = x_TH.unsqueeze(0)
         if ep > 1:
-            x_RTH = _all_to_all(x_RTH.expand(ep, -1, -1), group)  # tokens of every rank
-        x_NH = x_RTH.reshape(-1, self.hidden_size)
-        outs = [torch.stack([expert(x_NH) for expert in self.local_experts])]  # [E_local, ep*T, H]
-        if self.weights.prior == "frozen":
-            outs.append(self._teacher(x_NH).to(outs[0].dtype))
+            x_PTH = _all_to_all(x_PTH.expand(ep, -1, -1), group)  # tokens of every rank
+        x_UH = x_PTH.reshape(-1, self.hidden_size)
+        outs = [torch.stack([expert(x_UH) for expert in self.local_experts])]  # [E_local, U = P*T, H]
+        if self.objective.prior == "frozen":
+            outs.append(self._teacher(x_UH).to(outs[0].dtype))
         # [parts, E_local, ep(src), T, H] -> [ep(src), parts, E_local, T, H] so chunk r goes back to rank r
         local = torch.stack(outs).view(len(outs), self.num_local, ep, num_tokens, -1).permute(2, 0, 1, 3, 4)
         if ep > 1:
             local = _all_to_all(local.contiguous(), group)  # now [ep(owner of experts), parts, E_local, T, H]
         merged = local.permute(1, 0, 2, 3, 4).reshape(len(outs), self.num_experts, num_tokens, -1)
         current_ETH = merged[0]
-        if self.weights.prior != "frozen":  # self: t = shared + sum of the current routed experts
+        if self.objective.prior != "frozen":  # self: t = shared + sum of the current routed experts
             return current_ETH, current_ETH.sum(dim=0)
         target_TH = merged[1].sum(dim=0)
         if self.shared_expert is not None:  # frozen: t = frozen shared + frozen routed; minus the current shared
@@ -141,7 +138,7 @@ class DeepSpeedMoEBlock(nn.Module):
             prior_idx, self.replay_prior_idx = self.replay_prior_idx, None
             return prior_idx
         outs_ETH, target_TH = self.all_expert_outputs(x_TH)
-        prior_idx = prior_topk(outs_ETH, target_TH, self.k, self.weights.prior_target, self.prior_weight)
+        prior_idx = prior_topk(outs_ETH, target_TH, self.k, self.objective.prior_target, self.prior_weight)
         if self.checkpointed and torch.is_grad_enabled():
             self.replay_prior_idx = prior_idx
         return prior_idx
@@ -149,18 +146,18 @@ class DeepSpeedMoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         prior_idx = None
-        if self.weights.prior != "none" and self.training:
+        if self.objective.prior != "none" and self.training:
             prior_idx = self._prior_idx(x_TH)
         out, _, exp_counts = self.moe(hidden_states)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
         probs_TE = self.gate.last_probs
         zero = probs_TE.new_zeros(())
-        kind = self.weights.balance_kind
+        kind = self.objective.balance_kind
         bal = zero if kind == "bias" else (switch_balance_loss if kind == "switch" else balance_loss)(probs_TE, self.k)
         aux = BlockAux(pa=zero, balance=bal, agreement=zero, exp_counts=exp_counts)
         if prior_idx is not None:
-            aux.pa = pa_loss(probs_TE, prior_idx, self.weights.prior_tau)
+            aux.pa = pa_loss(probs_TE, prior_idx, self.objective.prior_tau)
             aux.agreement = prior_agreement(probs_TE.detach(), prior_idx)
         # A replay recomputes what the backward needs (the losses' saved tensors included) but must not replace
         # the first forward's aux, from which the loss was built: the objective counts each layer once.
@@ -210,15 +207,15 @@ def enable_activation_checkpointing(model: FactorLLMTrainModel) -> None:
 class FactorLLMTrainModel(nn.Module):
     """The base family's decoder with DeepSpeed MoE blocks and the FactorLLM objective."""
 
-    def __init__(self, config: FactorLLMConfig, ep_size: int, weights: Objective):
+    def __init__(self, config: FactorLLMConfig, shape: MoEShape, ep_size: int, objective: Objective):
         super().__init__()
         text = config.text_config
         text._attn_implementation = "sdpa"
         self.config = config
-        self.weights = weights
+        self.objective = objective
         self.model = AutoModel.from_config(text)
         for layer in self.model.layers:
-            layer.mlp = DeepSpeedMoEBlock(config, ep_size, weights)
+            layer.mlp = DeepSpeedMoEBlock(shape, text.hidden_act, ep_size, objective)
         self.tied = bool(getattr(text, "tie_word_embeddings", False))
         # Tied models reuse the embedding matrix as the output projection: no second copy.
         self.lm_head = None if self.tied else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
@@ -242,7 +239,7 @@ class FactorLLMTrainModel(nn.Module):
             return logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
         kd = ce.new_zeros(())
-        distill = self.weights.resolved_distill_weight(self.teacher is not None)
+        distill = self.objective.resolved_distill_weight(self.teacher is not None)
         if distill:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits[:, :-1]
@@ -250,7 +247,7 @@ class FactorLLMTrainModel(nn.Module):
         aux = [b.last_aux for b in self.blocks()]
         pa = torch.stack([a.pa for a in aux]).sum()
         bal = torch.stack([a.balance for a in aux]).sum()
-        loss = (1 - distill) * ce + distill * kd + self.weights.pa_weight * pa + self.weights.balance_weight * bal
+        loss = (1 - distill) * ce + distill * kd + self.objective.pa_weight * pa + self.objective.balance_weight * bal
         metrics = {"ce": ce.detach(), "kd": kd.detach(), "pa": pa.detach(), "balance": bal.detach(),
                    "agreement": torch.stack([a.agreement for a in aux]).mean().detach(),
                    "expert_counts": torch.stack([a.exp_counts for a in aux]).detach()}
@@ -272,24 +269,26 @@ def ep_rank_of(ep_size: int) -> int:
     return dist.get_rank() % ep_size
 
 
-def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: int,
-                      train_base: tuple[str, ...] = (), activation_checkpointing: bool = False) -> FactorLLMTrainModel:
+def build_train_model(moe_dir: Path, ep_size: int, objective: Objective, ep_rank: int,
+                      activation_checkpointing: bool = False, shape: MoEShape | None = None) -> FactorLLMTrainModel:
     """Build on meta, then read shared weights and only this rank's experts from ``moe_dir``.
 
     ``activation_checkpointing``: recompute each decoder layer in the backward (enable_activation_checkpointing).
+    ``shape``: the folder's MoE shape, when the caller built it already (train's validate).
     """
     config = FactorLLMConfig.from_pretrained(moe_dir)
-    weights = weights.for_model(config.to_dict())  # no-op when train resolved it already
+    shape = shape or MoEShape.of_config(config.to_dict())
+    objective = objective.for_model(config.to_dict())  # no-op when train resolved it already
     with torch.device("meta"):
-        model = FactorLLMTrainModel(config, ep_size, weights)
+        model = FactorLLMTrainModel(config, shape, ep_size, objective)
     reader = CheckpointReader(moe_dir)
-    frozen = weights.prior == "frozen"
+    frozen = objective.prior == "frozen"
     state = {name: reader.get(name) for name in reader.names() if ".mlp." not in name}
     for layer, block in enumerate(model.blocks()):
         prefix = f"model.layers.{layer}.mlp."
         state[f"{prefix}{GATE_PREFIX}.weight"] = reader.get(keys.ROUTER_WEIGHT.format(layer=layer))
-        state[f"{prefix}{SELECTION_BIAS}"] = torch.zeros(config.num_experts)
-        if config.router_bias:
+        state[f"{prefix}{SELECTION_BIAS}"] = torch.zeros(shape.num_experts)
+        if shape.router_bias:
             state[f"{prefix}{GATE_PREFIX}.bias"] = reader.get(keys.ROUTER_BIAS.format(layer=layer))
         for part in keys.MLP_PARTS:
             experts = [reader.get(keys.expert_key(part, layer, ep_rank * block.num_local + local))
@@ -316,13 +315,13 @@ def build_train_model(moe_dir: Path, ep_size: int, weights: Objective, ep_rank: 
             param.group_name = block.moe.expert_group_name
     # Non-persistent buffers (rotary frequencies) were built on meta: rebuild them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config.text_config)
-    set_trainable(model, train_base)
+    set_trainable(model)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
 
 
-def set_trainable(model: FactorLLMTrainModel, train_base: tuple[str, ...] = ()) -> None:
+def set_trainable(model: FactorLLMTrainModel) -> None:
     """Experts and routers train; embeddings, attention, norms and lm_head stay frozen (paper)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(".mlp." in name or any(part in name for part in train_base))
+        param.requires_grad_(".mlp." in name)

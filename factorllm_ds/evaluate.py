@@ -29,7 +29,7 @@ import math
 import textwrap
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,9 +39,10 @@ from factorllm_ds import __version__
 from factorllm_ds.config import arg, bound_problems, fail_if
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, seq_len_problems
+from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, text_config
 from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
-from factorllm_ds.safety import FILE_MARKER, atomic_file, check_output_file, write_text_atomic
+from factorllm_ds.outputs import FILE_MARKER, atomic_file, check_output_file, write_text_atomic
+from factorllm_ds.shape import MODEL_WORDING, MoEShape, seq_len_problems, shape_problems
 
 ROUTERS = ("learned", "oracle", "random")  # the first is the default
 
@@ -74,15 +75,18 @@ class EvalConfig:
                                  default=None)
     prompt: str = arg("prompt of the greedy generated sample", default="Once upon a time")
     sample_tokens: int = arg("new tokens in the greedy sample (0: no sample)", default=32)
+    shape: MoEShape | None = field(default=None)  # --model's, resolved by validate() (None: a dense model); not a flag
 
-    def validate(self, model_config: dict) -> bool:
-        """Check every flag against the model folder; returns whether the model is a FactorLLM MoE."""
+    def validate(self, model_config: dict) -> EvalConfig:
+        """Check every flag against the model folder's config.json; returns the resolved config, whose ``shape`` is
+        the model's MoE shape (None: a dense model)."""
         is_moe = model_config.get("model_type") == "factorllm"
         problems = [f"--data {path}: no such file" for path in self.data or [] if not Path(path).is_file()]
-        problems += seq_len_problems(self.seq_len, model_config)  # train's rule: at most the model's positions
+        # train's rule: at most the model's positions
+        problems += seq_len_problems(self.seq_len, text_config(model_config).get("max_position_embeddings"))
         problems += bound_problems(self, {"max_windows": ">= 1", "batch_size": ">= 1", "sample_tokens": ">= 0"})
         # Output files first: a report that cannot be written must not cost an evaluation. An existing one is
-        # replaced only if eval wrote it (safety.check_output_file).
+        # replaced only if eval wrote it (outputs.check_output_file).
         inputs = {"--model": self.model, "--tokenizer": self.tokenizer,
                   **{"--data" if i == 0 else f"--data (file {i + 1})": p for i, p in enumerate(self.data or [])}}
         for flag, path in (("--report", self.report), ("--plot", self.plot)):
@@ -92,10 +96,10 @@ class EvalConfig:
                 problems.append(str(err))
         if self.plot is not None and importlib.util.find_spec("matplotlib") is None:
             problems.append("--plot needs matplotlib: pip install 'factorllm-ds[plot]' (or matplotlib)")
+        shape = MoEShape.of_config(model_config) if is_moe else None
         if is_moe:
-            num_experts = int(model_config.get("num_experts", 0))
-            if self.top_k is not None and not 1 <= self.top_k <= num_experts:
-                problems.append(f"--top-k {self.top_k}: must be between 1 and the model's {num_experts} experts")
+            if self.top_k is not None:
+                problems += shape_problems(replace(shape, top_k=self.top_k), MODEL_WORDING)
             if self.recall and self.router != "learned":
                 problems.append(f"--recall measures the learned router against the oracle; drop --router "
                                 f"{self.router} (or --recall)")
@@ -106,7 +110,7 @@ class EvalConfig:
                     problems.append(f"{flag} applies to FactorLLM models only; --model {self.model} is a dense "
                                     f"{model_config.get('model_type')!r} model (no experts)")
         fail_if(problems, "eval: bad arguments")
-        return is_moe
+        return replace(self, shape=shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +306,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
     started = time.time()
     model_config = read_config(cfg.model, "--model")
-    is_moe = cfg.validate(model_config)
+    cfg = cfg.validate(model_config)
+    is_moe = cfg.shape is not None
     check_model_folder(cfg.model, "--model", model_config)  # shards and shapes, before any text is read
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, "--model", model_config)  # its ids must fit the vocabulary
@@ -315,7 +320,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                         f"--seq-len {cfg.seq_len}. Pass more text or a smaller --seq-len.")
     model = load_eval_model(cfg.model, is_moe, DTYPES[cfg.dtype], device)
 
-    # The first key marks the file as this tool's: a later eval may replace it (safety.check_output_file).
+    # The first key marks the file as this tool's: a later eval may replace it (outputs.check_output_file).
     report: dict = {FILE_MARKER.decode(): __version__, "model": str(cfg.model),
                     "kind": "factorllm" if is_moe else model.config.model_type, "data": [str(p) for p in cfg.data],
                     "seq_len": cfg.seq_len, "windows": int(windows.shape[0]), "text_tokens": len(ids),

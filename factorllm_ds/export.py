@@ -11,20 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factorllm_ds import keys
+from factorllm_ds.checkpoints import read_run_manifest
 from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key, open_format
 from factorllm_ds.hf_io import FolderWriter, copy_side_files
 from factorllm_ds.layout import MANIFEST_FILE, RUN_MANIFEST, read_manifest
-from factorllm_ds.sources import ExportSource, open_source, read_run_manifest
-from factorllm_ds.safety import output_problems
+from factorllm_ds.outputs import output_problems
+from factorllm_ds.sources import ExportSource, open_source
 
 
 def _write_order(source: ExportSource, target: ExportFormat) -> list[str | int]:
     """The output in write order: source tensor names (copied unchanged) and layer numbers (that
     layer's MLP, written by the format), each after the layer's copied tensors."""
     names = set(source.names())
-    copied: list[list[str]] = [[] for _ in range(target.facts.num_layers)]
+    copied: list[list[str]] = [[] for _ in range(source.shape.num_layers)]
     for name in sorted(names):
         if classify_moe_key(name)[0] == "layer":
             copied[keys.layer_of(name)].append(name)
@@ -51,12 +52,12 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
             for name, tensor in pairs:
                 folder.write(name, tensor)
         target.save_config(folder.path)
-        side_dir, f = source.side_dir, target.facts
+        side_dir, f = source.side_dir, source.shape
         side = copy_side_files(side_dir, folder.path) if side_dir is not None else []
         architectures = json.loads((folder.path / "config.json").read_text()).get("architectures") or ["?"]
         folder.manifest.update(
             format=fmt, architecture=",".join(architectures), source=source.description,
-            moe={"base_model_type": f.base_type, "num_experts": f.num_experts, "top_k": f.top_k,
+            moe={"base_model_type": source.base_type, "num_experts": f.num_experts, "top_k": f.top_k,
                  "routing": f.routing, "combine_scale": f.scale, "shared_expert_size": f.shared_size},
             notes=target.notes, copied_files=side,
             source_manifest=read_manifest(side_dir) if side_dir is not None else None)
@@ -84,7 +85,8 @@ class ExportConfig:
     allow_nonfinite: bool = arg("export even if a weight holds NaN or Inf (by default the first one is an error, as "
                                 "in convert)", default=False)
 
-    def validate(self) -> None:
+    def validate(self) -> ExportConfig:
+        """Every flag problem at once; returns the config to run (nothing to resolve: itself)."""
         problems = []
         if (self.run is None) == (self.model is None):
             problems.append("pass exactly one source: --run RUN_DIR (a training run) or --model MOE_DIR "
@@ -99,6 +101,7 @@ class ExportConfig:
         except ValueError as err:
             problems.append(f"--max-shard-size {self.max_shard_size!r}: {err}")
         fail_if(problems, "export: bad arguments")
+        return self
 
     def inputs(self) -> dict[str, Path | None]:
         """Every path export reads, by flag: --model or --run, and what --run's run.json records (the base model
@@ -119,7 +122,7 @@ class ExportConfig:
 
 
 def run_export(cfg: ExportConfig, progress: bool = True) -> Path:
-    cfg.validate()
+    cfg = cfg.validate()
     source = open_source(cfg.model, cfg.run, cfg.tag, cfg.allow_nonfinite)
     return export(source, cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress,
                   inputs=cfg.inputs())

@@ -11,7 +11,7 @@ import shutil
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from factorllm_ds import keys, split
 from factorllm_ds.config import fail_if
 from factorllm_ds.hf_io import TensorInfo
 from factorllm_ds.layout import PARTITION_FILE, load_partition
+from factorllm_ds.shape import part_shape
 from factorllm_ds.sources import ExportSource
 
 # FactorLLM tensor names: every key a FactorLLM checkpoint may hold, by role. Unknown keys raise.
@@ -48,39 +49,7 @@ def classify_moe_key(name: str) -> tuple[str, int | None]:
     raise KeyError(name)
 
 
-@dataclass(frozen=True)
-class MoEFacts:
-    """What an export needs to know about the source model, read from its config (and tensor names)."""
-
-    base_type: str
-    text: dict
-    num_layers: int
-    num_experts: int
-    top_k: int
-    routing: str
-    scale: float
-    router_bias: bool
-    router_override: str
-    shared_size: int = 0  # neurons of the always-on shared expert (0: none)
-
-    @classmethod
-    def of(cls, source: ExportSource) -> "MoEFacts":
-        from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
-
-        config = source.config
-        # A router bias in the tensors wins over the config.
-        bias = bool(config.get("router_bias", False)) or any(n.endswith("mlp.router.bias") for n in source.names())
-        text = dict(config.get("text_config") or {})
-        moe = FactorLLMConfig(**{k: v for k, v in config.items() if k in (
-            "num_experts", "num_experts_per_tok", "routing", "combine_scale")})
-        return cls(base_type=text.get("model_type", "?"), text=text,
-                   num_layers=int(text.get("num_hidden_layers", config.get("num_hidden_layers", 0))),
-                   num_experts=moe.num_experts, top_k=moe.num_experts_per_tok, routing=moe.routing,
-                   scale=moe.scale, router_bias=bias, router_override=config.get("router_override", "learned"),
-                   shared_size=int(config.get("shared_intermediate_size") or 0))
-
-
-def structure_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
+def structure_problems(source: ExportSource) -> list[str]:
     """Unknown keys, missing experts or routers, unequal expert sizes."""
     problems, present = [], set()
     for name in source.names():
@@ -90,20 +59,20 @@ def structure_problems(source: ExportSource, facts: MoEFacts) -> list[str]:
             problems.append(f"{source.description}: unknown tensor {name} (not a FactorLLM / "
                             f"{', '.join(keys.SUPPORTED_FAMILIES.values())} key); refusing to drop it")
             continue
-        if layer is not None and not 0 <= layer < facts.num_layers:
+        if layer is not None and not 0 <= layer < source.shape.num_layers:
             problems.append(f"{source.description}: tensor {name} for layer {layer}, but the config has "
-                            f"{facts.num_layers} layers")
+                            f"{source.shape.num_layers} layers")
         present.add(name)
-    for layer in range(facts.num_layers):
+    for layer in range(source.shape.num_layers):
         need = [keys.ROUTER_WEIGHT.format(layer=layer)]
-        need += [keys.expert_key(p, layer, e) for e in range(facts.num_experts) for p in keys.MLP_PARTS]
-        need += [keys.shared_expert_key(p, layer) for p in keys.MLP_PARTS] if facts.shared_size else []
+        need += [keys.expert_key(p, layer, e) for e in range(source.shape.num_experts) for p in keys.MLP_PARTS]
+        need += [keys.shared_expert_key(p, layer) for p in keys.MLP_PARTS] if source.shape.shared_size else []
         missing = [n for n in need if n not in present]
         if missing:
             problems.append(f"{source.description}: layer {layer} lacks {missing[0]}"
                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
             continue
-        shapes = {tuple(source.info(keys.expert_key("gate", layer, e)).shape) for e in range(facts.num_experts)}
+        shapes = {tuple(source.info(keys.expert_key("gate", layer, e)).shape) for e in range(source.shape.num_experts)}
         if len(shapes) != 1:
             problems.append(f"{source.description}: layer {layer} has experts of different sizes {sorted(shapes)}")
     return problems
@@ -116,18 +85,18 @@ class ExportFormat(ABC):
     ``problems`` runs before anything is built; ``notes`` end up in the manifest.
     """
 
-    def __init__(self, source: ExportSource, facts: MoEFacts):
-        self.source, self.facts = source, facts
+    def __init__(self, source: ExportSource):
+        self.source, self.shape = source, source.shape
         self.source_names = set(source.names())
         self.notes: list[str] = []
 
     @classmethod
-    def for_model(cls, facts: MoEFacts) -> type["ExportFormat"]:
+    def for_model(cls, source: ExportSource) -> type[ExportFormat]:
         """The concrete class for this model (a format may depend on the base family)."""
         return cls
 
     @classmethod
-    def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
+    def problems(cls, source: ExportSource) -> list[str]:
         """Why ``source`` cannot be written in this format (empty: it can). The reasons do not name the format:
         one class serves several ``--format`` values (qwen2-moe, and mixtral of a Qwen2 base), so
         :func:`open_format` prefixes the one the user gave."""
@@ -165,7 +134,7 @@ class RoutedFormat(ExportFormat):
         return down
 
     def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
-        if not self.facts.shared_size:
+        if not self.shape.shared_size:
             return []
         return [self.source.info(keys.shared_expert_key(p, layer)) for p in keys.MLP_PARTS]
 
@@ -177,7 +146,7 @@ class RoutedFormat(ExportFormat):
         info = self.source.info
         plan = [replace(info(name), name=out) for name, out in self.router_names(layer).items()]
         plan += [replace(info(keys.expert_key(part, layer, e)), name=self.expert_name(part, layer, e))
-                 for e in range(self.facts.num_experts) for part in keys.MLP_PARTS]
+                 for e in range(self.shape.num_experts) for part in keys.MLP_PARTS]
         return plan + self.shared_expert_plan(layer)
 
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -235,18 +204,18 @@ class StandardMoEFormat(RoutedFormat):
     moe_block = "mlp"  # the MoE module's name inside a decoder layer
     has_shared_expert = False
 
-    def __init__(self, source: ExportSource, facts: MoEFacts):
-        super().__init__(source, facts)
-        if facts.scale != 1.0:
-            self.notes.append(f"combine scale s={facts.scale:g} folded into every expert's down_proj (w2)")
+    def __init__(self, source: ExportSource):
+        super().__init__(source)
+        if source.shape.scale != 1.0:
+            self.notes.append(f"combine scale s={source.shape.scale:g} folded into every expert's down_proj (w2)")
 
     @classmethod
-    def for_model(cls, facts: MoEFacts) -> type[ExportFormat]:
-        return BY_FAMILY.get(facts.base_type, cls)
+    def for_model(cls, source: ExportSource) -> type[ExportFormat]:
+        return BY_FAMILY.get(source.base_type, cls)
 
     @classmethod
-    def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
-        refusals = cls.refusals(facts)
+    def problems(cls, source: ExportSource) -> list[str]:
+        refusals = cls.refusals(source)
         if not refusals:
             return []
         named = f" ({cls.architecture})" if cls.architecture != "?" else ""
@@ -256,28 +225,29 @@ class StandardMoEFormat(RoutedFormat):
                 "trust_remote_code or `import factorllm_ds`), and --format dense (all experts active, weight 1)."]
 
     @classmethod
-    def refusals(cls, facts: MoEFacts) -> list[str]:
+    def refusals(cls, source: ExportSource) -> list[str]:
         """Why this model's function has no standard HF MoE equivalent (empty list: it has)."""
         problems = []
-        if facts.base_type not in BY_FAMILY:
-            problems.append(f"base model_type {facts.base_type!r} has no standard Hugging Face MoE counterpart here "
+        if source.base_type not in BY_FAMILY:
+            problems.append(f"base model_type {source.base_type!r} has no standard Hugging Face MoE counterpart here "
                             f"(supported: {', '.join(f'{b} -> {c.architecture}' for b, c in BY_FAMILY.items())})")
-        if facts.routing == "hard" and facts.top_k > 1:
+        if source.shape.routing == "hard" and source.shape.top_k > 1:
             problems.append(
-                f"routing is 'hard' with k={facts.top_k}: every selected expert gets the constant weight "
-                f"s={facts.scale:g} whatever the router probabilities are, while Mixtral / Qwen-MoE always weight "
-                "the top-k experts by their renormalized softmax probabilities; no standard format can represent "
-                "that (with k=1 it could: the single weight is then 1 in both)")
-        if facts.routing not in ("hard", "softmax"):
-            problems.append(f"unknown routing {facts.routing!r}")
-        if facts.router_bias:
+                f"routing is 'hard' with k={source.shape.top_k}: every selected expert gets the constant weight "
+                f"s={source.shape.scale:g} whatever the router probabilities are, while Mixtral / Qwen-MoE always "
+                "weight the top-k experts by their renormalized softmax probabilities; no standard format can "
+                "represent that (with k=1 it could: the single weight is then 1 in both)")
+        if source.shape.routing not in ("hard", "softmax"):
+            problems.append(f"unknown routing {source.shape.routing!r}")
+        if source.shape.router_bias:
             problems.append("the router has a bias (r = W x + b): Mixtral / Qwen-MoE routers are W x only, and a "
                             "bias cannot be folded into W (the router input has no constant component)")
-        if facts.shared_size and not cls.has_shared_expert:
-            problems.append(f"the model has an always-on shared expert ({facts.shared_size} neurons per layer) and "
-                            f"{cls.architecture} has none; --format qwen2-moe has one (Qwen2MoeForCausalLM)")
-        if facts.router_override != "learned":
-            problems.append(f"config.json has router_override={facts.router_override!r} (an evaluation-time "
+        if source.shape.shared_size and not cls.has_shared_expert:
+            problems.append(f"the model has an always-on shared expert ({source.shape.shared_size} neurons per layer) "
+                            f"and {cls.architecture} has none; --format qwen2-moe has one (Qwen2MoeForCausalLM)")
+        override = source.config.get("router_override", "learned")
+        if override != "learned":
+            problems.append(f"config.json has router_override={override!r} (an evaluation-time "
                             "choice); a standard MoE always uses its learned router: set it to 'learned' first")
         return problems
 
@@ -286,13 +256,13 @@ class StandardMoEFormat(RoutedFormat):
         return {keys.ROUTER_WEIGHT.format(layer=layer): out}
 
     def expert_down(self, down: torch.Tensor) -> torch.Tensor:
-        return fold_scale(down, self.facts.scale)
+        return fold_scale(down, self.shape.scale)
 
     def config_fields(self, expert_size: int) -> dict:
         """The config of the MoE class as keyword arguments; subclasses add their own."""
-        text = self.facts.text  # head_dim None: the class's default
+        text = self.source.text  # head_dim None: the class's default
         fields = {k: text[k] for k in _SHARED_FIELDS if k in text and not (k == "head_dim" and text[k] is None)}
-        return fields | dict(num_experts_per_tok=self.facts.top_k, output_router_logits=False)
+        return fields | dict(num_experts_per_tok=self.shape.top_k, output_router_logits=False)
 
     def save_config(self, folder: Path) -> None:
         """MixtralConfig / Qwen2MoeConfig / Qwen3MoeConfig equal in function to the FactorLLM model."""
@@ -308,10 +278,10 @@ class MixtralFormat(StandardMoEFormat):
     model_type, architecture, moe_block = "mixtral", "MixtralForCausalLM", "block_sparse_moe"
 
     @classmethod
-    def refusals(cls, facts: MoEFacts) -> list[str]:
-        return super().refusals(facts) + [
-            f"the {facts.base_type} base has {flag}=true; MixtralForCausalLM has no such biases"
-            for flag in ("attention_bias", "mlp_bias") if facts.text.get(flag)]
+    def refusals(cls, source: ExportSource) -> list[str]:
+        return super().refusals(source) + [
+            f"the {source.base_type} base has {flag}=true; MixtralForCausalLM has no such biases"
+            for flag in ("attention_bias", "mlp_bias") if source.text.get(flag)]
 
     def expert_name(self, part: str, layer: int, expert: int) -> str:
         # The legacy per-expert names: what every Mixtral consumer reads.
@@ -320,15 +290,15 @@ class MixtralFormat(StandardMoEFormat):
 
     def config_fields(self, expert_size: int) -> dict:
         # LLaMA has no sliding window; Mistral applies its window to every layer, as Mixtral does.
-        text = self.facts.text
+        text = self.source.text
         return super().config_fields(expert_size) | dict(
-            intermediate_size=expert_size, num_local_experts=self.facts.num_experts, router_jitter_noise=0.0,
-            sliding_window=text.get("sliding_window") if self.facts.base_type == "mistral" else None)
+            intermediate_size=expert_size, num_local_experts=self.shape.num_experts, router_jitter_noise=0.0,
+            sliding_window=text.get("sliding_window") if self.source.base_type == "mistral" else None)
 
 
 class _QwenMoEFormat(StandardMoEFormat):
     def config_fields(self, expert_size: int) -> dict:
-        f, text = self.facts, self.facts.text
+        f, text = self.shape, self.source.text
         return super().config_fields(expert_size) | dict(
             moe_intermediate_size=expert_size, num_experts=f.num_experts, norm_topk_prob=True,
             decoder_sparse_step=1, mlp_only_layers=[],
@@ -348,36 +318,35 @@ class Qwen2MoeFormat(_QwenMoEFormat):
     has_shared_expert = True
 
     @classmethod
-    def refusals(cls, facts: MoEFacts) -> list[str]:
-        problems = super().refusals(facts)
-        if facts.base_type != "qwen2":
-            if facts.text.get("attention_bias") or facts.text.get("mlp_bias"):
-                problems.append(f"the {facts.base_type} base has attention or MLP biases that Qwen2-MoE lacks")
-            if facts.text.get("sliding_window") is not None:
-                problems.append(f"the {facts.base_type} base uses a sliding window on every layer; Qwen2-MoE "
+    def refusals(cls, source: ExportSource) -> list[str]:
+        problems = super().refusals(source)
+        if source.base_type != "qwen2":
+            if source.text.get("attention_bias") or source.text.get("mlp_bias"):
+                problems.append(f"the {source.base_type} base has attention or MLP biases that Qwen2-MoE lacks")
+            if source.text.get("sliding_window") is not None:
+                problems.append(f"the {source.base_type} base uses a sliding window on every layer; Qwen2-MoE "
                                 "configures windows differently")
         return problems
 
     def config_fields(self, expert_size: int) -> dict:
-        fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=self.facts.shared_size,
-                                                           qkv_bias=self.facts.base_type == "qwen2")
-        if self.facts.text.get("layer_types"):
-            fields["layer_types"] = list(self.facts.text["layer_types"])
+        fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=self.shape.shared_size,
+                                                           qkv_bias=self.source.base_type == "qwen2")
+        if self.source.text.get("layer_types"):
+            fields["layer_types"] = list(self.source.text["layer_types"])
         return fields
 
     def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
         p = keys.LAYER.format(layer=layer) + "mlp.shared_expert"
         router = self.source.info(keys.ROUTER_WEIGHT.format(layer=layer))
         gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
-        hidden, size = router.shape[1], self.facts.shared_size
-        return [TensorInfo(p + ".gate_proj.weight", (size, hidden), gate.dtype),
-                TensorInfo(p + ".up_proj.weight", (size, hidden), gate.dtype),
-                TensorInfo(p + ".down_proj.weight", (hidden, size), down.dtype),
-                TensorInfo(p + "_gate.weight", (1, hidden), router.dtype)]
+        hidden, size = router.shape[1], self.shape.shared_size
+        dtypes = {"gate": gate.dtype, "up": gate.dtype, "down": down.dtype}
+        return [TensorInfo(f"{p}.{part}_proj.weight", part_shape(part, size, hidden), dtypes[part])
+                for part in keys.MLP_PARTS] + [TensorInfo(p + "_gate.weight", (1, hidden), router.dtype)]
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         for info, part in zip(self.shared_expert_plan(layer), (*keys.MLP_PARTS, "shared_expert_gate")):
-            if part in keys.MLP_PARTS and self.facts.shared_size:
+            if part in keys.MLP_PARTS and self.shape.shared_size:
                 tensor = self.source.shared_tensor(keys.shared_expert_key(part, layer))
                 yield info.name, fold_scale(tensor, 2.0) if part == "down" else tensor  # sigmoid(0) = 1/2
             else:  # the zero gate, or a size-0 shared expert
@@ -388,7 +357,7 @@ class Qwen2MoeTarget(StandardMoEFormat):
     """``--format qwen2-moe``: Qwen2MoeForCausalLM whatever the base family (it has a shared expert)."""
 
     @classmethod
-    def for_model(cls, facts: MoEFacts) -> type[ExportFormat]:
+    def for_model(cls, source: ExportSource) -> type[ExportFormat]:
         return Qwen2MoeFormat
 
 
@@ -396,15 +365,15 @@ class Qwen3MoeFormat(_QwenMoEFormat):
     model_type, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
 
     @classmethod
-    def refusals(cls, facts: MoEFacts) -> list[str]:
-        sliding = _sliding_layers(facts.text)
-        partial = sliding and len(sliding) != len(facts.text.get("layer_types") or [])
-        return super().refusals(facts) + (["the Qwen3 base uses sliding-window attention on some layers only; "
+    def refusals(cls, source: ExportSource) -> list[str]:
+        sliding = _sliding_layers(source.text)
+        partial = sliding and len(sliding) != len(source.text.get("layer_types") or [])
+        return super().refusals(source) + (["the Qwen3 base uses sliding-window attention on some layers only; "
                                            "Qwen3MoE applies its window to every layer or none"] if partial else [])
 
     def config_fields(self, expert_size: int) -> dict:
         return super().config_fields(expert_size) | dict(
-            attention_bias=bool(self.facts.text.get("attention_bias", False)))
+            attention_bias=bool(self.source.text.get("attention_bias", False)))
 
 
 # The standard HF MoE class for each base family.
@@ -420,8 +389,8 @@ class DenseFormat(ExportFormat):
     different function from the routed MoE that was trained (the router and s are dropped).
     """
 
-    def __init__(self, source: ExportSource, facts: MoEFacts):
-        super().__init__(source, facts)
+    def __init__(self, source: ExportSource):
+        super().__init__(source)
         self.notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale "
                           "dropped)")
         if source.partition_file is not None:
@@ -431,16 +400,16 @@ class DenseFormat(ExportFormat):
             self.notes.append(f"no {PARTITION_FILE} in the source: experts concatenated in expert order (the same "
                               "function as the original neuron order, but tensors differ from the original checkpoint)")
             print(f"export: warning: {self.notes[-1]}", file=sys.stderr)
-            self.partitions = {layer: torch.arange(self._neurons(layer)) for layer in range(facts.num_layers)}
+            self.partitions = {layer: torch.arange(self._neurons(layer)) for layer in range(source.shape.num_layers)}
 
     @classmethod
-    def problems(cls, source: ExportSource, facts: MoEFacts) -> list[str]:
-        return [] if facts.base_type in keys.SUPPORTED_FAMILIES else [
-            f"unsupported base model_type {facts.base_type!r}"]
+    def problems(cls, source: ExportSource) -> list[str]:
+        return [] if source.base_type in keys.SUPPORTED_FAMILIES else [
+            f"unsupported base model_type {source.base_type!r}"]
 
     def _partition_problems(self) -> list[str]:
         problems = []
-        for layer in range(self.facts.num_layers):
+        for layer in range(self.shape.num_layers):
             perm, inter = self.partitions.get(layer), self._neurons(layer)
             if perm is None or perm.numel() != inter or not torch.equal(torch.sort(perm).values, torch.arange(inter)):
                 problems.append(f"{self.source.partition_file}: no valid permutation of {inter} neurons for "
@@ -449,19 +418,19 @@ class DenseFormat(ExportFormat):
 
     def _neurons(self, layer: int) -> int:
         """The dense MLP's intermediate size: every expert's neurons and the shared expert's."""
-        return self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.facts.num_experts \
-            + self.facts.shared_size
+        return self.source.info(keys.expert_key("gate", layer, 0)).shape[0] * self.shape.num_experts \
+            + self.shape.shared_size
 
     def mlp_plan(self, layer: int) -> list[TensorInfo]:
         gate, down = (self.source.info(keys.expert_key(part, layer, 0)) for part in ("gate", "down"))
         inter, hidden = self._neurons(layer), gate.shape[1]
-        return [TensorInfo(keys.dense_mlp_key("gate", layer), (inter, hidden), gate.dtype),
-                TensorInfo(keys.dense_mlp_key("up", layer), (inter, hidden), gate.dtype),
-                TensorInfo(keys.dense_mlp_key("down", layer), (hidden, inter), down.dtype)]
+        dtypes = {"gate": gate.dtype, "up": gate.dtype, "down": down.dtype}
+        return [TensorInfo(keys.dense_mlp_key(part, layer), part_shape(part, inter, hidden), dtypes[part])
+                for part in keys.MLP_PARTS]
 
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         experts = self.source.expert_tensors(layer)
-        if self.facts.shared_size:  # the partition lists the shared neurons first (layout.py)
+        if self.shape.shared_size:  # the partition lists the shared neurons first (layout.py)
             shared = tuple(self.source.shared_tensor(keys.shared_expert_key(p, layer)) for p in keys.MLP_PARTS)
             experts = [shared] + experts
         for part, tensor in zip(keys.MLP_PARTS, split.merge_experts(experts, self.partitions[layer])):
@@ -472,9 +441,9 @@ class DenseFormat(ExportFormat):
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        base = self.facts.base_type
+        base = self.source.base_type
         generic = ("architectures", "auto_map", "transformers_version", "_name_or_path", "model_type")
-        config = AutoConfig.for_model(base, **{k: v for k, v in self.facts.text.items() if k not in generic})
+        config = AutoConfig.for_model(base, **{k: v for k, v in self.source.text.items() if k not in generic})
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]]
         config.save_pretrained(folder)
 
@@ -488,7 +457,6 @@ def open_format(source: ExportSource, fmt: str) -> ExportFormat:
     what = f"export to {fmt}: cannot export {source.description}"
     if fmt not in FORMATS:
         fail_if([f"--format {fmt!r}: expected one of {', '.join(FORMATS)}"], what)
-    facts = MoEFacts.of(source)
-    cls = FORMATS[fmt].for_model(facts)
-    fail_if(structure_problems(source, facts) + [f"--format {fmt}: {p}" for p in cls.problems(source, facts)], what)
-    return cls(source, facts)
+    cls = FORMATS[fmt].for_model(source)
+    fail_if(structure_problems(source) + [f"--format {fmt}: {p}" for p in cls.problems(source)], what)
+    return cls(source)

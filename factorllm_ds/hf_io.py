@@ -30,10 +30,22 @@ from tqdm.auto import tqdm
 
 from factorllm_ds import __version__
 from factorllm_ds.errors import UserError
+from factorllm_ds.finite import check_finite
 from factorllm_ds.layout import MANIFEST_FILE
-from factorllm_ds.safety import (INVENTORY_KEY, TEMP_MARKER, check_finite, check_free_space, check_output,
-                                 disk_full_error, is_disk_full, make_marked_dir, move_into_place, recover_replaced,
-                                 remove_stale_temps, temp_dir_for)
+from factorllm_ds.outputs import (
+    INVENTORY_KEY,
+    TEMP_MARKER,
+    check_free_space,
+    check_output,
+    disk_full_error,
+    is_disk_full,
+    make_marked_dir,
+    move_into_place,
+    recover_replaced,
+    remove_stale_temps,
+    temp_dir_for,
+)
+from factorllm_ds.shape import MLP_PARTS, part_shape
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -120,17 +132,6 @@ def text_config(config: dict) -> dict:
     return inner if isinstance(inner, dict) else config
 
 
-def seq_len_problems(seq_len: int, config: dict) -> list[str]:
-    """``--seq-len`` against the model (train, eval): at least 2 tokens (one prediction), at most its positions."""
-    if seq_len < 2:
-        return [f"--seq-len {seq_len}: must be >= 2 (a sequence predicts seq_len - 1 tokens)"]
-    max_pos = text_config(config).get("max_position_embeddings")
-    if isinstance(max_pos, int) and 0 < max_pos < seq_len:
-        return [f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos}); use --seq-len "
-                f"{max_pos} or less"]
-    return []
-
-
 def tokenizer_fit_problem(tokenizer, config: dict, model_desc: str, tokenizer_desc: str,
                           max_id: int | None = None) -> str | None:
     """Why ``tokenizer`` cannot feed the model of ``config``: it makes token ids the embedding has no row for
@@ -209,7 +210,8 @@ class CheckpointReader:
             return {name: SINGLE_FILE for name in self._header(SINGLE_FILE)[1]}
         if any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pth")):
             raise UserError(f"{self.flag} {self.model_dir}: only PyTorch .bin/.pth weights found; factorllm-ds reads "
-                            "safetensors. Re-save the model with `model.save_pretrained(dir, safe_serialization=True)`.")
+                            "safetensors. Re-save the model with "
+                            "`model.save_pretrained(dir, safe_serialization=True)`.")
         raise UserError(f"{self.flag} {self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found.")
 
     def _header(self, shard: str) -> tuple[int, dict]:
@@ -265,7 +267,7 @@ class CheckpointReader:
                                 or not out.is_contiguous() or out.device.type != "cpu"):
             raise ValueError(f"get({name!r}, out=...): out must be a contiguous CPU tensor of shape {info.shape} "
                              f"and dtype {info.dtype}, not {tuple(out.shape)} {out.dtype}")
-        tensor = torch.empty(info.shape, dtype=info.dtype) if out is None else out
+        tensor = torch.empty(info.shape, dtype=info.dtype, device="cpu") if out is None else out
         with open(path, "rb") as fh:
             fh.seek(start)
             got = fh.readinto(_byte_view(tensor))
@@ -286,7 +288,7 @@ class CheckpointReader:
         path, start, end = self.span(name)
         size = info.dtype.itemsize
         step = max(size, chunk_bytes // size * size)
-        buf = torch.empty(step // size, dtype=info.dtype)
+        buf = torch.empty(step // size, dtype=info.dtype, device="cpu")
         with open(path, "rb", buffering=0) as fh:
             for offset in range(start, end, step):
                 n = min(step, end - offset)
@@ -336,9 +338,8 @@ def _config_dims(config: dict) -> tuple[dict[str, tuple[Dim, ...]], dict[str, tu
                                ("expert_intermediate_size", config.get("expert_intermediate_size")),
                                ("shared_intermediate_size", config.get("shared_intermediate_size") or 0))
 
-    def mlp(prefix: str, rows: Dim) -> dict[str, tuple[Dim, ...]]:  # gate, up [rows, H]; down [H, rows]
-        return {f"{prefix}.{part}_proj.weight": (hidden, rows) if part == "down" else (rows, hidden)
-                for part in ("gate", "up", "down")}
+    def mlp(prefix: str, rows: Dim) -> dict[str, tuple[Dim, ...]]:
+        return {f"{prefix}.{part}_proj.weight": part_shape(part, rows, hidden) for part in MLP_PARTS}
 
     layer = {**mlp("mlp", inter), "mlp.router.weight": (experts, hidden), "mlp.router.bias": (experts,),
              **mlp("mlp.experts.*", expert), **mlp("mlp.shared_expert", shared),
@@ -590,17 +591,17 @@ class FolderWriter:
     """One output model folder: the tensors of ``plan`` streamed into shards (with a progress bar
     by bytes written), then whatever the caller adds under ``path``, then a manifest.
 
-    It is built in the hidden sibling ``safety.temp_dir_for(out)``, its marker written first, and
-    moved to ``out`` only when the ``with`` body succeeds (``safety.move_into_place``: never over a
+    It is built in the hidden sibling ``outputs.temp_dir_for(out)``, its marker written first, and
+    moved to ``out`` only when the ``with`` body succeeds (``outputs.move_into_place``: never over a
     folder another process made meanwhile): a failed or interrupted run leaves nothing at ``out``,
     and a folder being overwritten stays until the new one is complete. ``out`` is checked with
-    ``safety.check_output`` (``inputs``: every path the command reads, by flag) on entry and again
+    ``outputs.check_output`` (``inputs``: every path the command reads, by flag) on entry and again
     before the move: ``--overwrite`` replaces only a folder this tool wrote, holding nothing its
     manifest does not list, and holding and inside no input. The file system must have room for the
     planned tensors; a disk that fills up anyway is one UserError naming ``--out``. On entry, this
     ``out``'s temp folders that dead processes of this host provably left are removed, and a
     replacement of ``out`` that such a process left half done is finished
-    (``safety.recover_replaced``). ``manifest`` takes the command's own fields; the list of the files
+    (``outputs.recover_replaced``). ``manifest`` takes the command's own fields; the list of the files
     written is added at the end.
     """
 
@@ -618,7 +619,7 @@ class FolderWriter:
     def _check(self) -> None:
         check_output(self.out, "--out", self.overwrite, self.inputs, (MANIFEST_FILE,), inventory=MANIFEST_FILE)
 
-    def __enter__(self) -> "FolderWriter":
+    def __enter__(self) -> FolderWriter:
         recover_replaced(self.out)  # before the check: a restored `out` is what --overwrite would replace
         self._check()
         check_free_space(self.out, self.needed, "--out")

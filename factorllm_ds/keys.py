@@ -12,12 +12,12 @@ import re
 import torch
 
 from factorllm_ds.hf_io import TensorInfo
+from factorllm_ds.shape import MLP_PARTS, part_shape
 
 # model_type -> human name; every family here has the SwiGLU gate/up/down MLP.
 SUPPORTED_FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 LAYER = "model.layers.{layer}."
-MLP_PARTS = ("gate", "up", "down")
 DENSE_MLP = {part: LAYER + f"mlp.{part}_proj.weight" for part in MLP_PARTS}
 EXPERT = {part: LAYER + "mlp.experts.{expert}." + f"{part}_proj.weight" for part in MLP_PARTS}
 # The always-on shared expert (when the config's shared_intermediate_size > 0); Qwen2-MoE's name for it.
@@ -86,9 +86,8 @@ def dense_infos_from_config(config: dict, dtype: torch.dtype) -> dict[str, Tenso
         p = LAYER.format(layer=i)
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                        p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                       p + "mlp.down_proj.weight": (h, inter)})
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
+        shapes.update({dense_mlp_key(part, i): part_shape(part, inter, h) for part in MLP_PARTS})
         if qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})

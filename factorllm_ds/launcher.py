@@ -16,9 +16,10 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "srun", "python")
 # mpirun starts remote ranks with its own environment: these go to every rank (-x NAME) when set.

@@ -52,11 +52,6 @@ def latest_tag(run_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def is_run_dir(path: Path) -> bool:
-    """A `train --out` folder with at least one finished checkpoint."""
-    return (Path(path) / RUN_MANIFEST).is_file() and latest_tag(path) is not None
-
-
 def read_manifest(folder: Path) -> dict | None:
     """The MANIFEST_FILE that convert / export wrote into ``folder``, or None when there is none."""
     path = Path(folder) / MANIFEST_FILE

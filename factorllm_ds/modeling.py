@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import check_model_folder, read_config
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
-from factorllm_ds.hf_model.modeling_factorllm import (FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk,
-                                                      route)
+from factorllm_ds.hf_model.modeling_factorllm import FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk, route
 
 __all__ = ["FactorLLMConfig", "FactorLLMForCausalLM", "FactorLLMSparseMoeBlock", "load_moe", "load_dense",
            "prior_topk", "route", "all_experts_mode"]
@@ -29,8 +28,13 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise UserError(f"--device {name!r}: not a device ({err}); use cpu, cuda, cuda:N or auto") from err
+    if device.type not in ("cpu", "cuda"):  # meta, mps, ...: torch knows them, the commands run on neither
+        raise UserError(f"--device {name}: not supported; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -19,10 +19,24 @@ from pathlib import Path
 
 from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.layout import (CHECKPOINT_DIR, MANIFEST_FILE, METRICS_FILE, RUN_MANIFEST, checkpoint_tag, latest_tag,
-                                 list_tags)
-from factorllm_ds.safety import (check_output, has_file_marker, listed_files, not_listed, recover_replaced,
-                                 remove_stale_temps)
+from factorllm_ds.layout import (
+    CHECKPOINT_DIR,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    RUN_MANIFEST,
+    checkpoint_tag,
+    latest_tag,
+    list_tags,
+)
+from factorllm_ds.outputs import (
+    check_output,
+    has_file_marker,
+    listed_files,
+    not_listed,
+    recover_replaced,
+    remove_stale_temps,
+)
+from factorllm_ds.shape import DEMO_WORDING, MoEShape, shape_problems
 from factorllm_ds.split import SPLIT_METHODS
 
 
@@ -64,18 +78,18 @@ class DemoConfig:
     fresh: bool = arg("delete the demo's outputs in --work first and redo every stage (refused, listing them, if "
                       "--work holds files the demo did not write)", default=False)
 
-    def validate(self) -> "DemoConfig":
+    def validate(self) -> DemoConfig:
         """Every flag problem at once; the convert and train settings are checked again by their stages."""
         problems = bound_problems(self, dict.fromkeys(
-            ("num_experts", "top_k", "tokens", "seq_len", "micro_batch_size", "global_batch_size", "nproc", "ep_size",
-             "eval_windows", "eval_seq_len", "calib_tokens"), ">= 1"))
+            ("tokens", "seq_len", "micro_batch_size", "global_batch_size", "nproc", "eval_windows", "eval_seq_len",
+             "calib_tokens"), ">= 1"))
+        # E, k and ep_size before the model is read (convert and train check them again against it)
+        problems += shape_problems(MoEShape(self.num_experts, self.top_k), DEMO_WORDING, ep_size=self.ep_size,
+                                   world=self.nproc)
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: must be > 0")
         if not 0 <= self.distill_weight <= 1:
             problems.append(f"--distill-weight {self.distill_weight}: must be a number in [0, 1]")
-        if self.ep_size >= 1 and (self.num_experts % self.ep_size or self.nproc % self.ep_size):
-            problems.append(f"--ep-size {self.ep_size} must divide --num-experts ({self.num_experts}) and --nproc "
-                            f"({self.nproc})")
         fail_if(problems, "demo: bad arguments")
         return replace(self)
 

@@ -15,8 +15,18 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import MODEL_DEFAULTS, PRIOR_TEACHERS, TRAIN_SEQ_LEN, arg, bound_problems, fail_if, size_bytes
+from factorllm_ds.config import (
+    MODEL_DEFAULTS,
+    PRIOR_TEACHERS,
+    TRAIN_SEQ_LEN,
+    MoEFlags,
+    arg,
+    bound_problems,
+    fail_if,
+    size_bytes,
+)
 from factorllm_ds.errors import UserError
+from factorllm_ds.shape import PLAN_WORDING, MoEShape, seq_len_problems, shape_problems
 
 GiB = 2**30
 MiB = 2**20
@@ -102,38 +112,71 @@ class PlanConfig:
                                      default=None)
     json: bool = arg("print the plan as JSON", default=False)
 
+    def validate(self, model: Model | None, problems: list[str] | None = None) -> PlanConfig:
+        """Every problem with the flags, reported together, before anything is printed; returns the config to plan
+        with (nothing to resolve: itself).
 
-# ----------------------------------------------------------------------------- shapes
+        ``model`` None: --model could not be read (its problem is in ``problems``); the other flags are
+        still checked. Only values the user passed are judged: a default never is.
+        """
+        problems = list(problems or [])
+        for flag, text in (("--gpu-memory", self.gpu_memory), ("--host-memory", self.host_memory),
+                           ("--runtime-memory", self.runtime_memory)):
+            if text is None:
+                continue
+            try:
+                size = parse_memory(text, flag)
+            except UserError as err:
+                problems.append(str(err))
+                continue
+            if size <= 0 and flag != "--runtime-memory":
+                problems.append(f"{flag} {text}: must be a positive size, e.g. 80GB")
+            elif size < 0:
+                problems.append(f"{flag} {text}: must be a size >= 0")
+        if self.gpus is None or self.gpus < 1:
+            problems.append(f"--gpus {self.gpus}: must be >= 1")
+        if self.zero is not None and self.zero not in (1, 2):
+            problems.append(f"--zero {self.zero}: DeepSpeed MoE runs with ZeRO stage 1 or 2 (stage 3 is not supported "
+                            "for native MoE); use --offload for the largest models")
+        if self.zero == 1 and self.offload:
+            problems.append("--offload with --zero 1: plan ZeRO-Offload with --zero 2")
+        if self.seq_len is not None:  # train's rule, against the model's positions when it could be read
+            problems += seq_len_problems(self.seq_len, model.max_positions if model else None)
+        if self.capacity_factor < 1:
+            problems.append(f"--capacity-factor {self.capacity_factor}: must be >= 1 (max load >= mean load)")
+        bounded = ("micro_batch_size", "reduce_bucket_size", "gpus_per_node", "num_experts", "top_k")
+        problems += bound_problems(self, dict.fromkeys(bounded + (() if model else ("ep_size",)), ">= 1"))
+        if self.device == "cpu" and self.offload:
+            problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
+        if self.device == "cpu" and self.dtype == "bf16":
+            problems.append("--device cpu with --dtype bf16: CPU runs are calibrated in fp32; pass --dtype fp32")
+        if model is not None:  # E is the model's or the flag's: --ep-size is judged against it
+            problems += converted_problems(self, model)
+            problems += shape_problems(model.moe, PLAN_WORDING, ep_size=self.ep_size, world=self.gpus)
+        fail_if(problems, "plan: bad arguments")
+        return self
+
+
+# ----------------------------------------------------------------------------- the model
 
 
 @dataclass(frozen=True)
-class Shape:
-    """Parameter counts of a FactorLLM model; experts are all E of every layer."""
+class Model:
+    """What plan counts of a FactorLLM model: its MoE shape and its parameters (every layer, every expert)."""
 
     name: str
-    layers: int
-    hidden: int
-    intermediate: int
+    moe: MoEShape  # E, k, I, S, H, L and the routing
     vocab: int
-    num_experts: int
-    top_k: int
-    routing: str
     shared_params: int  # embeddings, attention, norms, lm_head: frozen, on every rank
     router_params: int  # all layers; trained, data-parallel over every rank
-    expert_params: int  # all layers, all experts (= the dense FFNs)
+    expert_params: int  # all layers, all routed experts (with the shared expert's: the dense FFNs)
     max_positions: int | None
     converted: bool = False  # a FactorLLM folder: E and k are fixed
-    shared_intermediate: int = 0  # S: neurons of the always-on shared expert per layer (0: none)
-    shared_expert_params: int = 0  # all layers; trained, data-parallel over every rank (expert_params: the rest)
+    shared_expert_params: int = 0  # all layers; trained, data-parallel over every rank
 
     @property
     def total_params(self) -> int:
         return self.shared_params + self.router_params + self.expert_params + self.shared_expert_params
-
-    @property
-    def routed_intermediate(self) -> int:
-        """I - S: the neurons the E routed experts split."""
-        return self.intermediate - self.shared_intermediate
 
 
 def read_model_config(model: str) -> tuple[str, dict]:
@@ -152,38 +195,31 @@ def read_model_config(model: str) -> tuple[str, dict]:
         raise UserError(f"--model {path}: cannot read it as JSON ({err})") from err
 
 
-def shape_of(cfg: PlanConfig) -> Shape:
+def model_of(cfg: PlanConfig) -> Model:
     """Count parameters from the config alone (keys.dense_infos_from_config: the converter's own tensor list)."""
     import torch
 
     from factorllm_ds.keys import dense_infos_from_config
 
     name, config = read_model_config(cfg.model)
-    if config.get("model_type") == "factorllm":
-        dense = dict(config["text_config"])
-        num_experts, top_k = config["num_experts"], config["num_experts_per_tok"]
-        routing, bias = config.get("routing", "hard"), bool(config.get("router_bias", True))
-        num_shared = int(config.get("shared_intermediate_size") or 0)
-    else:
-        dense = config
-        num_experts, top_k = cfg.num_experts or DEFAULT_EXPERTS, cfg.top_k or DEFAULT_TOP_K
-        routing, bias = "hard", True
-        num_shared = shared_neurons_of(cfg, dense.get("intermediate_size"))
+    converted = config.get("model_type") == "factorllm"
+    dense = dict(config["text_config"]) if converted else config
     needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if k not in dense]
     if missing:
         raise UserError(f"--model {name}: config lacks {', '.join(missing)}; is it a LLaMA-family config?")
-    inter, hidden = dense["intermediate_size"], dense["hidden_size"]
+    if converted:
+        moe = MoEShape.of_config(config)
+    else:  # as convert makes it, with its default routing
+        flags = MoEFlags(num_experts=cfg.num_experts or DEFAULT_EXPERTS, top_k=cfg.top_k or DEFAULT_TOP_K)
+        moe = flags.shape_for(dense, shared_neurons_of(cfg, dense["intermediate_size"]))
     numel = {n: math.prod(i.shape) for n, i in dense_infos_from_config(dense, torch.float32).items()}
-    expert = sum(v for n, v in numel.items() if ".mlp." in n)
-    shared = sum(numel.values()) - expert
-    layers = dense["num_hidden_layers"]
-    shared_expert = 3 * layers * hidden * num_shared  # gate, up, down of S neurons
-    return Shape(name=name, layers=layers, hidden=hidden, intermediate=inter, vocab=dense["vocab_size"],
-                 num_experts=num_experts, top_k=top_k, routing=routing, shared_params=shared,
-                 router_params=layers * num_experts * (hidden + int(bias)), expert_params=expert - shared_expert,
-                 max_positions=dense.get("max_position_embeddings"), converted=config.get("model_type") == "factorllm",
-                 shared_intermediate=num_shared, shared_expert_params=shared_expert)
+    ffn = sum(v for n, v in numel.items() if ".mlp." in n)
+    shared_expert = moe.num_layers * sum(math.prod(s) for s in moe.shared_shapes().values())
+    return Model(name=name, moe=moe, vocab=dense["vocab_size"], shared_params=sum(numel.values()) - ffn,
+                 router_params=moe.num_layers * moe.num_experts * (moe.hidden_size + int(moe.router_bias)),
+                 expert_params=ffn - shared_expert, max_positions=dense.get("max_position_embeddings"),
+                 converted=converted, shared_expert_params=shared_expert)
 
 
 def shared_neurons_of(cfg: PlanConfig, intermediate: int | None) -> int:
@@ -233,64 +269,64 @@ class Estimate:
 
 
 
-def seq_len_of(cfg: PlanConfig, shape: Shape) -> int:
+def seq_len_of(cfg: PlanConfig, model: Model) -> int:
     """--seq-len, or the default capped at what the model can take (a default is never the user's error)."""
     if cfg.seq_len is not None:
         return cfg.seq_len
-    return min(TRAIN_SEQ_LEN, shape.max_positions or TRAIN_SEQ_LEN)
+    return min(TRAIN_SEQ_LEN, model.max_positions or TRAIN_SEQ_LEN)
 
 
-def tokens_of(cfg: PlanConfig, shape: Shape) -> int:
+def tokens_of(cfg: PlanConfig, model: Model) -> int:
     """Tokens of one micro-batch on one rank."""
-    return cfg.micro_batch_size * seq_len_of(cfg, shape)
+    return cfg.micro_batch_size * seq_len_of(cfg, model)
 
 
-def activation_terms(shape: Shape, cfg: PlanConfig) -> tuple[float, float, float]:
+def activation_terms(model: Model, cfg: PlanConfig) -> tuple[float, float, float]:
     """Bytes per token: (what one layer keeps for its backward, the loss's logits at their peak, the rest).
 
     Frozen linears keep no input (no weight gradient is needed), so per token and layer:
     two RMSNorm inputs in fp32 (8H), SDPA's q, k, v, out (4H, k/v expanded to H), the router's
     fp32 input when training in bf16 (4H), per routed slot (k x capacity_factor per token)
-    each expert's input and four (I-S)/E-wide intermediates, and the shared expert's input and
+    each expert's input and four R-wide intermediates, and the shared expert's input and
     four S-wide intermediates; softmax routing also keeps the k gathered expert outputs. The
     loss holds 12 bytes per logit at its peak (fp32 log-softmax output, its gradient, the
     gradient of the logits; +2 for the bf16 logits' gradient). Distillation adds 8: the KL keeps
     the teacher's and the student's fp32 log-probabilities for the backward (the teacher's logits
     and the KL's elementwise terms are gone by the loss's peak; measured, tests/test_plan.py).
     """
-    b = DTYPE_BYTES[cfg.dtype]
-    h, inter_e, s = shape.hidden, shape.routed_intermediate // shape.num_experts, shape.shared_intermediate
-    slots = shape.top_k * cfg.capacity_factor
-    per_layer = 8 * h + 4 * h * b + (4 * h if b < 4 else 0) + slots * (h + 4 * inter_e) * b
+    b, moe = DTYPE_BYTES[cfg.dtype], model.moe
+    h, r, s = moe.hidden_size, moe.expert_size, moe.shared_size
+    slots = moe.top_k * cfg.capacity_factor
+    per_layer = 8 * h + 4 * h * b + (4 * h if b < 4 else 0) + slots * (h + 4 * r) * b
     if s:
         per_layer += (h + 4 * s) * b
-    if shape.routing == "softmax":
-        per_layer += shape.top_k * h * b
+    if moe.routing == "softmax":
+        per_layer += moe.top_k * h * b
     logits = 12 + (2 if b < 4 else 0) + (8 if cfg.distill else 0)
-    return per_layer, shape.vocab * logits, 4 * h
+    return per_layer, model.vocab * logits, 4 * h
 
 
-def checkpoint_bytes(shape: Shape, cfg: PlanConfig) -> int:
+def checkpoint_bytes(model: Model, cfg: PlanConfig) -> int:
     """With activation checkpointing, what every layer keeps from its forward: its input hidden state
     (b x H per token) and, when there is a PA prior, the prior's k choices (int64) for the replay."""
-    prior = 8 * shape.top_k if cfg.prior != "none" else 0
-    return int(tokens_of(cfg, shape) * shape.layers * (DTYPE_BYTES[cfg.dtype] * shape.hidden + prior))
+    prior = 8 * model.moe.top_k if cfg.prior != "none" else 0
+    return int(tokens_of(cfg, model) * model.moe.num_layers * (DTYPE_BYTES[cfg.dtype] * model.moe.hidden_size + prior))
 
 
-def activation_bytes(shape: Shape, cfg: PlanConfig, checkpointing: bool = False) -> int:
+def activation_bytes(model: Model, cfg: PlanConfig, checkpointing: bool = False) -> int:
     """Tensors autograd keeps from forward to backward on one rank, plus the loss's logits.
 
     ``checkpointing``: the layers keep only their checkpoints; the backward recomputes one layer at a
     time, after the logits' gradient is gone, so the larger of the two is what adds to them.
     """
-    tokens = tokens_of(cfg, shape)
-    per_layer, logits, rest = activation_terms(shape, cfg)
+    tokens = tokens_of(cfg, model)
+    per_layer, logits, rest = activation_terms(model, cfg)
     if checkpointing:
-        return checkpoint_bytes(shape, cfg) + int(tokens * (max(per_layer, logits) + rest))
-    return int(tokens * (shape.layers * per_layer + logits + rest))
+        return checkpoint_bytes(model, cfg) + int(tokens * (max(per_layer, logits) + rest))
+    return int(tokens * (model.moe.num_layers * per_layer + logits + rest))
 
 
-def pa_transient_bytes(shape: Shape, cfg: PlanConfig) -> int:
+def pa_transient_bytes(model: Model, cfg: PlanConfig) -> int:
     """The PA target of one layer, computed under no_grad: every expert on every token.
 
     The local experts (and their frozen copies) run on the tokens of the whole expert group,
@@ -303,17 +339,18 @@ def pa_transient_bytes(shape: Shape, cfg: PlanConfig) -> int:
     if cfg.prior == "none":
         return 0
     parts = 2 if cfg.prior == "frozen" else 1
-    shared = 2 * 3 * shape.shared_intermediate if cfg.prior == "frozen" else 0
-    return int(tokens_of(cfg, shape) * DTYPE_BYTES[cfg.dtype]
-               * (3 * shape.routed_intermediate * parts + shared + 2 * parts * shape.num_experts * shape.hidden))
+    shared = 2 * 3 * model.moe.shared_size if cfg.prior == "frozen" else 0
+    return int(tokens_of(cfg, model) * DTYPE_BYTES[cfg.dtype]
+               * (3 * model.moe.routed_size * parts + shared
+                  + 2 * parts * model.moe.num_experts * model.moe.hidden_size))
 
 
-def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
+def estimate(model: Model, cfg: PlanConfig, choice: Choice) -> Estimate:
     """Bytes one rank holds at its peak (the rank that also writes the shared checkpoint on CPU)."""
     b = DTYPE_BYTES[cfg.dtype]
     world, ep = cfg.gpus, choice.ep_size
-    experts_local = shape.expert_params // ep
-    dense_trainable = shape.router_params + shape.shared_expert_params  # data parallel: on every rank
+    experts_local = model.expert_params // ep
+    dense_trainable = model.router_params + model.shared_expert_params  # data parallel: on every rank
     trainable_local = experts_local + dense_trainable
     # ZeRO partitions expert state over the expert-data-parallel group (world / ep ranks that hold
     # the same experts) and router and shared-expert state over all ranks.
@@ -341,19 +378,19 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     if cfg.device == "cpu":
         # Saving a checkpoint clones (to host memory, which is the device here) the shared weights
         # on the writer rank and every rank's optimizer partition; glibc keeps the heap it grew.
-        runtime += max((shape.shared_params + shape.shared_expert_params) * b, optimizer)
+        runtime += max((model.shared_params + model.shared_expert_params) * b, optimizer)
     # The frozen prior keeps a copy of the local experts and of the shared expert.
-    teacher = (experts_local + shape.shared_expert_params) * b if cfg.prior == "frozen" else 0
-    pa_transient = pa_transient_bytes(shape, cfg)
-    activations = activation_bytes(shape, cfg, choice.activation_checkpointing)
+    teacher = (experts_local + model.shared_expert_params) * b if cfg.prior == "frozen" else 0
+    pa_transient = pa_transient_bytes(model, cfg)
+    activations = activation_bytes(model, cfg, choice.activation_checkpointing)
     forward_backward = None
     if choice.activation_checkpointing:  # the PA target is computed in the forward, the recompute in the backward
-        kept = checkpoint_bytes(shape, cfg)
+        kept = checkpoint_bytes(model, cfg)
         forward_backward = kept + max(pa_transient, activations - kept)
     # train --teacher: every rank holds the whole dense model (the FFNs = all experts + the shared expert).
-    distill_teacher = (shape.shared_params + shape.expert_params + shape.shared_expert_params) * b if cfg.distill else 0
+    distill_teacher = (model.shared_params + model.expert_params + model.shared_expert_params) * b if cfg.distill else 0
     parts = {
-        "frozen_weights": shape.shared_params * b,
+        "frozen_weights": model.shared_params * b,
         "experts": trainable_local * b,
         "pa_teacher": teacher + pa_transient,
         "distill_teacher": distill_teacher,
@@ -365,7 +402,7 @@ def estimate(shape: Shape, cfg: PlanConfig, choice: Choice) -> Estimate:
     }
     # Each rank reads the shared weights, its experts and (frozen prior) their teacher copy into host
     # memory before DeepSpeed moves the model to its GPU.
-    load = shape.shared_params * b + trainable_local * b + teacher + distill_teacher
+    load = model.shared_params * b + trainable_local * b + teacher + distill_teacher
     return Estimate(choice, parts, host, load if cfg.device == "gpu" else 0, pa_transient,
                     forward_backward=forward_backward)
 
@@ -389,7 +426,7 @@ def parse_memory(text: str, flag: str) -> int:
 
 @dataclass
 class Plan:
-    shape: Shape
+    model: Model
     budget: int
     estimates: list[Estimate]
     recommended: Estimate | None
@@ -406,9 +443,9 @@ def host_per_node(e: Estimate, cfg: PlanConfig) -> int:
     return max(e.host_offload, e.host_load) * ranks_per_node(cfg)
 
 
-def candidate_choices(shape: Shape, cfg: PlanConfig) -> list[Choice]:
-    eps = [cfg.ep_size] if cfg.ep_size else [d for d in range(1, shape.num_experts + 1)
-                                             if shape.num_experts % d == 0 and cfg.gpus % d == 0]
+def candidate_choices(model: Model, cfg: PlanConfig) -> list[Choice]:
+    eps = [cfg.ep_size] if cfg.ep_size else [d for d in range(1, model.moe.num_experts + 1)
+                                             if model.moe.num_experts % d == 0 and cfg.gpus % d == 0]
     zeros = [cfg.zero] if cfg.zero else [1, 2]
     offloads = [cfg.offload] if cfg.offload is not None else [False] if cfg.device == "cpu" else [False, True]
     ckpts = [cfg.activation_checkpointing] if cfg.activation_checkpointing is not None else [False, True]
@@ -417,98 +454,33 @@ def candidate_choices(shape: Shape, cfg: PlanConfig) -> list[Choice]:
             if not (off and z == 1)]
 
 
-def validate(cfg: PlanConfig, shape: Shape | None, problems: list[str] | None = None) -> None:
-    """Every problem with the flags, reported together, before anything is printed.
-
-    ``shape`` None: --model could not be read (its problem is in ``problems``); the other flags are
-    still checked. Only values the user passed are judged: a default never is.
-    """
-    problems = list(problems or [])
-    for flag, text in (("--gpu-memory", cfg.gpu_memory), ("--host-memory", cfg.host_memory),
-                       ("--runtime-memory", cfg.runtime_memory)):
-        if text is None:
-            continue
-        try:
-            size = parse_memory(text, flag)
-        except UserError as err:
-            problems.append(str(err))
-            continue
-        if size <= 0 and flag != "--runtime-memory":
-            problems.append(f"{flag} {text}: must be a positive size, e.g. 80GB")
-        elif size < 0:
-            problems.append(f"{flag} {text}: must be a size >= 0")
-    if cfg.gpus is None or cfg.gpus < 1:
-        problems.append(f"--gpus {cfg.gpus}: must be >= 1")
-    if cfg.zero is not None and cfg.zero not in (1, 2):
-        problems.append(f"--zero {cfg.zero}: DeepSpeed MoE runs with ZeRO stage 1 or 2 (stage 3 is not supported "
-                        "for native MoE); use --offload for the largest models")
-    if cfg.zero == 1 and cfg.offload:
-        problems.append("--offload with --zero 1: plan ZeRO-Offload with --zero 2")
-    if cfg.seq_len is not None:  # train's rule (hf_io), against the model's positions when it could be read
-        from factorllm_ds.hf_io import seq_len_problems
-
-        problems += seq_len_problems(cfg.seq_len, {"max_position_embeddings": shape.max_positions if shape else None})
-    if cfg.capacity_factor < 1:
-        problems.append(f"--capacity-factor {cfg.capacity_factor}: must be >= 1 (max load >= mean load)")
-    problems += bound_problems(cfg, dict.fromkeys(("micro_batch_size", "reduce_bucket_size", "gpus_per_node", "ep_size",
-                                                   "num_experts", "top_k"), ">= 1"))
-    if cfg.device == "cpu" and cfg.offload:
-        problems.append("--offload with --device cpu: the host memory is the process memory; drop --offload")
-    if cfg.device == "cpu" and cfg.dtype == "bf16":
-        problems.append("--device cpu with --dtype bf16: CPU runs are calibrated in fp32; pass --dtype fp32")
-    if shape is not None:
-        problems += shape_problems(cfg, shape)
-    fail_if(problems, "plan: bad arguments")
+MAX_PLANNED_EXPERTS = PLAN_WORDING.valid_to  # the E plan suggests, from 2 up to this
 
 
-MAX_PLANNED_EXPERTS = 64
-
-
-def valid_experts(shape: Shape) -> list[int]:
-    """E from 2 to 64 that split the routed neurons I - S equally (what convert accepts)."""
-    from factorllm_ds.structure import valid_num_experts
-
-    return [e for e in valid_num_experts(shape.intermediate, shape.shared_intermediate)
-            if 2 <= e <= MAX_PLANNED_EXPERTS]
-
-
-def shape_problems(cfg: PlanConfig, shape: Shape) -> list[str]:
-    """The flags that contradict the model."""
+def converted_problems(cfg: PlanConfig, model: Model) -> list[str]:
+    """The flags that contradict a converted model's own shape."""
+    if not model.converted:
+        return []
     problems = []
-    if shape.converted:
-        for flag, letter, given, own in (("--num-experts", "E", cfg.num_experts, shape.num_experts),
-                                         ("--top-k", "k", cfg.top_k, shape.top_k)):
-            if given not in (None, own):
-                problems.append(f"{flag} {given}: {shape.name} is converted with {letter}={own}; drop the flag "
-                                "(or plan from the dense model)")
-        if cfg.shared_neurons is not None:
-            problems.append(f"--shared-neurons {cfg.shared_neurons}: {shape.name} is converted with a shared expert of "
-                            f"S={shape.shared_intermediate} neurons; drop the flag (or plan from the dense model)")
-    if shape.num_experts < 1 or shape.routed_intermediate % shape.num_experts:
-        what = (f"the FFN intermediate size {shape.intermediate}" if not shape.shared_intermediate else
-                f"the {shape.routed_intermediate} routed neurons (intermediate size {shape.intermediate} - "
-                f"{shape.shared_intermediate} shared)")
-        would = ", ".join(map(str, valid_experts(shape)))
-        problems.append(f"--num-experts {shape.num_experts} must divide {what}; E from 2 to {MAX_PLANNED_EXPERTS} "
-                        f"that would: {would or 'none'}")
-    elif not 1 <= shape.top_k <= shape.num_experts:
-        problems.append(f"--top-k {shape.top_k} must be between 1 and E={shape.num_experts}")
-    if cfg.ep_size is not None and cfg.ep_size >= 1 and shape.num_experts >= 1:
-        if shape.num_experts % cfg.ep_size:
-            problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({shape.num_experts})")
-        elif cfg.gpus and cfg.gpus % cfg.ep_size:
-            problems.append(f"--ep-size {cfg.ep_size} must divide --gpus {cfg.gpus}")
+    for flag, letter, given, own in (("--num-experts", "E", cfg.num_experts, model.moe.num_experts),
+                                     ("--top-k", "k", cfg.top_k, model.moe.top_k)):
+        if given not in (None, own):
+            problems.append(f"{flag} {given}: {model.name} is converted with {letter}={own}; drop the flag "
+                            "(or plan from the dense model)")
+    if cfg.shared_neurons is not None:
+        problems.append(f"--shared-neurons {cfg.shared_neurons}: {model.name} is converted with a shared expert of "
+                        f"S={model.moe.shared_size} neurons; drop the flag (or plan from the dense model)")
     return problems
 
 
 def make_plan(cfg: PlanConfig) -> Plan:
     try:
-        shape, problems = shape_of(cfg), []
+        model, problems = model_of(cfg), []
     except UserError as err:  # reported with every other flag's problem
-        shape, problems = None, [str(err)]
-    validate(cfg, shape, problems)
+        model, problems = None, [str(err)]
+    cfg = cfg.validate(model, problems)
     budget = parse_memory(cfg.gpu_memory, "--gpu-memory")
-    estimates = [estimate(shape, cfg, c) for c in candidate_choices(shape, cfg)]  # never empty: ep_size 1 divides all
+    estimates = [estimate(model, cfg, c) for c in candidate_choices(model, cfg)]  # never empty: ep_size 1 divides all
     host_budget = parse_memory(cfg.host_memory, "--host-memory") if cfg.host_memory else None
     for e in estimates:
         e.fits = e.total <= budget and (host_budget is None or host_per_node(e, cfg) <= host_budget)
@@ -518,23 +490,23 @@ def make_plan(cfg: PlanConfig) -> Plan:
     fitting = sorted((e for e in estimates if e.fits), key=lambda e: (
         e.choice.offload, e.choice.activation_checkpointing, e.choice.ep_size, -e.choice.zero))
     smallest = min(estimates, key=lambda e: (not e.fits, e.total))
-    return Plan(shape, budget, estimates, fitting[0] if fitting else None, smallest,
-                hints(shape, cfg, smallest, budget))
+    return Plan(model, budget, estimates, fitting[0] if fitting else None, smallest,
+                hints(model, cfg, smallest, budget))
 
 
-def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[str]:
+def hints(model: Model, cfg: PlanConfig, best: Estimate, budget: int) -> list[str]:
     """What would make the smallest configuration fit, when it does not."""
     if best.total <= budget:
         return []
     out = []
     if cfg.prior == "frozen":
-        saved = best.parts["pa_teacher"] - estimate(shape, replace(cfg, prior="self"), best.choice).parts["pa_teacher"]
+        saved = best.parts["pa_teacher"] - estimate(model, replace(cfg, prior="self"), best.choice).parts["pa_teacher"]
         out.append(f"--prior self keeps no frozen expert copy: saves {saved / GiB:.1f} GiB")
     if cfg.distill:
-        saved = best.total - estimate(shape, replace(cfg, distill=False), best.choice).total
+        saved = best.total - estimate(model, replace(cfg, distill=False), best.choice).total
         out.append(f"training without --teacher (plan without --distill) saves {saved / GiB:.1f} GiB")
     if not best.choice.activation_checkpointing and cfg.activation_checkpointing is None:
-        with_ckpt = estimate(shape, cfg, replace(best.choice, activation_checkpointing=True))
+        with_ckpt = estimate(model, cfg, replace(best.choice, activation_checkpointing=True))
         out.append(f"--activation-checkpointing: saves {(best.total - with_ckpt.total) / GiB:.1f} GiB")
     activations = best.parts["activations"]
     if activations > best.total - budget:
@@ -543,14 +515,15 @@ def hints(shape: Shape, cfg: PlanConfig, best: Estimate, budget: int) -> list[st
         out.append("--offload moves the optimizer state to host memory")
     for gpus in (2 * cfg.gpus, 4 * cfg.gpus, 8 * cfg.gpus):
         trial = replace(cfg, gpus=gpus, ep_size=None)
-        if min(estimate(shape, trial, c).total for c in candidate_choices(shape, trial)) <= budget:
+        if min(estimate(model, trial, c).total for c in candidate_choices(model, trial)) <= budget:
             out.append(f"--gpus {gpus} would fit")
             break
-    if best.choice.ep_size == shape.num_experts:
-        more = [e for e in valid_experts(shape) if e > shape.num_experts and e % shape.num_experts == 0]
-        out.append(f"more experts (--num-experts {more[0] if more else 2 * shape.num_experts}"
-                   f"{', converting the dense model again' if shape.converted else ''}) allow ep_size above "
-                   f"E={shape.num_experts}")
+    if best.choice.ep_size == model.moe.num_experts:
+        more = [e for e in model.moe.valid_num_experts(2, MAX_PLANNED_EXPERTS)
+                if e > model.moe.num_experts and e % model.moe.num_experts == 0]
+        out.append(f"more experts (--num-experts {more[0] if more else 2 * model.moe.num_experts}"
+                   f"{', converting the dense model again' if model.converted else ''}) allow ep_size above "
+                   f"E={model.moe.num_experts}")
     return out
 
 
@@ -569,14 +542,14 @@ def ds_config_for(choice: Choice, cfg: PlanConfig) -> str:
 
 
 def report(plan: Plan, cfg: PlanConfig) -> str:
-    s = plan.shape
+    s = plan.model
     columns = [k for k in HEADERS if k != "distill_teacher" or cfg.distill]
     unit = "process" if cfg.device == "cpu" else "GPU"
-    shared_expert = (f", shared expert S={s.shared_intermediate} ({s.shared_expert_params / 1e9:.2f}B, data parallel)"
-                     if s.shared_intermediate else "")
+    shared_expert = (f", shared expert S={s.moe.shared_size} ({s.shared_expert_params / 1e9:.2f}B, data parallel)"
+                     if s.moe.shared_size else "")
     lines = [f"model {s.name}: {s.total_params / 1e9:.2f}B params ({s.shared_params / 1e9:.2f}B shared, "
-             f"{s.expert_params / 1e9:.2f}B in experts), {s.layers} layers, E={s.num_experts}, k={s.top_k}, "
-             f"{s.routing} routing{shared_expert}",
+             f"{s.expert_params / 1e9:.2f}B in experts), {s.moe.num_layers} layers, E={s.moe.num_experts}, "
+             f"k={s.moe.top_k}, {s.moe.routing} routing{shared_expert}",
              f"run: {cfg.gpus} ranks, {cfg.dtype}, seq_len {seq_len_of(cfg, s)} x micro-batch {cfg.micro_batch_size}, "
              f"prior {cfg.prior}; budget {plan.budget / GiB:.1f} GiB per {unit}",
              "",
@@ -605,16 +578,22 @@ def report(plan: Plan, cfg: PlanConfig) -> str:
 
 def commands(plan: Plan, cfg: PlanConfig, choice: Choice) -> list[str]:
     """The convert (for a dense model) and launch commands of ``choice``; DATA and OUT are placeholders."""
-    s = plan.shape
+    s = plan.model
     lines = []
     if s.converted:
         moe = cfg.model
     else:
-        moe = f"runs/{Path(s.name).name}-moe-e{s.num_experts}"
+        moe = f"runs/{Path(s.name).name}-moe-e{s.moe.num_experts}"
         dense = f"/path/to/{s.name}" if s.name in BUILTIN_MODELS else s.name
-        shared = (f" --shared-neurons {cfg.shared_neurons} --calib-data CALIB.txt" if s.shared_intermediate else "")
-        lines += ["convert:", f"  factorllm-ds convert --model {dense} --out {moe} --num-experts {s.num_experts} "
-                              f"--top-k {s.top_k}{shared}"]
+        shared = (f" --shared-neurons {cfg.shared_neurons} --calib-data CALIB.txt" if s.moe.shared_size else "")
+        lines += ["convert:", f"  factorllm-ds convert --model {dense} --out {moe} --num-experts {s.moe.num_experts} "
+                              f"--top-k {s.moe.top_k}{shared}"]
+        if s.moe.shared_size:  # a calibrated conversion: its predicted time and GPU memory
+            from factorllm_ds.convert_cost import PLAN_TOKENS, convert_cost, describe
+
+            config = read_model_config(cfg.model)[1]
+            lines += [f"  {describe(convert_cost(config, t, s.moe.shared_size, num_experts=s.moe.num_experts))}"
+                      for t in PLAN_TOKENS]
     teacher = "" if not cfg.distill else f" --teacher {dense if not s.converted else 'DENSE_DIR'}"
     flags = (f"--seq-len {seq_len_of(cfg, s)} --micro-batch-size {cfg.micro_batch_size} --prior {cfg.prior}{teacher}"
              f"{' --activation-checkpointing' if choice.activation_checkpointing else ''}")
@@ -648,8 +627,19 @@ def no_fit_message(plan: Plan, cfg: PlanConfig) -> str:
     return msg
 
 
+def model_json(model: Model) -> dict:
+    """The model as --json has always printed it: its counts and shape, in one flat object."""
+    moe = model.moe
+    return {"name": model.name, "layers": moe.num_layers, "hidden": moe.hidden_size,
+            "intermediate": moe.intermediate_size, "vocab": model.vocab, "num_experts": moe.num_experts,
+            "top_k": moe.top_k, "routing": moe.routing, "shared_params": model.shared_params,
+            "router_params": model.router_params, "expert_params": model.expert_params,
+            "max_positions": model.max_positions, "converted": model.converted,
+            "shared_intermediate": moe.shared_size, "shared_expert_params": model.shared_expert_params}
+
+
 def as_json(plan: Plan, cfg: PlanConfig) -> dict:
-    return {"model": asdict(plan.shape), "budget_bytes": plan.budget,
+    return {"model": model_json(plan.model), "budget_bytes": plan.budget,
             "estimates": [{**asdict(e.choice), "parts": e.parts, "total": e.total, "fits": e.fits,
                            "host_offload": e.host_offload, "host_load": e.host_load} for e in plan.estimates],
             "recommended": asdict(plan.recommended.choice) if plan.recommended else None,

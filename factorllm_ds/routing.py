@@ -84,7 +84,6 @@ class FactorLLMGate(nn.Module):
         # so it changes who is picked, not by how much); export folds it into the router bias.
         self.register_buffer("selection_bias", torch.zeros(num_experts))
         self.last_probs: torch.Tensor | None = None
-        self.last_indices: torch.Tensor | None = None
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -100,7 +99,6 @@ class FactorLLMGate(nn.Module):
         aux_logits_TE = logits_TE if not x_TH.requires_grad else F.linear(x_TH.detach().float(),
                                                                           self.router.weight.float(), bias)
         self.last_probs = F.softmax(aux_logits_TE, dim=-1)
-        self.last_indices = idx_TK
         if self.straight_through and self.last_probs.requires_grad:
             # Hard routing's weights are constants, so the next-token loss never reaches the router. Multiplying by
             # (1 + p - p.detach()) = 1 keeps every forward value and gives d loss / d p_e = s * <d loss / d y, E_e(x)>

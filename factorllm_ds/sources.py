@@ -6,29 +6,29 @@ MoE layer L and *global* expert id G, whatever ep_size wrote them. DeepSpeed's
 ``zero_to_fp32`` does not understand the expert files; :class:`DeepSpeedRunSource` does, one
 layer at a time (the big non-expert file is memory-mapped, not loaded).
 
-Checkpoint files are read with ``safety.safe_torch_load`` (tensors and plain containers only:
+Checkpoint files are read with ``safe_load.safe_torch_load`` (tensors and plain containers only:
 nothing in a run folder is executed), after the tag folder has been checked against the
-``checksums.json`` that train wrote when it saved it (:func:`intact_tag`).
+``checksums.json`` that train wrote when it saved it (``checkpoints.intact_tag``).
 
-This module reads files only through the artifact layout (``layout.py``); it imports no stage.
+Part of the export stage; it reads files only through the shared layers (``layout.py``, ``checkpoints.py``).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from factorllm_ds import keys
+from factorllm_ds.checkpoints import checkpoint_to_load, intact_tag, read_run_manifest
 from factorllm_ds.errors import UserError
+from factorllm_ds.finite import check_finite
 from factorllm_ds.hf_io import CheckpointReader, TensorInfo, check_config_shapes, read_config
-from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_FILE, LATEST_FILE, MODEL_STATES, PARTITION_FILE, RUN_MANIFEST,
-                                 list_tags)
-from factorllm_ds.safety import (MODEL_STATE_GLOBALS, OPTIM_STATE_GLOBALS, check_finite, newest_intact, safe_torch_load,
-                                 verify_checksums)
+from factorllm_ds.layout import CHECKPOINT_DIR, EXPERT_FILE, MODEL_STATES, PARTITION_FILE, list_tags
+from factorllm_ds.safe_load import MODEL_STATE_GLOBALS, safe_torch_load
+from factorllm_ds.shape import MoEShape
 
 
 class ExportSource:
@@ -39,6 +39,7 @@ class ExportSource:
         config: the FactorLLM ``config.json`` as a dict (``model_type: factorllm``,
             ``text_config`` with the base family's ``model_type``, ``num_experts``, ...).
         infos: every tensor of the model, experts included, by name: shape and dtype (no data read).
+        shape: the model's MoE shape (E, k, R, S, H, L, the routing), built once when the source opens.
         side_dir: a folder whose tokenizer / generation files are copied, or None.
         partition_file: the ``factorllm_partition.safetensors`` written by convert, or None.
 
@@ -49,12 +50,23 @@ class ExportSource:
     description: str = "?"
     config: dict
     infos: dict[str, TensorInfo]
+    shape: MoEShape
     side_dir: Path | None = None
     partition_file: Path | None = None
 
     def names(self) -> list[str]:
         """Every tensor name of the model, experts included."""
         return list(self.infos)
+
+    @property
+    def text(self) -> dict:
+        """The base model's config (the FactorLLM ``text_config``)."""
+        return dict(self.config.get("text_config") or {})
+
+    @property
+    def base_type(self) -> str:
+        """The base family's ``model_type`` (llama, qwen2, ...)."""
+        return self.text.get("model_type", "?")
 
     def info(self, name: str) -> TensorInfo:
         """Shape and dtype of one tensor (no data read)."""
@@ -65,8 +77,14 @@ class ExportSource:
         raise NotImplementedError
 
     def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Layer ``layer``'s experts in global expert order: (gate [I/E, H], up [I/E, H], down [H, I/E])."""
+        """Layer ``layer``'s experts in global expert order: (gate [R, H], up [R, H], down [H, R])."""
         raise NotImplementedError
+
+
+def source_shape(config: dict, names) -> MoEShape:
+    """The MoE shape of a FactorLLM model; a router bias among its tensors ``names`` wins over the config."""
+    bias = bool(config.get("router_bias", False)) or any(n.endswith("mlp.router.bias") for n in names)
+    return replace(MoEShape.of_config(config), router_bias=bias)
 
 
 class FolderSource(ExportSource):
@@ -84,6 +102,7 @@ class FolderSource(ExportSource):
         self.reader = CheckpointReader(self.moe_dir, flag, allow_nonfinite=allow_nonfinite)
         self.reader.check_config(self.config)
         self.infos = self.reader.infos
+        self.shape = source_shape(self.config, self.infos)
         self.side_dir = self.moe_dir
         partition = self.moe_dir / PARTITION_FILE
         self.partition_file = partition if partition.is_file() else None
@@ -93,7 +112,7 @@ class FolderSource(ExportSource):
 
     def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return [tuple(self.reader.get(keys.expert_key(p, layer, e)) for p in keys.MLP_PARTS)
-                for e in range(int(self.config["num_experts"]))]
+                for e in range(self.shape.num_experts)]
 
 
 DS_EXPERT_KEY = "model.layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{expert}.{part}_proj.weight"
@@ -126,101 +145,6 @@ def fold_selection_bias(states: dict[str, torch.Tensor], description: str) -> di
     return out
 
 
-def intact_tag(run_dir: Path, tag: str, flag: str, retry: str, sizes_only: bool = False) -> None:
-    """Raise :class:`UserError` unless checkpoint ``tag`` of ``run_dir`` matches its checksum manifest.
-
-    The message names the first bad file and the newest intact tag (``retry`` formats how to use it,
-    e.g. ``"--tag {tag}"``). Reads every byte of the tag folder once (``sizes_only``: only their sizes).
-    """
-    root = Path(run_dir) / CHECKPOINT_DIR
-    problems = verify_checksums(root / tag, sizes_only=sizes_only)
-    if not problems:
-        return
-    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise UserError(f"{flag} {run_dir}: checkpoint {tag} is not intact: {problems[0]}{more}; "
-                    f"{_intact_advice(run_dir, [tag], retry, sizes_only)}.")
-
-
-def _intact_advice(run_dir: Path, bad: list[str], retry: str, sizes_only: bool = False) -> str:
-    """Which checkpoint to use instead of the ``bad`` tags. The one named is verified byte by byte, as the retry will
-    verify it: a size-only check would name a tag whose bytes changed, whose own error then names another (a loop)."""
-    if sizes_only:  # a process that compares sizes only must not vouch for a tag
-        return "rank 0, which reads every byte, names the newest intact checkpoint"
-    others = [t for t in reversed(list_tags(run_dir)) if t not in bad]
-    good = newest_intact(Path(run_dir) / CHECKPOINT_DIR, others) if others else None
-    return (f"the newest intact checkpoint is {good}: use {retry.format(tag=good)}" if good else
-            "no other checkpoint of this run is intact")
-
-
-# The keys of run.json that commands read, with their JSON types.
-RUN_MANIFEST_TYPES = {"model": str, "model_fingerprint": str, "ep_size": int, "world_size": int, "total_steps": int,
-                      "settings": dict}
-
-
-def read_run_manifest(run_dir: Path, flag: str, need: tuple[str, ...] = ("model",)) -> dict:
-    """``run_dir/run.json`` (written by train when the run starts) as a dict holding the keys ``need``; one
-    :class:`UserError` naming the file when it is missing, not JSON or incomplete."""
-    path = Path(run_dir) / RUN_MANIFEST
-    if not path.is_file():
-        raise UserError(f"{flag} {run_dir}: no {RUN_MANIFEST}; is this a `factorllm-ds train` --out folder?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        problem = f"is not readable JSON ({type(err).__name__}: {err})"
-    else:
-        if not isinstance(manifest, dict):
-            problem = f"holds a JSON {type(manifest).__name__}, not the object train writes"
-        elif missing := [k for k in need if k not in manifest]:
-            problem = f"lacks {', '.join(missing)}"
-        elif wrong := [f"{k} {manifest[k]!r} is not a {kind.__name__}" for k, kind in RUN_MANIFEST_TYPES.items()
-                       if k in manifest and not isinstance(manifest[k], kind)]:
-            problem = f"is damaged: {'; '.join(wrong)}"
-        else:
-            return manifest
-    raise UserError(f"{flag} {run_dir}: {path} {problem}. train writes it when a run starts (the model, the layout, "
-                    "the settings); put back an intact copy of it, or train into a new --out")
-
-
-def checkpoint_to_load(run_dir: Path, tag: str | None, tag_flag: str, retry: str) -> str:
-    """The tag to load from ``run_dir`` (which holds at least one): ``tag`` when given (with ``tag_flag``), else the
-    one ``checkpoints/latest`` names, else the newest. A missing tag is blamed on what chose it: the flag or the file
-    (``retry`` formats the flag that picks another, as for :func:`intact_tag`)."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    tags = list_tags(run_dir)
-    if tag is not None:
-        if tag not in tags:
-            raise UserError(f"{tag_flag} {tag}: no such checkpoint in {root}; available: {', '.join(tags) or 'none'}")
-        return tag
-    latest = root / LATEST_FILE
-    if not latest.exists():
-        return tags[-1]
-    try:
-        named = latest.read_text().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        named, problem = None, f"cannot be read ({type(err).__name__}: {err})"
-    else:
-        problem = f"names {named!r}, which is not a checkpoint in {root} (available: {', '.join(tags)})"
-    if named in tags:
-        return named
-    raise UserError(f"{latest} {problem}: the save it points to did not finish, its folder was removed or the file "
-                    f"was damaged. Fix: "
-                    f"{_intact_advice(run_dir, [], retry)}, or write that tag into {latest}.")
-
-
-# What DeepSpeed's checkpoint files may hold besides tensors and containers (safety.py lists why).
-CHECKPOINT_GLOBALS = MODEL_STATE_GLOBALS + OPTIM_STATE_GLOBALS
-
-
-def check_loads_safely(run_dir: Path, tag: str, flag: str) -> None:
-    """Unpickle every ``.pt`` file of checkpoint ``tag`` as :func:`safe_torch_load` does (``weights_only`` and the
-    DeepSpeed allow-list), tensors memory-mapped and not read: a file that would run code, or needs a type outside the
-    list, raises :class:`UserError` naming it before DeepSpeed opens any file. Checksums do not make a file trusted:
-    whoever can write the folder can rewrite them."""
-    for path in sorted((Path(run_dir) / CHECKPOINT_DIR / tag).rglob("*.pt")):
-        # mmap needs torch's zip format (DeepSpeed's default); a legacy-format file is read whole.
-        safe_torch_load(path, flag, CHECKPOINT_GLOBALS, mmap=zipfile.is_zipfile(path))
-
-
 class DeepSpeedRunSource(ExportSource):
     def __init__(self, run_dir: Path, tag: str | None = None, allow_nonfinite: bool = False):
         run_dir = Path(run_dir)
@@ -245,17 +169,16 @@ class DeepSpeedRunSource(ExportSource):
         self.side_dir = self.model_dir
         partition = self.model_dir / PARTITION_FILE
         self.partition_file = partition if partition.is_file() else None
-        self.num_experts = int(self.config["num_experts"])
-        self.num_layers = int(self.config["text_config"]["num_hidden_layers"])
-        expert_files = [EXPERT_FILE.format(layer=L, expert=e) for L in range(self.num_layers)
-                        for e in range(self.num_experts)]
+        own = MoEShape.of_config(self.config)
+        layers, experts = own.num_layers, own.num_experts  # the run's checkpoint must hold a file per (layer, expert)
+        expert_files = [EXPERT_FILE.format(layer=L, expert=e) for L in range(layers) for e in range(experts)]
         missing = [name for name in expert_files if not (self.ckpt_dir / name).is_file()]
         if missing:
             raise UserError(f"--run {run_dir}: checkpoint {tag} lacks {len(missing)} expert files (first: "
                             f"{missing[0]}); the save was interrupted or files were removed. Use another --tag.")
         states = safe_torch_load(self.ckpt_dir / MODEL_STATES, "--run", MODEL_STATE_GLOBALS)
-        self.step = states.get("step")
         self.shared = fold_selection_bias({ds_to_hf_name(k): v for k, v in states["module"].items()}, self.description)
+        self.shape = source_shape(self.config, self.shared)  # the router bias: the checkpoint's own
         # NaN/Inf refused as convert refuses them: a diverged run's checkpoint must not become a model silently.
         others = [t for t in tags if t != tag]
         self._nonfinite_fix = None if allow_nonfinite else (
@@ -265,14 +188,10 @@ class DeepSpeedRunSource(ExportSource):
         for name, tensor in self.shared.items():
             self._check_finite(self.ckpt_dir / MODEL_STATES, name, tensor)
         self.expert_dtype = next(iter(self._expert_file(0, 0).values())).dtype
-        size = int(self.config["expert_intermediate_size"])
-        hidden = int(self.config["text_config"]["hidden_size"])
         self.infos = {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self.shared.items()}
-        for layer in range(self.num_layers):
-            for e in range(self.num_experts):
-                for part, shape in (("gate", (size, hidden)), ("up", (size, hidden)), ("down", (hidden, size))):
-                    name = keys.expert_key(part, layer, e)
-                    self.infos[name] = TensorInfo(name, shape, self.expert_dtype)
+        self.infos |= {info.name: info for info in (
+            TensorInfo(keys.expert_key(part, layer, e), shape, self.expert_dtype)
+            for layer in range(layers) for e in range(experts) for part, shape in self.shape.expert_shapes().items())}
         check_config_shapes(self.config, self.infos, self.model_dir / "config.json", self.description)
 
     def _check_finite(self, path: Path, name: str, tensor: torch.Tensor) -> None:
@@ -289,7 +208,7 @@ class DeepSpeedRunSource(ExportSource):
 
     def expert_tensors(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         out = []
-        for e in range(self.num_experts):
+        for e in range(self.shape.num_experts):
             state = self._expert_file(layer, e)
             try:
                 out.append(tuple(state[DS_EXPERT_KEY.format(layer=layer, expert=e, part=p)].clone()

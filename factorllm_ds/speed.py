@@ -14,8 +14,8 @@ decoder layer's MLP swapped for a module returning zeros, and ``f = 1 - t(no FFN
 That measures what the FFNs actually cost in this run (kernels, memory traffic, launch
 overhead), with none of the per-module synchronization a hook-based timer would add on a GPU.
 
-With a shared expert of S neurons and k of E routed experts of I_e neurons each, only the active
-fraction a = (S + k I_e) / (S + E I_e) of the FFN's work remains (k/E without a shared expert), so
+With a shared expert of S neurons and k of E routed experts of R neurons each, only the active
+fraction a = (S + k R) / (S + E R) of the FFN's work remains (k/E without a shared expert), so
 Amdahl's law bounds the speedup: ``limit = 1 / ((1 - f) + f * a)``. ``speedup / limit`` says how much of that
 bound the sparse dispatch realises (routing, gather/scatter and small matmuls cost extra).
 """
@@ -26,19 +26,20 @@ import json
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from factorllm_ds.config import arg, bound_problems, fail_if
-from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
 from factorllm_ds import __version__
+from factorllm_ds.config import arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
-from factorllm_ds.safety import FILE_MARKER, check_output_file, write_text_atomic
+from factorllm_ds.modeling import DEVICE_DEFAULT, DTYPE_CHOICES, resolve_device
+from factorllm_ds.outputs import FILE_MARKER, check_output_file, write_text_atomic
+from factorllm_ds.shape import MODEL_WORDING, MoEShape, shape_problems
 
 
 @dataclass
@@ -58,16 +59,20 @@ class SpeedConfig:
     threads: int | None = arg("torch CPU threads (default: torch's choice)", default=None)
     seed: int = arg("seed of the random token batch", default=0)
     report: Path | None = arg("write the JSON result here", default=None)
+    shape: MoEShape | None = field(default=None)  # --model's with --top-k, resolved by validate(); not a flag
 
-    def validate(self, moe_config: dict, dense_config: dict) -> None:
-        problems = []
+    def validate(self, moe_config: dict, dense_config: dict) -> SpeedConfig:
+        """Every flag problem at once, against both folders' config.json; returns the resolved config, whose
+        ``shape`` is the MoE's with --top-k applied."""
+        problems, shape = [], None
         if moe_config.get("model_type") != "factorllm":
             problems.append(f"--model {self.model}: not a FactorLLM folder (model_type "
                             f"{moe_config.get('model_type')!r}); pass the converted MoE folder")
         else:
-            num_experts = int(moe_config.get("num_experts", 0))
-            if self.top_k is not None and not 1 <= self.top_k <= num_experts:
-                problems.append(f"--top-k {self.top_k}: must be between 1 and the model's {num_experts} experts")
+            shape = MoEShape.of_config(moe_config)
+            if self.top_k is not None:
+                shape = replace(shape, top_k=self.top_k)
+                problems += shape_problems(shape, MODEL_WORDING)
             if dense_config.get("model_type") == "factorllm":
                 problems.append(f"--dense {self.dense}: is a FactorLLM folder; pass the dense model")
             elif moe_config.get("text_config", {}).get("model_type") != dense_config.get("model_type") or \
@@ -81,6 +86,7 @@ class SpeedConfig:
         except UserError as err:
             problems.append(str(err))
         fail_if(problems, "bench-speed: bad arguments")
+        return replace(self, shape=shape)
 
 
 class ZeroFFN(nn.Module):
@@ -188,7 +194,7 @@ def bench_speed(cfg: SpeedConfig) -> dict:
     from factorllm_ds.modeling import DTYPES, load_dense, load_moe
 
     moe_config, dense_config = read_config(cfg.model, "--model"), read_config(cfg.dense, "--dense")
-    cfg.validate(moe_config, dense_config)
+    cfg = cfg.validate(moe_config, dense_config)
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -198,7 +204,7 @@ def bench_speed(cfg: SpeedConfig) -> dict:
     if cfg.top_k is not None:
         moe.set_top_k(cfg.top_k)
     block = moe.moe_blocks()[0]
-    active = moe.config.active_fraction
+    active = cfg.shape.active_fraction
 
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = dense.config.vocab_size
@@ -211,7 +217,7 @@ def bench_speed(cfg: SpeedConfig) -> dict:
 
     result = {FILE_MARKER.decode(): __version__, "model": str(cfg.model), "dense": str(cfg.dense),
               "top_k": block.top_k, "num_experts": block.num_experts,
-              "shared_intermediate_size": moe.config.shared_intermediate_size, "active_fraction": active,
+              "shared_intermediate_size": cfg.shape.shared_size, "active_fraction": active,
               "routing": block.routing, "batch": cfg.batch, "seq_len": cfg.seq_len,
               "decode_tokens": cfg.decode_tokens, "dtype": cfg.dtype, "device": str(device),
               "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": cfg.reps,

@@ -1,7 +1,8 @@
 """Pure functions: partition a dense FFN's neurons into equal experts, and slice the weights.
 
 A partition is a permutation ``perm`` of the I neurons: expert e owns
-``perm[e*I/E : (e+1)*I/E]``. Every method returns one, so slicing, export and analysis
+``perm[e*R : (e+1)*R]``, R = I/E (the letters are shape.py's; with a shared expert, structure.py
+splits the I - S other neurons this way). Every method returns one, so slicing, export and analysis
 need not know which method made it.
 """
 
@@ -13,11 +14,12 @@ SPLIT_METHODS = ("contiguous", "random", "kmeans", "coactivation")
 
 
 def contiguous_partition(num_neurons: int) -> torch.Tensor:
-    return torch.arange(num_neurons)
+    return torch.arange(num_neurons, device="cpu")
 
 
 def random_partition(num_neurons: int, seed: int) -> torch.Tensor:
-    return torch.randperm(num_neurons, generator=torch.Generator().manual_seed(seed))
+    # The CPU generator: the same permutation whichever device the conversion computes on.
+    return torch.randperm(num_neurons, generator=torch.Generator().manual_seed(seed), device="cpu")
 
 
 def balanced_assign(score_NE: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -27,8 +29,8 @@ def balanced_assign(score_NE: torch.Tensor, capacity: int) -> torch.Tensor:
     cluster keeps the best proposals that fit. At most E+1 rounds, all vectorized.
     """
     num_items, num_clusters = score_NE.shape
-    labels_N = torch.full((num_items,), -1, dtype=torch.long)
-    remaining_E = torch.full((num_clusters,), capacity, dtype=torch.long)
+    labels_N = torch.full((num_items,), -1, dtype=torch.long, device=score_NE.device)
+    remaining_E = torch.full((num_clusters,), capacity, dtype=torch.long, device=score_NE.device)
     while True:
         unassigned = torch.nonzero(labels_N < 0).squeeze(1)
         if unassigned.numel() == 0:
@@ -51,8 +53,9 @@ def balanced_kmeans(features_NF: torch.Tensor, num_clusters: int, seed: int, ite
     """
     num_items = features_NF.shape[0]
     capacity = num_items // num_clusters
-    gen = torch.Generator().manual_seed(seed)
-    centroids_EF = features_NF[torch.randperm(num_items, generator=gen)[:num_clusters]].clone()
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start whichever device computes
+    start_E = torch.randperm(num_items, generator=gen, device="cpu")[:num_clusters]
+    centroids_EF = features_NF[start_E.to(features_NF.device)].clone()
     labels_N = None
     for _ in range(iters):
         new_labels = balanced_assign(features_NF @ centroids_EF.T, capacity)
@@ -67,7 +70,7 @@ def balanced_kmeans(features_NF: torch.Tensor, num_clusters: int, seed: int, ite
 
 def labels_to_partition(labels_N: torch.Tensor, num_clusters: int) -> torch.Tensor:
     """Permutation listing cluster 0's items (ascending), then cluster 1's, ..."""
-    order = torch.argsort(labels_N * len(labels_N) + torch.arange(len(labels_N)))
+    order = torch.argsort(labels_N * len(labels_N) + torch.arange(len(labels_N), device=labels_N.device))
     counts = torch.bincount(labels_N, minlength=num_clusters)
     if not bool((counts == counts[0]).all()):
         raise RuntimeError(f"internal error: unbalanced clusters {counts.tolist()}")
@@ -96,9 +99,36 @@ def coactivation_partition(activations_TI: torch.Tensor, num_experts: int, seed:
     return labels_to_partition(balanced_kmeans(features, num_experts, seed), num_experts)
 
 
+def partition(method: str, num_neurons: int, num_experts: int, seed: int, act_TI: torch.Tensor | None = None,
+              weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              neurons_N: torch.Tensor | None = None) -> torch.Tensor:
+    """The permutation ``method`` makes of ``num_neurons`` neurons into ``num_experts`` equal groups: the one place
+    a split method is chosen. ``neurons_N``: split only these of the neurons (the result then numbers positions in
+    it). ``coactivation`` needs the activations ``act_TI``, ``kmeans`` the ``weights`` = (gate_IH, up_IH, down_HI);
+    ``contiguous`` and ``random`` need neither."""
+    every = neurons_N is None
+    if method == "coactivation":
+        if act_TI is None:
+            raise ValueError("the coactivation split needs calibration activations act_TI")
+        return coactivation_partition(act_TI if every else act_TI[:, neurons_N], num_experts, seed)
+    if method == "kmeans":
+        if weights is None:
+            raise ValueError("the kmeans split needs weights=(gate_IH, up_IH, down_HI)")
+        gate_IH, up_IH, down_HI = weights
+        if not every:
+            gate_IH, up_IH, down_HI = gate_IH[neurons_N], up_IH[neurons_N], down_HI[:, neurons_N]
+        return kmeans_partition(gate_IH, up_IH, down_HI, num_experts, seed)
+    count = num_neurons if every else neurons_N.numel()
+    if method == "contiguous":
+        return contiguous_partition(count)
+    if method == "random":
+        return random_partition(count, seed)
+    raise ValueError(f"unknown routed split {method!r}; expected one of {SPLIT_METHODS}")
+
+
 def expert_slice(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor, perm: torch.Tensor,
                  num_experts: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert ``expert``'s (gate [I/E, H], up [I/E, H], down [H, I/E]), contiguous; exact, no arithmetic.
+    """Expert ``expert``'s (gate [R, H], up [R, H], down [H, R]), R = len(perm) / E, contiguous; exact, no arithmetic.
 
     When the expert's neurons are one consecutive range (the ``contiguous`` split), gate and up
     are row views of the inputs rather than copies (clone them before changing them in place).
@@ -117,7 +147,7 @@ def expert_slice(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tens
 
 def expert_slices(gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor,
                   perm: torch.Tensor, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(gate [I/E, H], up [I/E, H], down [H, I/E]) for each expert: :func:`expert_slice` for all E."""
+    """(gate [R, H], up [R, H], down [H, R]) for each expert: :func:`expert_slice` for all E."""
     return [expert_slice(gate_IH, up_IH, down_HI, perm, num_experts, e) for e in range(num_experts)]
 
 

@@ -16,19 +16,40 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from factorllm_ds.checkpoints import (
+    CHECKPOINT_GLOBALS,
+    CHECKSUM_FILE,
+    check_loads_safely,
+    checkpoint_to_load,
+    intact_tag,
+    read_run_manifest,
+    write_checksums,
+)
 from factorllm_ds.config import TRAIN_SEQ_LEN, Objective, arg, bound_problems, fail_if
 from factorllm_ds.errors import UserError
-from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, seq_len_problems
-from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_LOAD_FILE, LATEST_FILE, METRICS_FILE, RUN_MANIFEST,
-                                 TENSORBOARD_DIR, checkpoint_tag, latest_tag, list_tags)
-from factorllm_ds.safety import (CHECKSUM_FILE, LOCK_FILE, Preemption, RunLock, agree, agree_max, listed_files,
-                                 output_problems, write_checksums)
+from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, text_config
+from factorllm_ds.layout import (
+    CHECKPOINT_DIR,
+    EXPERT_LOAD_FILE,
+    LATEST_FILE,
+    METRICS_FILE,
+    RUN_MANIFEST,
+    TENSORBOARD_DIR,
+    checkpoint_tag,
+    latest_tag,
+    list_tags,
+)
+from factorllm_ds.locks import LOCK_FILE, RunLock
+from factorllm_ds.outputs import listed_files, output_problems
+from factorllm_ds.preemption import Preemption, agree, agree_max
+from factorllm_ds.safe_load import safe_torch_load
+from factorllm_ds.shape import MODEL_WORDING, MoEShape, shape_problems
 
 log = logging.getLogger("factorllm_ds")
 
@@ -106,6 +127,55 @@ class TrainConfig(Objective):
     check: bool = arg("only validate the flags, the DeepSpeed JSON and the model folder, then exit (0: fine, 2: the "
                       "problems); starts no process group. The world size is read from WORLD_SIZE (default 1)",
                       default=False)
+    shape: MoEShape | None = field(default=None)  # --model's, resolved by validate(); not a flag
+
+    def validate(self, model_config: dict, ds: dict, world: int, rank: int = 0) -> TrainConfig:
+        """All checks that need no process group, against --model's config.json (``model_config``) and the DeepSpeed
+        JSON ``ds``. Returns the resolved config (``self`` is not changed), which carries the model's MoE shape.
+        ``rank`` 0 also reads every byte of the checkpoint to resume (the others only compare sizes) and asks whether
+        another job holds --out."""
+        problems = []
+        load_tokenizer(self.model, self.tokenizer, model_config=model_config)  # its token ids must fit the vocabulary
+        if model_config.get("model_type") != "factorllm":
+            raise UserError(f"--model {self.model} is a dense model (model_type {model_config.get('model_type')!r}), "
+                            f"not a FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {self.model} "
+                            "--out MOE_DIR")
+        check_model_folder(self.model, "--model", model_config)  # shards and shapes, before any process group
+        shape = MoEShape.of_config(model_config)
+        if self.balance_kind == "bias" and (model_config.get("routing") != "hard"
+                                            or not model_config.get("router_bias")):
+            problems.append(f"--balance-kind bias needs hard routing with a router bias (it is folded into that bias "
+                            f"on export); --model {self.model} has routing {model_config.get('routing')!r}, "
+                            f"router_bias {model_config.get('router_bias')}. Use --balance-kind paper or switch")
+        problems += shape_problems(shape, MODEL_WORDING, ep_size=self.ep_size, world=world, seq_len=self.seq_len,
+                                   max_positions=text_config(model_config).get("max_position_embeddings"))
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        problems += activation_checkpointing_problems(self, ds)
+        if stage == 3:
+            problems.append("--ds-config uses ZeRO stage 3, which DeepSpeed's MoE does not support; use stage 1 or "
+                            "2 (with \"offload_optimizer\" for very large models), e.g. "
+                            "ds_configs/zero2_offload_bf16.json")
+        for source in self.data + (self.eval_data or []):
+            p = Path(source)
+            if p.is_file() and p.stat().st_size == 0:
+                problems.append(f"--data {source}: the file is empty")
+            elif not p.exists() and ("/" not in source or source.startswith((".", "/"))):
+                problems.append(f"--data {source}: no such file")
+        if self.steps is not None and self.tokens is not None:
+            problems.append("pass --steps or --tokens, not both")
+        problems += teacher_problems(self, model_config)
+        knob_problems, resolved = resolve_knobs(self, ds, world)
+        if rank == 0:
+            probe_lock(self.out)
+        run_problems, tag = run_dir_problems(self, model_config, full_check=rank == 0)
+        problems += knob_problems + number_problems(self) + run_problems
+        fail_if(problems, "train: bad arguments")
+        cfg = replace(self.for_model(model_config), resume=self.resume or self.resume_tag is not None, resume_tag=tag,
+                      distill_weight=self.resolved_distill_weight(self.teacher is not None), shape=shape, **resolved)
+        if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
+            log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
+                        "prefer stage 1/2 for exact clipping")
+        return cfg
 
 
 # ----------------------------------------------------------------------------- validation
@@ -172,55 +242,6 @@ def number_problems(cfg: TrainConfig) -> list[str]:
         **dict.fromkeys(("warmup_steps", "save_every", "eval_every"), ">= 0")})
 
 
-def validate(cfg: TrainConfig, ds: dict, world: int, rank: int = 0) -> tuple[TrainConfig, dict]:
-    """All checks that need no process group. Returns the resolved config (``cfg`` is not changed)
-    and the model's config.json. ``rank`` 0 also reads every byte of the checkpoint to resume
-    (the others only compare sizes) and asks whether another job holds --out."""
-    problems = []
-    model_config = read_config(cfg.model)
-    load_tokenizer(cfg.model, cfg.tokenizer, model_config=model_config)  # its token ids must fit the vocabulary
-    if model_config.get("model_type") != "factorllm":
-        raise UserError(f"--model {cfg.model} is a dense model (model_type {model_config.get('model_type')!r}), not a "
-                        f"FactorLLM checkpoint. Convert it first: factorllm-ds convert --model {cfg.model} --out MOE_DIR")
-    check_model_folder(cfg.model, "--model", model_config)  # shards and shapes, before any process group
-    num_experts = model_config["num_experts"]
-    if cfg.balance_kind == "bias" and (model_config.get("routing") != "hard" or not model_config.get("router_bias")):
-        problems.append(f"--balance-kind bias needs hard routing with a router bias (it is folded into that bias on "
-                        f"export); --model {cfg.model} has routing {model_config.get('routing')!r}, router_bias "
-                        f"{model_config.get('router_bias')}. Use --balance-kind paper or switch")
-    if cfg.ep_size < 1 or num_experts % cfg.ep_size:
-        problems.append(f"--ep-size {cfg.ep_size} must divide the number of experts ({num_experts})")
-    if cfg.ep_size >= 1 and world % cfg.ep_size:
-        problems.append(f"--ep-size {cfg.ep_size} must divide the world size ({world} processes)")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    problems += activation_checkpointing_problems(cfg, ds)
-    if stage == 3:
-        problems.append("--ds-config uses ZeRO stage 3, which DeepSpeed's MoE does not support; use stage 1 or 2 "
-                        "(with \"offload_optimizer\" for very large models), e.g. ds_configs/zero2_offload_bf16.json")
-    problems += seq_len_problems(cfg.seq_len, model_config)
-    for source in cfg.data + (cfg.eval_data or []):
-        p = Path(source)
-        if p.is_file() and p.stat().st_size == 0:
-            problems.append(f"--data {source}: the file is empty")
-        elif not p.exists() and ("/" not in source or source.startswith((".", "/"))):
-            problems.append(f"--data {source}: no such file")
-    if cfg.steps is not None and cfg.tokens is not None:
-        problems.append("pass --steps or --tokens, not both")
-    problems += teacher_problems(cfg, model_config)
-    knob_problems, resolved = resolve_knobs(cfg, ds, world)
-    if rank == 0:
-        probe_lock(cfg.out)
-    run_problems, tag = run_dir_problems(cfg, model_config, full_check=rank == 0)
-    problems += knob_problems + number_problems(cfg) + run_problems
-    fail_if(problems, "train: bad arguments")
-    cfg = replace(cfg.for_model(model_config), resume=cfg.resume or cfg.resume_tag is not None, resume_tag=tag,
-                  distill_weight=cfg.resolved_distill_weight(cfg.teacher is not None), **resolved)
-    if stage == 0 and cfg.ep_size > 1 and cfg.grad_clip:
-        log.warning("ZeRO stage 0 with --ep-size > 1 and clipping: DeepSpeed averages per-rank MoE norms; "
-                    "prefer stage 1/2 for exact clipping")
-    return cfg, model_config
-
-
 def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
     """--teacher must be a dense causal LM over the same vocabulary; --distill-weight > 0 needs one."""
     if cfg.teacher is None:
@@ -265,7 +286,8 @@ def probe_lock(out: Path) -> None:
 
 
 def _inputs(cfg: TrainConfig) -> dict:
-    inputs = {"--model": cfg.model, "--ds-config": cfg.ds_config, "--tokenizer": cfg.tokenizer, "--teacher": cfg.teacher}
+    inputs = {"--model": cfg.model, "--ds-config": cfg.ds_config, "--tokenizer": cfg.tokenizer,
+              "--teacher": cfg.teacher}
     for flag, sources in (("--data", cfg.data), ("--eval-data", cfg.eval_data or [])):
         inputs.update({(flag if i == 0 else f"{flag} (file {i + 1})"): Path(p) for i, p in enumerate(sources)
                        if Path(p).exists()})
@@ -278,8 +300,6 @@ def run_dir_problems(cfg: TrainConfig, model_config: dict, full_check: bool = Tr
     ``full_check``: verify every checkpoint byte against its checksums and unpickle (weights only) every file of
     the tag before DeepSpeed does (else compare sizes only).
     """
-    from factorllm_ds.sources import check_loads_safely, checkpoint_to_load, intact_tag, read_run_manifest
-
     out = Path(cfg.out)
     resume = cfg.resume or cfg.resume_tag is not None
     # The rule of every output: a folder this tool wrote (run.json), holding and inside no input.
@@ -430,12 +450,13 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     from factorllm_ds.data import prepare
 
     info = distributed.detect()
-    ds = load_ds_config(cfg)
-    cfg, model_config = validate(cfg, ds, info.world_size, info.rank)
+    ds, model_config = load_ds_config(cfg), read_config(cfg.model)
+    cfg = cfg.validate(model_config, ds, info.world_size, info.rank)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     # Before the process group: too little text is a user error, reported without any rendezvous.
     packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
-    max_id = max((int(part.max()) for part in (packed.train, packed.eval) if part is not None and part.size), default=-1)
+    max_id = max((int(part.max()) for part in (packed.train, packed.eval) if part is not None and part.size),
+                 default=-1)
     check_token_ids(max_id, tokenizer, model_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
     if info.rank == 0:
         take_lock(cfg, model_config, held)
@@ -463,7 +484,7 @@ def start(cfg: TrainConfig, ds: dict, packed) -> Run:
         cfg = replace(cfg, warmup_steps=new)
     ep_rank = ep_rank_of(cfg.ep_size)
     model = build_train_model(cfg.model, cfg.ep_size, cfg, ep_rank,
-                              activation_checkpointing=cfg.activation_checkpointing)
+                              activation_checkpointing=cfg.activation_checkpointing, shape=cfg.shape)
     # DeepSpeed keeps fp32 masters only in bf16/fp16 mode; otherwise the weights must be fp32
     # themselves, or Adam's small updates vanish in bf16 rounding.
     model.to(training_dtype(ds))
@@ -518,8 +539,6 @@ def write_manifest(run: Run) -> None:
 
 
 def resume(run: Run) -> None:
-    from factorllm_ds.sources import read_run_manifest
-
     cfg = run.cfg
     previous = read_run_manifest(cfg.out, "--resume: --out", need=("ep_size", "world_size"))
     same_layout = previous["ep_size"] == cfg.ep_size and previous["world_size"] == run.world
@@ -555,9 +574,6 @@ def weights_only_loads(engine, what: str):
     ``load_checkpoint`` reads all of them through ``engine.checkpoint_engine.load``, which would unpickle with
     ``weights_only=False``) goes through :func:`safe_torch_load` with DeepSpeed's allow-list: tensors, containers
     and the listed DeepSpeed types, never code."""
-    from factorllm_ds.safety import safe_torch_load
-    from factorllm_ds.sources import CHECKPOINT_GLOBALS
-
     checkpoint_engine = engine.checkpoint_engine
 
     def load(path, map_location=None):  # DeepSpeed maps every checkpoint file to the CPU, as safe_torch_load does
@@ -940,7 +956,7 @@ def check(cfg: TrainConfig) -> int:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolved, _ = validate(cfg, load_ds_config(cfg), world, rank=0)
+    resolved = cfg.validate(read_config(cfg.model), load_ds_config(cfg), world, rank=0)
     print(f"train --check: OK ({world} process(es), ep_size {resolved.ep_size}, micro-batch "
           f"{resolved.micro_batch_size}, global batch {resolved.global_batch_size})")
     return 0

@@ -27,7 +27,7 @@ class VerifyConfig:
     tolerance: float = arg("max |Δ logits| / max |logits| allowed in float32", default=1e-5)
     seed: int = arg("seed for the token batches", default=0)
 
-    def validate(self) -> "VerifyConfig":
+    def validate(self) -> VerifyConfig:
         """Every flag problem at once; returns the config to run (nothing here needs resolving, so itself)."""
         problems = bound_problems(self, {"batches": ">= 1", "batch_size": ">= 1", "seq_len": ">= 1",
                                          "tolerance": "finite > 0"})

@@ -37,7 +37,7 @@ launch() {  # a line from launch_line
 
 # A line from launch_line, run so that a preempted job comes back: SIGUSR1/SIGTERM to this shell are
 # passed to the launcher (srun gives them to its tasks); when train then exits with a requeue code
-# (138 SIGUSR1, 143 SIGTERM: safety.REQUEUE_EXIT_CODES) or the launcher fails after such a signal
+# (138 SIGUSR1, 143 SIGTERM: preemption.REQUEUE_EXIT_CODES) or the launcher fails after such a signal
 # (torchrun reports its own code), the SLURM job is requeued. Exits with the launcher's code.
 launch_preemptible() {
     if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "$1"; exit 0; fi

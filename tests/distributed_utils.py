@@ -27,8 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from factorllm_ds.launcher import Launch, train_argv
-from factorllm_ds.launcher import command as launch_command
+from factorllm_ds.launcher import Launch, command as launch_command, train_argv
 
 BIN = Path(sys.executable).parent
 # The tests' own build folder (an exported TORCH_EXTENSIONS_DIR wins): shared with processes that

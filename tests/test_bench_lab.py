@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import tiny
-
 from factorllm_ds import structure as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 import tiny
 from factorllm_ds import keys
 from factorllm_ds.cli import main
-from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE, load_partition
 from factorllm_ds.hf_io import INDEX_FILE, SINGLE_FILE, CheckpointReader, StreamingSafetensorsWriter
+from factorllm_ds.layout import MANIFEST_FILE, PARTITION_FILE, load_partition
 from factorllm_ds.modeling import all_experts_mode, load_dense, load_moe
 from factorllm_ds.verify import VerifyConfig, verify
 

@@ -16,8 +16,16 @@ import pyarrow.parquet
 import pytest
 
 from factorllm_ds import data
-from factorllm_ds.data import (FORMATS, Sampler, load_documents, micro_batch, prepare, read_documents, read_text,
-                               tokenize_and_pack)
+from factorllm_ds.data import (
+    FORMATS,
+    Sampler,
+    load_documents,
+    micro_batch,
+    prepare,
+    read_documents,
+    read_text,
+    tokenize_and_pack,
+)
 from factorllm_ds.errors import UserError
 
 DOCS = ["The first document, with a comma.", "Second: \"quoted\" and ünïcode.", "Third\nspans two lines."]

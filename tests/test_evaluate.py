@@ -30,7 +30,6 @@ from factorllm_ds.errors import UserError
 from factorllm_ds.evaluate import EvalConfig, evaluate, oracle_recall, perplexity
 from factorllm_ds.modeling import load_dense, load_moe
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -17,8 +17,8 @@ from safetensors import safe_open
 import tiny
 from factorllm_ds.errors import UserError
 from factorllm_ds.export import export
-from factorllm_ds.sources import FolderSource
 from factorllm_ds.modeling import all_experts_mode, load_moe
+from factorllm_ds.sources import FolderSource
 
 TOL = 1e-5
 

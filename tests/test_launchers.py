@@ -45,7 +45,8 @@ def test_torchrun_one_node_and_several():
         "/v/bin/torchrun", "--nnodes", "4", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint",
         "node0:1234", "--rdzv_id", "77", "-m", "factorllm_ds", *TRAIN]
     assert argv(nproc=8, nnodes=2, per_node_srun=True)[:10] == [
-        "srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "torchrun", "--nnodes"]
+        "srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "torchrun",
+        "--nnodes"]
 
 
 def test_deepspeed_one_node_and_hostfile(tmp_path):

@@ -8,7 +8,6 @@ and through the Auto classes once factorllm_ds is imported. Routing: the sparse 
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import subprocess
@@ -21,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-from factorllm_ds.layout import load_partition
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
 from factorllm_ds.hf_model.modeling_factorllm import FactorLLMForCausalLM, FactorLLMSparseMoeBlock, prior_topk
+from factorllm_ds.layout import load_partition
 from factorllm_ds.modeling import all_experts_mode, load_dense, load_moe
 
 TEXT = "In the beginning God created the heaven and the earth."
@@ -72,7 +71,8 @@ NO_PACKAGE_SCRIPT = textwrap.dedent('''
     generated = model.generate(ids, max_new_tokens=6, do_sample=False)
     torch.save({"ids": ids, "logits": logits, "generated": generated}, result)
     print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
-                      "loaded": sorted(m for m in sys.modules if m == "factorllm_ds" or m.startswith("factorllm_ds."))}))
+                      "loaded": sorted(m for m in sys.modules
+                                       if m == "factorllm_ds" or m.startswith("factorllm_ds."))}))
 ''')
 
 

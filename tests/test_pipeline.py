@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 import tiny
+from factorllm_ds.checkpoints import write_checksums
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import CHECKPOINT_DIR, LATEST_FILE, METRICS_FILE, MODEL_STATES, RUN_MANIFEST
-from factorllm_ds.pipeline import (SETTINGS_FILE, DemoConfig, _reset_if_settings_changed, demo, train_config,
-                                   train_stage)
-from factorllm_ds.safety import write_checksums
+from factorllm_ds.pipeline import SETTINGS_FILE, DemoConfig, _reset_if_settings_changed, demo, train_config, train_stage
 
 
 def test_same_settings_keep_the_stages(tmp_path):

@@ -2,8 +2,9 @@
 
 The measured test trains a model whose weights dominate its memory (hidden 1024, FFN 4096, 4 layers,
 vocab 32000, fp32: 132M parameters, 530 MB) on 2 CPU ranks at ep_size 1 and 2, and at ep_size 2 with
-and without --activation-checkpointing at 128 and 512 tokens, records each rank's peak RSS (VmHWM, written by a wrapper just before the rank's deliberate exit) and requires the
-planner's --device cpu estimate to be within 15% of the largest rank's peak.
+and without --activation-checkpointing at 128 and 512 tokens, records each rank's peak RSS (VmHWM, written by a
+wrapper just before the rank's deliberate exit) and requires the planner's --device cpu estimate to be within 15%
+of the largest rank's peak.
 """
 
 from __future__ import annotations
@@ -20,8 +21,17 @@ import pytest
 import distributed_utils as du
 from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
-from factorllm_ds.plan import (BUILTIN_MODELS as BUILTIN_CONFIGS, CPU_RUNTIME_BYTES, GiB, Choice, PlanConfig, estimate,
-                               make_plan, parse_memory, shape_of)
+from factorllm_ds.plan import (
+    BUILTIN_MODELS as BUILTIN_CONFIGS,
+    CPU_RUNTIME_BYTES,
+    Choice,
+    GiB,
+    PlanConfig,
+    estimate,
+    make_plan,
+    model_of,
+    parse_memory,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +46,9 @@ def plan_cfg(**kw) -> PlanConfig:
 
 @pytest.mark.parametrize("name", sorted(KNOWN_DENSE_PARAMS))
 def test_builtin_models_have_the_real_parameter_counts(name):
-    shape = shape_of(plan_cfg(model=name))
-    assert shape.shared_params + shape.expert_params == KNOWN_DENSE_PARAMS[name]
-    assert shape.router_params == shape.layers * 4 * (shape.hidden + 1)  # E=4 routers with bias
+    model = model_of(plan_cfg(model=name))
+    assert model.shared_params + model.expert_params == KNOWN_DENSE_PARAMS[name]
+    assert model.router_params == model.moe.num_layers * 4 * (model.moe.hidden_size + 1)  # E=4 routers with bias
 
 
 def test_converted_folder_counts_match_its_tensors(tiny_moe_dir, tiny_dense_dir):
@@ -46,13 +56,13 @@ def test_converted_folder_counts_match_its_tensors(tiny_moe_dir, tiny_dense_dir)
 
     infos = CheckpointReader(tiny_moe_dir).infos
     numel = {n: math.prod(i.shape) for n, i in infos.items()}
-    shape = shape_of(plan_cfg(model=str(tiny_moe_dir)))
-    assert shape.expert_params == sum(v for n, v in numel.items() if ".experts." in n)
-    assert shape.router_params == sum(v for n, v in numel.items() if ".router." in n)
-    assert shape.shared_params == sum(v for n, v in numel.items() if ".mlp." not in n)
+    model = model_of(plan_cfg(model=str(tiny_moe_dir)))
+    assert model.expert_params == sum(v for n, v in numel.items() if ".experts." in n)
+    assert model.router_params == sum(v for n, v in numel.items() if ".router." in n)
+    assert model.shared_params == sum(v for n, v in numel.items() if ".mlp." not in n)
     # the dense folder, its config.json and the converted folder describe the same model
-    from_dir, from_json = (shape_of(plan_cfg(model=str(p))) for p in (tiny_dense_dir, tiny_dense_dir / "config.json"))
-    assert replace(from_dir, name="") == replace(from_json, name="") == replace(shape, name="", converted=False)
+    from_dir, from_json = (model_of(plan_cfg(model=str(p))) for p in (tiny_dense_dir, tiny_dense_dir / "config.json"))
+    assert replace(from_dir, name="") == replace(from_json, name="") == replace(model, name="", converted=False)
 
 
 def test_converted_folder_keeps_its_own_experts(tiny_moe_dir):
@@ -63,13 +73,13 @@ def test_converted_folder_keeps_its_own_experts(tiny_moe_dir):
 def test_formulas_for_llama2_13b():
     """The per-GPU components written out by hand (docs/cluster.md) for ep 2, ZeRO-2, 8 GPUs, bf16."""
     cfg = plan_cfg(seq_len=1024)
-    shape = shape_of(cfg)
-    e = estimate(shape, cfg, Choice(ep_size=2, zero=2, offload=False))
-    experts_local = shape.expert_params // 2
-    partition = experts_local / 4 + shape.router_params / 8  # expert-data-parallel group of 8 / 2 = 4 ranks
+    model = model_of(cfg)
+    e = estimate(model, cfg, Choice(ep_size=2, zero=2, offload=False))
+    experts_local = model.expert_params // 2
+    partition = experts_local / 4 + model.router_params / 8  # expert-data-parallel group of 8 / 2 = 4 ranks
     # embeddings + lm_head, q/k/v/o and two norms per layer, the final norm; 2 bytes each
     assert e.parts["frozen_weights"] == 2 * (2 * 32000 * 5120 + 40 * (4 * 5120 * 5120 + 2 * 5120) + 5120)
-    assert e.parts["experts"] == 2 * (experts_local + shape.router_params)
+    assert e.parts["experts"] == 2 * (experts_local + model.router_params)
     assert e.parts["pa_teacher"] >= 2 * experts_local  # the frozen copy of the local experts
     assert e.parts["optimizer"] == int(12 * partition)
     assert e.parts["optimizer_step"] == int(8 * partition)
@@ -81,18 +91,19 @@ def test_formulas_for_llama2_13b():
 
 def test_choices_behave():
     cfg = plan_cfg()
-    shape = shape_of(cfg)
-    total = {c: estimate(shape, cfg, c).total for c in
+    model = model_of(cfg)
+    total = {c: estimate(model, cfg, c).total for c in
              [Choice(ep, z, off) for ep in (1, 2, 4) for z in (1, 2) for off in (False, True) if not (off and z == 1)]}
     for ep in (1, 2, 4):
         assert total[Choice(ep, 2, False)] < total[Choice(ep, 1, False)]  # ZeRO-2 partitions gradients
         assert total[Choice(ep, 2, True)] < total[Choice(ep, 2, False)]  # offload moves optimizer state out
     assert total[Choice(4, 2, False)] < total[Choice(2, 2, False)] < total[Choice(1, 2, False)]
-    self_prior = estimate(shape, plan_cfg(prior="self"), Choice(2, 2, False))
-    assert self_prior.total < estimate(shape, cfg, Choice(2, 2, False)).total
-    assert estimate(shape, plan_cfg(gpus=16), Choice(2, 2, False)).total < total[Choice(2, 2, False)]
-    longer = estimate(shape, plan_cfg(seq_len=4096), Choice(2, 2, False))
-    assert longer.parts["activations"] == pytest.approx(4 * estimate(shape, cfg, Choice(2, 2, False)).parts["activations"],
+    self_prior = estimate(model, plan_cfg(prior="self"), Choice(2, 2, False))
+    assert self_prior.total < estimate(model, cfg, Choice(2, 2, False)).total
+    assert estimate(model, plan_cfg(gpus=16), Choice(2, 2, False)).total < total[Choice(2, 2, False)]
+    longer = estimate(model, plan_cfg(seq_len=4096), Choice(2, 2, False))
+    assert longer.parts["activations"] == pytest.approx(4 * estimate(model, cfg,
+                                                                    Choice(2, 2, False)).parts["activations"],
                                                         rel=1e-6)
 
 
@@ -171,31 +182,31 @@ def test_shared_expert_is_counted_as_dense_trainable_weights():
     """--shared-neurons 0.25 of LLaMA-3-70B: S = 7168; the routed experts split the other 21504 neurons."""
     plain = plan_cfg(model="llama3-70b", gpus=64, num_experts=16)
     cfg = replace(plain, shared_neurons="0.25")
-    shape, dense = shape_of(cfg), shape_of(plain)
-    assert shape.shared_intermediate == 7168 and shape.routed_intermediate == 21504
-    assert shape.shared_expert_params == 3 * 80 * 8192 * 7168
-    assert shape.expert_params + shape.shared_expert_params == dense.expert_params
-    assert shape.total_params == dense.total_params
+    model, dense = model_of(cfg), model_of(plain)
+    assert model.moe.shared_size == 7168 and model.moe.routed_size == 21504
+    assert model.shared_expert_params == 3 * 80 * 8192 * 7168
+    assert model.expert_params + model.shared_expert_params == dense.expert_params
+    assert model.total_params == dense.total_params
     choice = Choice(ep_size=16, zero=2, offload=False)
-    e, d = estimate(shape, cfg, choice), estimate(dense, plain, choice)
-    p_sh, moved = shape.shared_expert_params, shape.shared_expert_params / 16  # per rank, out of the routed experts
+    e, d = estimate(model, cfg, choice), estimate(dense, plain, choice)
+    p_sh, moved = model.shared_expert_params, model.shared_expert_params / 16  # per rank, out of the routed experts
     # on every rank: the shared expert (bf16), its frozen copy, its ZeRO partition of optimizer state (over all 64)
     assert e.parts["experts"] == pytest.approx(d.parts["experts"] + 2 * (p_sh - moved), abs=16)
     assert e.parts["optimizer"] == pytest.approx(d.parts["optimizer"] + 12 * (p_sh / 64 - moved / 4), abs=16)
-    selfish = estimate(shape, replace(cfg, prior="self"), choice)
-    assert e.parts["pa_teacher"] - selfish.parts["pa_teacher"] > 2 * (p_sh + shape.expert_params / 16)
+    selfish = estimate(model, replace(cfg, prior="self"), choice)
+    assert e.parts["pa_teacher"] - selfish.parts["pa_teacher"] > 2 * (p_sh + model.expert_params / 16)
 
 
 def test_distillation_adds_the_dense_model_and_its_logits(capsys):
     """--distill (train --teacher): the whole dense model on every rank, and 8 more bytes per logit."""
     cfg = plan_cfg(model="llama2-13b", gpus=8, shared_neurons="0.25", num_experts=8)
-    shape, choice = shape_of(cfg), Choice(ep_size=4, zero=2, offload=False)
-    plain, distilled = estimate(shape, cfg, choice), estimate(shape, replace(cfg, distill=True), choice)
-    dense = shape_of(plan_cfg(model="llama2-13b", gpus=8))
+    model, choice = model_of(cfg), Choice(ep_size=4, zero=2, offload=False)
+    plain, distilled = estimate(model, cfg, choice), estimate(model, replace(cfg, distill=True), choice)
+    dense = model_of(plan_cfg(model="llama2-13b", gpus=8))
     dense_params = dense.total_params - dense.router_params
     assert distilled.parts["distill_teacher"] == 2 * dense_params and plain.parts["distill_teacher"] == 0
     tokens = 1 * 1024
-    assert distilled.parts["activations"] - plain.parts["activations"] == tokens * shape.vocab * 8
+    assert distilled.parts["activations"] - plain.parts["activations"] == tokens * model.vocab * 8
     assert distilled.host_load - plain.host_load == 2 * dense_params
     assert main(["plan", "--model", "llama2-13b", "--gpus", "8", "--distill"]) == 0
     out = capsys.readouterr().out
@@ -210,17 +221,17 @@ def test_converted_folder_with_shared_expert(tmp_path, capsys):
               "text_config": {"model_type": "llama", **{k: v for k, v in BUILTIN_CONFIGS["llama3-70b"].items()
                                                        if k != "model_type"}}}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    shape = shape_of(plan_cfg(model=str(tmp_path)))
-    assert (shape.num_experts, shape.shared_intermediate, shape.converted) == (32, 1024, True)
-    assert shape.expert_params == 3 * 80 * 8192 * 32 * 864
+    model = model_of(plan_cfg(model=str(tmp_path)))
+    assert (model.moe.num_experts, model.moe.shared_size, model.converted) == (32, 1024, True)
+    assert model.expert_params == 3 * 80 * 8192 * 32 * 864
     assert main(["plan", "--model", str(tmp_path), "--gpus", "8", "--shared-neurons", "0.25"]) == 2
     assert "is converted with a shared expert of S=1024 neurons; drop the flag" in capsys.readouterr().err
 
 
 def test_activation_checkpointing_keeps_one_hidden_state_per_layer():
     cfg = plan_cfg(model="llama3-70b", gpus=64, num_experts=64, seq_len=4096)
-    shape = shape_of(cfg)
-    plain, ckpt = (estimate(shape, cfg, Choice(16, 2, False, c)) for c in (False, True))
+    model = model_of(cfg)
+    plain, ckpt = (estimate(model, cfg, Choice(16, 2, False, c)) for c in (False, True))
     tokens, h, b = 4096, 8192, 2
     per_layer = 8 * h + 4 * h * b + 4 * h + 2 * 1.5 * (h + 4 * 28672 // 64) * b
     logits = 128256 * 14

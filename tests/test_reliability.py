@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 import distributed_utils as du
 import tiny
 from factorllm_ds import distributed
+from factorllm_ds.checkpoints import CHECKSUM_FILE, write_checksums
 from factorllm_ds.cli import main
 from factorllm_ds.layout import CHECKPOINT_DIR, EXPERT_FILE, MANIFEST_FILE, MODEL_STATES, RUN_MANIFEST
-from factorllm_ds.safety import CHECKSUM_FILE, make_marked_dir, write_checksums
+from factorllm_ds.outputs import make_marked_dir
 
 NUM_EXPERTS, NUM_LAYERS = 4, 2
 

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from factorllm_ds import distributed, keys
+from factorllm_ds.checkpoints import write_checksums
 from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import CheckpointReader
 from factorllm_ds.layout import CHECKPOINT_DIR, EXPERT_FILE, MODEL_STATES, RUN_MANIFEST
-from factorllm_ds.safety import write_checksums
 from factorllm_ds.sources import DS_EXPERT_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from factorllm_ds import convert as convert_module
-from factorllm_ds import safety
+from factorllm_ds import convert as convert_module, outputs
 from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import MANIFEST_FILE, RUN_MANIFEST
@@ -84,17 +83,17 @@ def test_sweep_deletes_only_what_it_proves_it_wrote(llama_dir, tmp_path, capsys,
         (folder / "results.csv").write_text("step,loss\n1,2.5\n")
         unproven[name] = folder
     marker = {"kind": "tmp", "pid": dead, "host": "other-node", "out": str(out.resolve())}
-    (unproven[f".moe.tmp-{dead}@other-node"] / safety.TEMP_MARKER).write_text(json.dumps(marker))
+    (unproven[f".moe.tmp-{dead}@other-node"] / outputs.TEMP_MARKER).write_text(json.dumps(marker))
     # Markers that prove nothing here: one made for another --out (moved here), one naming another pid (copied).
     (tmp_path / "elsewhere").mkdir()
-    moved = safety.make_marked_dir(tmp_path / "elsewhere" / "moe", pid=moved_pid)
+    moved = outputs.make_marked_dir(tmp_path / "elsewhere" / "moe", pid=moved_pid)
     moved.rename(tmp_path / moved.name)
-    copied = safety.temp_dir_for(out, copied_pid)
+    copied = outputs.temp_dir_for(out, copied_pid)
     copied.mkdir()
-    (copied / safety.TEMP_MARKER).write_text(json.dumps({**marker, "pid": dead, "host": HOST}))
-    safety.make_marked_dir(tmp_path / "results", pid=dead)  # proven, but for another --out
+    (copied / outputs.TEMP_MARKER).write_text(json.dumps({**marker, "pid": dead, "host": HOST}))
+    outputs.make_marked_dir(tmp_path / "results", pid=dead)  # proven, but for another --out
     before = {p.name: tree(p) for p in tmp_path.iterdir()}
-    proven = safety.make_marked_dir(out, pid=killed)  # what a killed convert of this --out leaves
+    proven = outputs.make_marked_dir(out, pid=killed)  # what a killed convert of this --out leaves
     (proven / "model-00001-of-00002.safetensors").write_bytes(b"half")
 
     caplog.set_level(logging.WARNING, logger="factorllm_ds")
@@ -104,21 +103,21 @@ def test_sweep_deletes_only_what_it_proves_it_wrote(llama_dir, tmp_path, capsys,
     assert {p.name: tree(p) for p in tmp_path.iterdir() if p.name != "moe"} == before, "the sweep took a folder"
     assert f"left {unproven[f'.moe.tmp-{dead}@{HOST}']} alone" in caplog.text  # reported, not deleted
     assert f"left {copied} alone" in caplog.text
-    assert not (out / safety.TEMP_MARKER).exists()  # the marker stays behind, never moves into the output
+    assert not (out / outputs.TEMP_MARKER).exists()  # the marker stays behind, never moves into the output
 
 
 def test_a_proven_parked_output_is_put_back_an_unproven_one_is_not(converted, tmp_path, capsys):
     out = tmp_path / "moe"
     shutil.copytree(converted, out)
     before = tree(out)
-    parked = safety.make_marked_dir(out, "old", dead_pid())  # a replacement cut between its two renames
+    parked = outputs.make_marked_dir(out, "old", dead_pid())  # a replacement cut between its two renames
     out.rename(parked / out.name)
-    assert safety.recover_replaced(out) == [parked]
+    assert outputs.recover_replaced(out) == [parked]
     assert tree(out) == before and siblings(out) == ["moe"]
 
     stranger = tmp_path / f".moe.old-{dead_pid()}@{HOST}"  # named like one, no marker: someone's own folder
     out.rename(stranger)
-    assert safety.recover_replaced(out) == []
+    assert outputs.recover_replaced(out) == []
     assert not out.exists() and tree(stranger) == before
 
 
@@ -147,7 +146,7 @@ def test_overwrite_refuses_and_lists_what_the_command_did_not_write(converted, l
     code, err = cli(capsys, "convert", "--model", llama_dir, "--out", out, "--overwrite", "--split", "random")
     assert code == 0, err
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert sorted(manifest[safety.INVENTORY_KEY]) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+    assert sorted(manifest[outputs.INVENTORY_KEY]) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
                                                             if p.is_file())
 
 
@@ -165,7 +164,7 @@ def test_a_manifest_that_lists_no_files_cannot_vouch_for_the_folder(converted, l
     out = tmp_path / "moe"
     shutil.copytree(converted, out)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    del manifest[safety.INVENTORY_KEY]  # as an older version wrote it
+    del manifest[outputs.INVENTORY_KEY]  # as an older version wrote it
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     before = tree(out)
     code, err = cli(capsys, "convert", "--model", llama_dir, "--out", out, "--overwrite")
@@ -231,10 +230,10 @@ def test_a_run_records_its_inputs_as_absolute_paths(tiny_moe_dir, converted, tmp
 @pytest.mark.parametrize("primitive", ["renameat2", "mkdir"])
 def test_a_folder_made_meanwhile_is_never_replaced(primitive, llama_dir, tmp_path, capsys, monkeypatch):
     """Even an empty one, which a plain rename() would replace without a word."""
-    if primitive == "renameat2" and safety._renameat2() is None:
+    if primitive == "renameat2" and outputs._renameat2() is None:
         pytest.skip("the C library has no renameat2")
     if primitive == "mkdir":  # the fallback where the kernel or the file system lacks RENAME_NOREPLACE
-        monkeypatch.setattr(safety, "_renameat2", lambda: None)
+        monkeypatch.setattr(outputs, "_renameat2", lambda: None)
     out = tmp_path / "moe"
     real = convert_module.copy_side_files
 
@@ -314,7 +313,7 @@ def fill(fs: Path, leave: int = 0) -> Path:
     filler = fs / "filler"
     with open(filler, "ab") as fh:
         try:
-            while (free := safety.free_bytes(fs)) > leave:
+            while (free := outputs.free_bytes(fs)) > leave:
                 fh.write(b"\0" * min(free - leave, 1 << 20))
                 fh.flush()
         except OSError:
@@ -352,11 +351,11 @@ def test_a_disk_that_fills_up_mid_conversion_is_one_error_and_leaves_nothing(lla
 def test_a_report_is_written_whole_or_not_at_all(small_fs, tmp_path):
     fs = small_fs("2M")
     report = fs / "report.json"
-    safety.write_text_atomic(report, json.dumps({"factorllm_ds": "0", "perplexity": 12.5}), "--report")
+    outputs.write_text_atomic(report, json.dumps({"factorllm_ds": "0", "perplexity": 12.5}), "--report")
     previous = report.read_bytes()
     fill(fs, leave=0)
     with pytest.raises(UserError, match=rf"--report {report}: the file system at {fs} is full"):
-        safety.write_text_atomic(report, json.dumps({"factorllm_ds": "0", "rows": "x" * 100_000}), "--report")
+        outputs.write_text_atomic(report, json.dumps({"factorllm_ds": "0", "rows": "x" * 100_000}), "--report")
     assert report.read_bytes() == previous  # not truncated, not empty
     assert sorted(p.name for p in fs.iterdir()) == ["filler", "report.json"]  # no temp file left
 

@@ -18,17 +18,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reliability import ReachedProcessGroup, RunsCode, cli, train_cli  # noqa: F401 (train_cli: a fixture)
 
 import distributed_utils as du
 import tiny
+from factorllm_ds.checkpoints import CHECKSUM_FILE, verify_checksums, write_checksums
 from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import read_config
-from factorllm_ds.layout import (CHECKPOINT_DIR, EXPERT_FILE, EXPERT_LOAD_FILE, LATEST_FILE, METRICS_FILE,
-                                 MODEL_STATES, RUN_MANIFEST)
-from factorllm_ds.safety import CHECKSUM_FILE, LOCK_FILE, safe_torch_load, verify_checksums, write_checksums
+from factorllm_ds.layout import (
+    CHECKPOINT_DIR,
+    EXPERT_FILE,
+    EXPERT_LOAD_FILE,
+    LATEST_FILE,
+    METRICS_FILE,
+    MODEL_STATES,
+    RUN_MANIFEST,
+)
+from factorllm_ds.locks import LOCK_FILE
+from factorllm_ds.safe_load import safe_torch_load
 from factorllm_ds.train import MetricsLog, model_fingerprint
-from test_reliability import ReachedProcessGroup, RunsCode, cli, train_cli  # noqa: F401 (train_cli: a fixture)
 
 ZERO2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
 OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"

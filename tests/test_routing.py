@@ -13,8 +13,16 @@ import torch.nn.functional as F
 
 from factorllm_ds.config import Objective
 from factorllm_ds.ds_moe import build_train_model
-from factorllm_ds.routing import (FactorLLMGate, balance_loss, pa_loss, prior_agreement,
-                                  prior_distribution, prior_topk, route, switch_balance_loss)
+from factorllm_ds.routing import (
+    FactorLLMGate,
+    balance_loss,
+    pa_loss,
+    prior_agreement,
+    prior_distribution,
+    prior_topk,
+    route,
+    switch_balance_loss,
+)
 
 # q = softmax(M / tau) for E=4, k=2, tau=1: e / (2e + 2) on the prior's experts, 1 / (2e + 2) elsewhere.
 Q_ON, Q_OFF = 0.36552928931500245, 0.13447071068499755
@@ -312,11 +320,11 @@ def is_zero(gs: list[torch.Tensor | None]) -> bool:
 
 @pytest.mark.parametrize("prior", ["frozen", "self"])
 def test_hard_mode_router_learns_only_from_pa_and_balance(tiny_moe_dir, prior: str) -> None:
-    weights = Objective(pa_weight=0.05, balance_weight=0.01, prior=prior, prior_target="share", router_grad="none")
-    model = build_train_model(tiny_moe_dir, 1, weights, 0).train()
+    objective = Objective(pa_weight=0.05, balance_weight=0.01, prior=prior, prior_target="share", router_grad="none")
+    model = build_train_model(tiny_moe_dir, 1, objective, 0).train()
     ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
     ce, pa, bal = objective_parts(model, ids)
-    aux = weights.pa_weight * pa + weights.balance_weight * bal
+    aux = objective.pa_weight * pa + objective.balance_weight * bal
     total = ce + aux
     routers = router_params(model)
     assert is_zero(grads(ce, routers)), "CE reached the router in hard mode"

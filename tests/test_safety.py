@@ -1,4 +1,5 @@
-"""factorllm_ds.safety: nothing lost, nothing run, nothing silent.
+"""The reliability guards (outputs, locks, checkpoints, safe_load, finite, preemption): nothing lost, nothing run,
+nothing silent.
 
 Each guard is tried on the case it exists for (an --out that would delete the input model, a
 pickle that would run code, a second job in the same folder, a truncated checkpoint file, a
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from factorllm_ds import safety
+from factorllm_ds import checkpoints, finite, locks, outputs, preemption, safe_load
 from factorllm_ds.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ def _model_folder(path: Path) -> Path:
     return path
 
 
-# Child processes import factorllm_ds.safety without the package's __init__, which registers the
-# model with transformers (seconds per process, and nothing safety needs).
+# Child processes import factorllm_ds.locks / .preemption without the package's __init__, which registers the
+# model with transformers (seconds per process, and nothing those modules need).
 _LIGHT_IMPORT = f"""
 import sys, types
 _pkg = types.ModuleType("factorllm_ds")
@@ -67,7 +68,7 @@ def test_overwrite_of_the_inputs_parent_is_refused_and_nothing_deleted(tmp_path)
     model = _model_folder(work / "dense")
     (work / MARKER).write_text("{}")  # even a folder the tool wrote is not replaced when it holds the input
     with pytest.raises(UserError) as err:
-        safety.check_output(work, "--out", True, {"--model": model}, MARKERS)
+        outputs.check_output(work, "--out", True, {"--model": model}, MARKERS)
     msg = str(err.value)
     assert "--out" in msg and "--model" in msg and "delete the input" in msg
     assert (model / "config.json").read_text() == "{}" and (model / "model.safetensors").is_file()
@@ -80,14 +81,14 @@ def test_out_equal_to_or_inside_the_input_is_refused(tmp_path):
     inner.mkdir()
     (inner / MARKER).write_text("{}")
     with pytest.raises(UserError, match="lies inside the input --run"):
-        safety.check_output(inner, "--out", True, {"--run": run}, MARKERS)
+        outputs.check_output(inner, "--out", True, {"--run": run}, MARKERS)
     with pytest.raises(UserError, match="is the input --run"):
-        safety.check_output(run, "--out", True, {"--run": run}, MARKERS)
+        outputs.check_output(run, "--out", True, {"--run": run}, MARKERS)
     # through a symbolic link too
     link = tmp_path / "link"
     link.symlink_to(run)
     with pytest.raises(UserError, match="inside the input --run"):
-        safety.check_output(inner, "--out", True, {"--run": link}, MARKERS)
+        outputs.check_output(inner, "--out", True, {"--run": link}, MARKERS)
     assert (run / "config.json").is_file() and (inner / MARKER).is_file()
 
 
@@ -96,11 +97,11 @@ def test_foreign_folder_is_never_replaced(tmp_path):
     out.mkdir()
     (out / "holiday.jpg").write_bytes(b"jpg")
     with pytest.raises(UserError, match="did not write it") as err:
-        safety.check_output(out, "--out", True, {}, MARKERS)
+        outputs.check_output(out, "--out", True, {}, MARKERS)
     assert MARKER in str(err.value)
     # Without --overwrite the message must not suggest a flag that would be refused as well.
     with pytest.raises(UserError) as err:
-        safety.check_output(out, "--out", False, {}, MARKERS)
+        outputs.check_output(out, "--out", False, {}, MARKERS)
     assert "--overwrite would be refused too" in str(err.value)
     assert (out / "holiday.jpg").is_file()
 
@@ -112,19 +113,19 @@ def test_own_folder_may_be_replaced_only_with_overwrite(tmp_path):
     (out / MARKER).write_text("{}")
     (out / "model.safetensors").write_bytes(b"old")
     with pytest.raises(UserError, match="pass --overwrite to replace it"):
-        safety.check_output(out, "--out", False, {"--model": model}, MARKERS)
-    safety.check_output(out, "--out", True, {"--model": model}, MARKERS)
+        outputs.check_output(out, "--out", False, {"--model": model}, MARKERS)
+    outputs.check_output(out, "--out", True, {"--model": model}, MARKERS)
     empty = tmp_path / "empty"
     empty.mkdir()
-    safety.check_output(empty, "--out", True, {"--model": model}, MARKERS)
-    safety.check_output(tmp_path / "new" / "deeper" / "moe", "--out", False, {"--model": model}, MARKERS)
+    outputs.check_output(empty, "--out", True, {"--model": model}, MARKERS)
+    outputs.check_output(tmp_path / "new" / "deeper" / "moe", "--out", False, {"--model": model}, MARKERS)
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
     out = tmp_path / "mine"
     model = _model_folder(out / "dense")  # foreign (no marker) AND holds the input
     with pytest.raises(UserError) as err:
-        safety.check_output(out, "--out", True, {"--model": model}, MARKERS)
+        outputs.check_output(out, "--out", True, {"--model": model}, MARKERS)
     msg = str(err.value)
     assert msg.startswith(f"--out {out}:") and msg.count("\n  - ") == 2
     assert "did not write it" in msg and "delete the input" in msg
@@ -134,18 +135,18 @@ def test_a_file_as_parent_or_as_out_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        safety.check_output(blocker / "sub" / "out", "--out", False, {}, MARKERS)
+        outputs.check_output(blocker / "sub" / "out", "--out", False, {}, MARKERS)
     with pytest.raises(UserError, match="is a file, not a folder this tool wrote"):
-        safety.check_output(blocker, "--out", True, {}, MARKERS)
+        outputs.check_output(blocker, "--out", True, {}, MARKERS)
 
 
 def test_unwritable_parent_is_refused(tmp_path, monkeypatch):
     parent = tmp_path / "ro"
     parent.mkdir()
     real_access = os.access
-    monkeypatch.setattr(safety.os, "access", lambda p, mode: False if Path(p) == parent else real_access(p, mode))
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if Path(p) == parent else real_access(p, mode))
     with pytest.raises(UserError, match="not writable"):
-        safety.check_output(parent / "out", "--out", False, {}, MARKERS)
+        outputs.check_output(parent / "out", "--out", False, {}, MARKERS)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -155,7 +156,7 @@ def test_unwritable_parent_is_refused_for_real(tmp_path):
     parent.chmod(0o555)
     try:
         with pytest.raises(UserError, match="not writable"):
-            safety.check_output(parent / "out", "--out", False, {}, MARKERS)
+            outputs.check_output(parent / "out", "--out", False, {}, MARKERS)
     finally:
         parent.chmod(0o755)
 
@@ -167,8 +168,8 @@ def test_stale_temps_of_dead_processes_go_live_ones_stay(tmp_path):
     out = tmp_path / "moe"
     dead = _dead_pid()
     host = socket.gethostname()
-    stale = [safety.make_marked_dir(out, pid=dead)]           # made, and marked, by a command for this --out
-    kept = [safety.make_marked_dir(out),                      # this (live) process
+    stale = [outputs.make_marked_dir(out, pid=dead)]           # made, and marked, by a command for this --out
+    kept = [outputs.make_marked_dir(out),                      # this (live) process
             tmp_path / f".moe.tmp-{dead}",                    # no host in the name: whose it is cannot be told
             tmp_path / f".moe.tmp-{dead}@not-{host}",         # another node's: its pid says nothing here
             tmp_path / f".moe.tmp-{dead}x", tmp_path / f"moe.tmp-{dead}", tmp_path / "moe"]
@@ -177,7 +178,7 @@ def test_stale_temps_of_dead_processes_go_live_ones_stay(tmp_path):
         (folder / "model.safetensors").write_bytes(b"partial")
     a_file = tmp_path / f".other.tmp-{dead}"
     a_file.write_text("not a folder")
-    removed = safety.remove_stale_temps(out)
+    removed = outputs.remove_stale_temps(out)
     assert sorted(removed) == sorted(stale)
     assert not any(p.exists() for p in stale)
     assert all(p.is_dir() for p in kept) and a_file.is_file()
@@ -185,16 +186,16 @@ def test_stale_temps_of_dead_processes_go_live_ones_stay(tmp_path):
 
 def test_stale_temp_removal_is_limited_to_one_output(tmp_path):
     dead = _dead_pid()
-    mine = safety.make_marked_dir(tmp_path / "moe", pid=dead)
-    other = safety.make_marked_dir(tmp_path / "export", pid=dead)
-    assert safety.remove_stale_temps(tmp_path / "moe") == [mine]
+    mine = outputs.make_marked_dir(tmp_path / "moe", pid=dead)
+    other = outputs.make_marked_dir(tmp_path / "export", pid=dead)
+    assert outputs.remove_stale_temps(tmp_path / "moe") == [mine]
     assert other.is_dir()
-    assert safety.remove_stale_temps(tmp_path / "missing" / "moe") == []
+    assert outputs.remove_stale_temps(tmp_path / "missing" / "moe") == []
 
 
 def test_temp_name_round_trips_through_the_pattern(tmp_path):
-    path = safety.temp_dir_for(tmp_path / "my.model-v2", 1234)
-    match = safety._TEMP_RE.match(path.name)
+    path = outputs.temp_dir_for(tmp_path / "my.model-v2", 1234)
+    match = outputs._TEMP_RE.match(path.name)
     assert path.parent == tmp_path and match["name"] == "my.model-v2" and match["pid"] == "1234"
 
 
@@ -203,7 +204,7 @@ def test_temp_name_round_trips_through_the_pattern(tmp_path):
 _TRY_LOCK = """
     import sys
     from factorllm_ds.errors import UserError
-    from factorllm_ds.safety import RunLock
+    from factorllm_ds.locks import RunLock
     try:
         with RunLock(sys.argv[1]):
             print("locked")
@@ -214,7 +215,7 @@ _TRY_LOCK = """
 
 
 def test_second_job_is_refused_with_the_holders_host_and_pid(tmp_path):
-    with safety.RunLock(tmp_path / "run") as lock:
+    with locks.RunLock(tmp_path / "run") as lock:
         assert lock.path.is_file()
         proc = _python(_TRY_LOCK, str(tmp_path / "run"))
         assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -227,7 +228,7 @@ def test_second_job_is_refused_with_the_holders_host_and_pid(tmp_path):
 def test_lock_of_a_killed_job_is_released_by_the_kernel(tmp_path):
     holder = subprocess.Popen(_child("""
         import sys, time
-        from factorllm_ds.safety import RunLock
+        from factorllm_ds.locks import RunLock
         lock = RunLock(sys.argv[1]).__enter__()
         print("ready", flush=True)
         time.sleep(60)
@@ -235,11 +236,11 @@ def test_lock_of_a_killed_job_is_released_by_the_kernel(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(UserError, match=f"pid {holder.pid}"):
-            safety.RunLock(tmp_path).__enter__()
+            locks.RunLock(tmp_path).__enter__()
     finally:
         holder.kill()
         holder.wait()
-    with safety.RunLock(tmp_path):
+    with locks.RunLock(tmp_path):
         pass
 
 
@@ -256,48 +257,48 @@ def _checkpoint(folder: Path) -> Path:
 
 def test_checksums_catch_truncation_flipped_bytes_and_missing_files(tmp_path):
     tag = _checkpoint(tmp_path / "step2")
-    safety.write_checksums(tag)
-    assert safety.verify_checksums(tag) == []
+    checkpoints.write_checksums(tag)
+    assert checkpoints.verify_checksums(tag) == []
     assert sorted(p.name for p in tag.iterdir()) == ["checksums.json", "mp_rank_00_model_states.pt", "sub"]
 
     big = tag / "mp_rank_00_model_states.pt"
     data = big.read_bytes()
     big.write_bytes(data[:-1])
-    (problem,) = safety.verify_checksums(tag)
+    (problem,) = checkpoints.verify_checksums(tag)
     assert str(big) in problem and "truncated" in problem
 
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x01
     big.write_bytes(bytes(flipped))
-    (problem,) = safety.verify_checksums(tag)
+    (problem,) = checkpoints.verify_checksums(tag)
     assert str(big) in problem and "content differs" in problem
-    assert safety.verify_checksums(tag, sizes_only=True) == []  # same size: only the digest sees it
+    assert checkpoints.verify_checksums(tag, sizes_only=True) == []  # same size: only the digest sees it
 
     (tag / "sub" / "layer_0_expert_0.pt").unlink()
-    problems = safety.verify_checksums(tag)
+    problems = checkpoints.verify_checksums(tag)
     assert len(problems) == 2 and any("layer_0_expert_0.pt: missing" in p for p in problems)
 
 
 def test_missing_or_broken_manifest_is_reported_distinctly(tmp_path):
     tag = _checkpoint(tmp_path / "step1")
-    (problem,) = safety.verify_checksums(tag)
+    (problem,) = checkpoints.verify_checksums(tag)
     assert problem.startswith("no checksums.json")
-    (tag / safety.CHECKSUM_FILE).write_text("{not json")
-    (problem,) = safety.verify_checksums(tag)
+    (tag / checkpoints.CHECKSUM_FILE).write_text("{not json")
+    (problem,) = checkpoints.verify_checksums(tag)
     assert "unreadable checksum manifest" in problem
 
 
 def test_checksums_of_chosen_files_and_of_precomputed_entries(tmp_path):
     tag = _checkpoint(tmp_path / "step1")
-    safety.write_checksums(tag, ["sub/layer_0_expert_0.pt"])
+    checkpoints.write_checksums(tag, ["sub/layer_0_expert_0.pt"])
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # not listed: not checked
-    assert safety.verify_checksums(tag) == []
+    assert checkpoints.verify_checksums(tag) == []
     names = ["mp_rank_00_model_states.pt", "sub/layer_0_expert_0.pt"]
-    halves = [safety.hash_files(tag, names[r::2]) for r in range(2)]  # what two ranks would each hash
-    safety.write_checksums(tag, entries={**halves[0], **halves[1]})
-    assert safety.verify_checksums(tag) == []
+    halves = [checkpoints.hash_files(tag, names[r::2]) for r in range(2)]  # what two ranks would each hash
+    checkpoints.write_checksums(tag, entries={**halves[0], **halves[1]})
+    assert checkpoints.verify_checksums(tag) == []
     (tag / "sub" / "layer_0_expert_0.pt").write_bytes(b"x")
-    assert len(safety.verify_checksums(tag)) == 1
+    assert len(checkpoints.verify_checksums(tag)) == 1
 
 
 def test_newest_intact_skips_damaged_and_unrecorded_tags(tmp_path, caplog):
@@ -305,14 +306,14 @@ def test_newest_intact_skips_damaged_and_unrecorded_tags(tmp_path, caplog):
     for tag in ("step1", "step2", "step3", "step4"):
         _checkpoint(root / tag)
         if tag != "step4":  # step4: interrupted before its manifest was written
-            safety.write_checksums(root / tag)
+            checkpoints.write_checksums(root / tag)
     (root / "step3" / "mp_rank_00_model_states.pt").write_bytes(b"short")
     newest_first = ["step4", "step3", "step2", "step1"]
-    assert safety.newest_intact(root, newest_first) == "step2"
+    assert checkpoints.newest_intact(root, newest_first) == "step2"
     assert "step4" in caplog.text and "step3" in caplog.text  # not silent
     (root / "step2" / "sub" / "layer_0_expert_0.pt").write_bytes(b"")
     (root / "step1" / "sub" / "layer_0_expert_0.pt").unlink()
-    assert safety.newest_intact(root, newest_first) is None
+    assert checkpoints.newest_intact(root, newest_first) is None
 
 
 # ----------------------------------------------------------------------------- safe_torch_load
@@ -336,7 +337,7 @@ def test_pickled_code_is_never_run(tmp_path):
     assert target.read_text() == "pwned"
     target.unlink()
     with pytest.raises(UserError) as err:
-        safety.safe_torch_load(evil, "--run")
+        safe_load.safe_torch_load(evil, "--run")
     msg = str(err.value)
     assert str(evil) in msg and "will not be unpickled" in msg and "(first: exec)" in msg
     assert not target.exists()
@@ -354,7 +355,7 @@ def test_deepspeed_state_files_load(tmp_path):
               "ds_autoep_layers": None, "step": 2}
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save(states, path)
-    got = safety.safe_torch_load(path, "--run")
+    got = safe_load.safe_torch_load(path, "--run")
     assert torch.equal(got["module"]["w"], states["module"]["w"]) and got["ds_config"] == states["ds_config"]
 
 
@@ -368,8 +369,8 @@ def test_optimizer_files_need_the_deepspeed_allow_list(tmp_path):
     torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0),
                                          "param_slice_mappings": [OrderedDict(w=fragment_address(2, 0))]}}, path)
     with pytest.raises(UserError, match="will not be unpickled"):
-        safety.safe_torch_load(path, "--run")
-    got = safety.safe_torch_load(path, "--run", allow=safety.OPTIM_STATE_GLOBALS)
+        safe_load.safe_torch_load(path, "--run")
+    got = safe_load.safe_torch_load(path, "--run", allow=safe_load.OPTIM_STATE_GLOBALS)
     assert got["optimizer_state_dict"]["zero_stage"] == ZeroStageEnum.gradients
 
 
@@ -378,7 +379,7 @@ def test_truncated_file_is_a_user_error(tmp_path):
     torch.save({"module": OrderedDict(w=torch.randn(100, 100))}, path)
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(UserError, match="unreadable checkpoint file"):
-        safety.safe_torch_load(path, "--run")
+        safe_load.safe_torch_load(path, "--run")
 
 
 # ----------------------------------------------------------------------------- finite numbers
@@ -389,29 +390,29 @@ def test_non_finite_tensors_are_named(bad):
     t = torch.zeros(3, 4, dtype=torch.bfloat16)
     t[1, 2] = bad
     with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: .*index \(1, 2\)") as err:
-        safety.check_finite("model.layers.0.mlp.up_proj.weight", t, "Re-download the checkpoint.")
+        finite.check_finite("model.layers.0.mlp.up_proj.weight", t, "Re-download the checkpoint.")
     assert str(err.value).endswith("Re-download the checkpoint.")
 
 
 def test_finite_and_integer_tensors_pass():
-    safety.check_finite("w", torch.randn(5, 5))
-    safety.check_finite("ids", torch.arange(10))
+    finite.check_finite("w", torch.randn(5, 5))
+    finite.check_finite("ids", torch.arange(10))
 
 
 @pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e999", "abc", ""])
 def test_float_flags_reject_non_finite(text):
     with pytest.raises(UserError, match="--lr"):
-        safety.finite_float("--lr", text)
+        finite.finite_float("--lr", text)
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=safety.parse_finite_float)
+    parser.add_argument("--lr", type=finite.parse_finite_float)
     with pytest.raises(SystemExit):
         parser.parse_args(["--lr", text])
 
 
 def test_float_flags_accept_finite():
-    assert safety.finite_float("--lr", "4e-5") == 4e-5 and safety.finite_float("--lr", 2) == 2.0
+    assert finite.finite_float("--lr", "4e-5") == 4e-5 and finite.finite_float("--lr", 2) == 2.0
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lr", type=safety.parse_finite_float)
+    parser.add_argument("--lr", type=finite.parse_finite_float)
     assert parser.parse_args(["--lr", "-1.5"]).lr == -1.5
 
 
@@ -419,21 +420,21 @@ def test_float_flags_accept_finite():
 
 
 def test_signal_only_sets_the_flag_and_handlers_come_back():
-    before = {s: signal.getsignal(s) for s in safety.Preemption.SIGNALS}
-    with safety.Preemption() as pre:
+    before = {s: signal.getsignal(s) for s in preemption.Preemption.SIGNALS}
+    with preemption.Preemption() as pre:
         assert not pre.requested() and pre.exit_code == 0
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing
         assert pre.requested() and pre.received == signal.SIGUSR1
-        assert pre.exit_code == 138 and pre.exit_code in safety.REQUEUE_EXIT_CODES
-        assert safety.agree(pre.requested())  # no process group: the local flag
-    assert {s: signal.getsignal(s) for s in safety.Preemption.SIGNALS} == before
+        assert pre.exit_code == 138 and pre.exit_code in preemption.REQUEUE_EXIT_CODES
+        assert preemption.agree(pre.requested())  # no process group: the local flag
+    assert {s: signal.getsignal(s) for s in preemption.Preemption.SIGNALS} == before
 
 
 def test_second_ctrl_c_stops_at_once():
-    with safety.Preemption() as pre:
+    with preemption.Preemption() as pre:
         os.kill(os.getpid(), signal.SIGINT)
-        assert pre.exit_code == 130 and 130 not in safety.REQUEUE_EXIT_CODES
+        assert pre.exit_code == 130 and 130 not in preemption.REQUEUE_EXIT_CODES
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(1000):  # the handler runs between bytecodes, soon after the kill
@@ -443,7 +444,7 @@ def test_second_ctrl_c_stops_at_once():
 _AGREE_RANK = """
     import os, signal, sys
     import torch.distributed as dist
-    from factorllm_ds.safety import Preemption, agree
+    from factorllm_ds.preemption import Preemption, agree
 
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)

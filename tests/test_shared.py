@@ -114,7 +114,8 @@ def test_shared_neurons_are_the_most_important_on_the_calibration_text(llama_dir
 
 
 def test_router_fitted_at_conversion_agrees_with_the_oracle(llama_dir, calib_text, tmp_path):
-    fitted = _convert_shared(llama_dir, tmp_path / "fitted", calib_text, refit_down=0)  # the fitted router by default
+    # the router fitted to the oracle's picks (the default gate router reads no data: tests/test_convert.py)
+    fitted = _convert_shared(llama_dir, tmp_path / "fitted", calib_text, refit_down=0, router_fit="picks")
     normal = _convert_shared(llama_dir, tmp_path / "normal", calib_text, router_init="normal")
     manifest = json.loads((fitted / "factorllm_manifest.json").read_text())
     assert manifest["settings"]["router_init"] == "prior"
@@ -128,10 +129,17 @@ def test_oracle_in_token_blocks_converts_the_same(llama_dir, calib_text, tmp_pat
     the same routers and refitted experts as one block of all 512."""
     from factorllm_ds import convert as convert_module
 
-    whole = _convert_shared(llama_dir, tmp_path / "whole", calib_text)
-    hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
-    monkeypatch.setattr(convert_module, "ORACLE_BLOCK_BYTES", 7 * 4 * E * hidden)
-    blocks = _convert_shared(llama_dir, tmp_path / "blocks", calib_text)
+    # router fits that read the oracle: its picks, and each expert's gain (a [T, E] target built block by block)
+    for fit in ("picks", "gain"):
+        whole = _convert_shared(llama_dir, tmp_path / f"whole-{fit}", calib_text, router_fit=fit)
+        hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+        monkeypatch.setattr(convert_module, "ORACLE_BLOCK_BYTES", 7 * 4 * E * hidden)
+        blocks = _convert_shared(llama_dir, tmp_path / f"blocks-{fit}", calib_text, router_fit=fit)
+        monkeypatch.undo()
+        _assert_same_checkpoint(whole, blocks)
+
+
+def _assert_same_checkpoint(whole: Path, blocks: Path) -> None:
     want, got = CheckpointReader(whole), CheckpointReader(blocks)
     assert sorted(got.infos) == sorted(want.infos)
     for name in want.infos:

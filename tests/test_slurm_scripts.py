@@ -248,8 +248,8 @@ def test_sbatch_refuses_what_train_check_finds(tiny_moe_dir, text, tmp_path, env
 
 
 def test_sbatch_dry_run_checks_the_job(tiny_moe_dir, text, tmp_path):
-    res = run_script("slurm/train_tasks.sbatch", "--seq-len", "64", DRY_RUN="1", NTASKS="2", EP_SIZE="2", MODEL=str(tiny_moe_dir),
-                     DATA=str(text), OUT=str(tmp_path / "run"))
+    res = run_script("slurm/train_tasks.sbatch", "--seq-len", "64", DRY_RUN="1", NTASKS="2", EP_SIZE="2",
+                     MODEL=str(tiny_moe_dir), DATA=str(text), OUT=str(tmp_path / "run"))
     assert res.returncode == 0 and "train --check: OK (2 process(es), ep_size 2" in res.stderr, res.stderr
     assert "srun" in shlex.split(res.stdout)
 
@@ -285,7 +285,8 @@ def test_detect_slurm_step_vs_batch_script(monkeypatch):
 
 @pytest.mark.dist
 def test_train_sh_deepspeed_hostfile_real_run(tmp_path, tiny_moe_dir):
-    """launch/train.sh, deepspeed launcher, localhost hostfile: checked, then a 2-rank ep_size-2 job that checkpoints."""
+    """launch/train.sh, deepspeed launcher, localhost hostfile: checked, then a 2-rank ep_size-2 job that
+    checkpoints."""
     data = tiny.write_calibration_text(tmp_path / "train.txt")
     hosts = tmp_path / "hostfile"
     hosts.write_text("localhost slots=2\n")

@@ -44,7 +44,7 @@ class FactorLLMConfig(PretrainedConfig):
             text_config: the dense base model's config (a dict with ``model_type``).
             num_experts: E, experts per MoE layer.
             num_experts_per_tok: k, experts selected per token.
-            expert_intermediate_size: I / E, neurons per expert.
+            expert_intermediate_size: R = (I - S) / E, neurons per routed expert.
             routing: ``hard`` (paper: fixed weight ``combine_scale`` on each selected
                 expert) or ``softmax`` (Mixtral-style renormalized top-k weights times
                 ``combine_scale``).

@@ -12,7 +12,7 @@ keys match the dense model's except under ``.mlp.``::
 
 The shared expert runs on every token with weight 1; of the routed experts only the selected
 ones run on each token (sparse dispatch). In memory the routed experts of a layer are stacked
-(``experts.gate_up_proj`` [E, 2*I_e, H], ``experts.down_proj`` [E, H, I_e]) so that all selected
+(``experts.gate_up_proj`` [E, 2*R, H], ``experts.down_proj`` [E, H, R], R neurons per expert) so that all selected
 experts run as one grouped computation; loading and saving keep the per-expert keys above
 (a transformers weight conversion, the one Mixtral uses; torch's ``load_state_dict`` accepts them too).
 """
@@ -105,7 +105,7 @@ def prior_weight(routing: str, scale: float, k: int) -> float:
 
 
 class FactorLLMExpert(nn.Module):
-    """One expert: the SwiGLU FFN restricted to I/E of the dense neurons."""
+    """One expert: the SwiGLU FFN restricted to R of the dense neurons."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
@@ -122,8 +122,8 @@ _GROUPED_MM = getattr(F, "grouped_mm", None)
 
 
 class FactorLLMExperts(nn.Module):
-    """A layer's routed experts, stacked: ``gate_up_proj`` [E, 2*I_e, H] (gate rows, then up rows) and
-    ``down_proj`` [E, H, I_e]. Kernels (docs/method.md §8):
+    """A layer's routed experts, stacked: ``gate_up_proj`` [E, 2*R, H] (gate rows, then up rows) and
+    ``down_proj`` [E, H, R]. Kernels (docs/method.md §8):
 
     - many tokens (prefill, training): only the selected experts run. The (token, expert) pairs are
       sorted by expert once and each expert multiplies one contiguous slice:

@@ -36,7 +36,7 @@ def main() -> None:
     engine.module.eval()
     ids = torch.randint(0, model.config.text_config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        logits = engine(ids)
+        logits = engine(ids.to(engine.device)).cpu()  # DS_ACCELERATOR=cuda: the engine runs on the GPU
     if torch.distributed.get_rank() == 0:
         torch.save({"ids": ids, "logits": logits}, out)
     distributed.hard_exit(0)

@@ -1,67 +1,40 @@
-"""Reliability guards every stage shares: nothing lost, nothing run, nothing silent.
+"""Where a command writes its output, and how: nothing of the user's is lost, nothing is left half-written.
 
-Nothing lost
-    :func:`check_output` refuses an ``--out`` whose replacement would delete the user's data
-    (a folder this tool did not write, entries its manifest does not list, one that holds or lies
-    inside an input); :func:`move_into_place` moves a finished output in without replacing what
-    another process made meanwhile; :func:`remove_stale_temps` clears the half-written temp folders
-    of dead processes, and only those its marker proves; :func:`atomic_file` writes a report whole
-    or not at all, and :func:`disk_full_error` words a full disk; :class:`RunLock` keeps a second
-    job out of a folder that one job is writing;
-    :func:`write_checksums` / :func:`verify_checksums` / :func:`newest_intact` find the newest
-    checkpoint that was written completely.
-Nothing run
-    :func:`safe_torch_load` unpickles a ``.pt`` file with ``weights_only=True``: tensors,
-    containers and the few DeepSpeed types named here, never arbitrary code.
-Nothing silent
-    :func:`check_finite` and :func:`finite_float` stop NaN/Inf where they enter;
-    :class:`Preemption` turns SIGTERM/SIGUSR1/SIGINT into "save, then exit with a known code".
+:func:`check_output` refuses an ``--out`` whose replacement would delete the user's data (a folder this tool
+did not write, entries its manifest does not list, one that holds or lies inside an input), and
+:func:`check_output_file` the same for one report or plot. An output folder is built in a marked temp folder
+beside ``--out`` (:func:`make_marked_dir`) and moved in whole by :func:`move_into_place` (never over what
+another process made meanwhile); :func:`remove_stale_temps` and :func:`recover_replaced` clear what dead
+processes left, and only what their marker proves. :func:`atomic_file` writes one file whole or not at all;
+:func:`check_free_space` and :func:`disk_full_error` word a full disk.
 
-Every refusal is a :class:`~factorllm_ds.errors.UserError` that names the flag or file, the
-reason and the fix. This module imports only the standard library and ``errors``; torch is
-imported inside the functions that need it.
+Every refusal is a :class:`~factorllm_ds.errors.UserError` that names the flag or file, the reason and the fix.
+Standard library only.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from factorllm_ds.errors import UserError
+from factorllm_ds.locks import LOCK_FILE
 
 log = logging.getLogger("factorllm_ds")
 
-__all__ = [
-    "check_output", "output_problems", "check_output_file", "INVENTORY_KEY", "listed_files", "not_listed",
-    "has_file_marker", "temp_dir_for", "old_dir_for",
-    "TEMP_MARKER", "make_marked_dir", "move_into_place", "remove_stale_temps", "recover_replaced", "RunLock",
-    "free_bytes", "mount_point", "human_bytes", "check_free_space", "is_disk_full", "disk_full_error",
-    "atomic_file", "write_text_atomic",
-    "CHECKSUM_FILE", "hash_files", "write_checksums", "verify_checksums", "newest_intact",
-    "MODEL_STATE_GLOBALS", "OPTIM_STATE_GLOBALS", "safe_torch_load",
-    "check_finite", "finite_float", "parse_finite_float",
-    "Preemption", "agree", "agree_max", "REQUEUE_EXIT_CODES",
-]
-
 
 # ============================================================================ output folders
-
-
 def _resolved(path: Path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser())).resolve()
 
@@ -625,359 +598,3 @@ def recover_replaced(out: Path) -> list[Path]:
         shutil.rmtree(holder, ignore_errors=True)
         done.append(holder)
     return done
-
-
-# ============================================================================ run lock
-
-LOCK_FILE = ".factorllm.lock"
-
-
-class RunLock:
-    """Exclusive use of ``folder`` by one job, for as long as the ``with`` block runs.
-
-    ``fcntl.flock`` on ``folder/.factorllm.lock``: the kernel drops it when the process ends,
-    however it ends (crash, SIGKILL), so no stale lock ever needs removing. The file records
-    the holder (host, pid, start time, command) so that a second job's error names it. Take it
-    in one process per job (rank 0), before the work starts; it is not re-entrant (a second
-    ``RunLock`` on the same folder in the same process is refused too). The folder is created
-    if missing.
-    On a file system without flock support (Lustre mounted ``noflock``) a warning says the
-    folder is unguarded and the job runs anyway.
-    """
-
-    def __init__(self, folder: Path, flag: str = "--out"):
-        self.folder = Path(folder)
-        self.flag = flag
-        self.path = self.folder / LOCK_FILE
-        self._fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        import fcntl
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                log.warning("%s %s: cannot lock %s (%s); nothing stops a second job from writing this folder",
-                            self.flag, self.folder, self.path, err.strerror)
-                return self
-            raise UserError(f"{self.flag} {self.folder}: another job is using this folder "
-                            f"({_describe_holder(holder)}). Wait for it to end or stop it, or pick another folder."
-                            ) from None
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *_) -> None:
-        # The file stays: deleting it would let a third process lock a fresh inode while a
-        # second one waits on the old.
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-
-def _describe_holder(text: str) -> str:
-    try:
-        rec = json.loads(text)
-        return f"host {rec['host']}, pid {rec['pid']}, started {rec['started']}: {rec.get('command', '?')}"
-    except (ValueError, KeyError, TypeError):
-        return "holder not recorded yet"
-
-
-# ============================================================================ checksums
-
-CHECKSUM_FILE = "checksums.json"
-_ALGORITHM = "sha256"  # hashlib's sha256 uses the CPU's SHA instructions: faster than blake2b on x86 and ARM
-_CHUNK = 8 << 20
-
-
-def _digest(path: Path, algorithm: str = _ALGORITHM) -> str:
-    h = hashlib.new(algorithm)
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def hash_files(folder: Path, names: Iterable[str]) -> dict[str, dict]:
-    """``{name: {"size": bytes, "sha256": hex}}`` for the files ``names`` (relative to ``folder``).
-
-    Streams each file in 8 MiB chunks. Under DeepSpeed, let each rank hash a share of a tag
-    folder (``sorted(names)[rank::world]``), gather the dicts and let rank 0 pass the union to
-    :func:`write_checksums` as ``entries``.
-    """
-    folder = Path(folder)
-    return {name: {"size": (folder / name).stat().st_size, _ALGORITHM: _digest(folder / name)} for name in names}
-
-
-def _all_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and not p.is_symlink() and p.name != CHECKSUM_FILE
-                  and not p.name.startswith(CHECKSUM_FILE + "."))
-
-
-def write_checksums(folder: Path, files: Iterable[str] | None = None, *,
-                    entries: Mapping[str, dict] | None = None) -> Path:
-    """Record size and SHA-256 of ``files`` (default: every file below ``folder``) in ``folder/checksums.json``.
-
-    Pass ``entries`` (from :func:`hash_files`) instead when the hashing was done elsewhere. The
-    manifest is written to a temp file, fsynced and renamed, so it exists only when complete:
-    write it last, after every checkpoint file is on disk.
-    """
-    folder = Path(folder)
-    if entries is None:
-        entries = hash_files(folder, _all_files(folder) if files is None else [str(f) for f in files])
-    manifest = {"version": 1, "algorithm": _ALGORITHM, "files": dict(sorted(entries.items()))}
-    path = folder / CHECKSUM_FILE
-    tmp = folder / f"{CHECKSUM_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def verify_checksums(folder: Path, *, sizes_only: bool = False) -> list[str]:
-    """Problems with ``folder`` against its ``checksums.json``; empty when every file is intact.
-
-    Each problem names the file: missing, size differs (truncated), digest differs (changed).
-    A folder without a manifest gives exactly one problem, starting with "no checksums.json",
-    so callers can tell "never recorded" from "damaged". ``sizes_only`` skips the digests
-    (seconds instead of a full read, catches truncation but not flipped bytes).
-    """
-    folder = Path(folder)
-    path = folder / CHECKSUM_FILE
-    if not path.is_file():
-        return [f"no {CHECKSUM_FILE} in {folder}: the save did not finish, or was made before checksums were recorded"]
-    try:
-        manifest = json.loads(path.read_text())
-        algorithm = manifest["algorithm"]
-        files = manifest["files"]
-        hashlib.new(algorithm)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return [f"{path}: unreadable checksum manifest ({type(err).__name__}: {err})"]
-    problems = []
-    for name, want in files.items():
-        file = folder / name
-        if not file.is_file():
-            problems.append(f"{file}: missing")
-            continue
-        size = file.stat().st_size
-        if size != want["size"]:
-            problems.append(f"{file}: {size} bytes, {want['size']} when saved (truncated or replaced)")
-        elif not sizes_only and _digest(file, algorithm) != want[algorithm]:
-            problems.append(f"{file}: content differs from when it was saved ({algorithm} mismatch)")
-    return problems
-
-
-def newest_intact(tags_root: Path, tags: Sequence[str], *, sizes_only: bool = False) -> str | None:
-    """The first of ``tags`` (give them newest first) whose folder under ``tags_root`` verifies.
-
-    Each tag passed over is logged with its problems; None when none verifies.
-    """
-    for tag in tags:
-        problems = verify_checksums(Path(tags_root) / tag, sizes_only=sizes_only)
-        if not problems:
-            return tag
-        log.warning("checkpoint %s is not intact, skipping it: %s", tag, "; ".join(problems[:3])
-                    + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
-    return None
-
-
-# ============================================================================ unpickling
-
-# Globals (module.qualname) that torch.load(weights_only=True) must be told about, found by
-# saving real checkpoints with DeepSpeed 0.19.8 / torch 2.13 (ZeRO-1, ZeRO-2, bf16, CPU offload,
-# EP 1 and 2) and listing torch.serialization.get_unsafe_globals_in_checkpoint of every file:
-# - mp_rank_00_model_states.pt and layer_*_expert_*_model_states.pt: none. They hold tensors,
-#   OrderedDicts, dicts, lists and scalars only (ZeRO keeps the optimizer out of them; the
-#   LambdaLR state stores its lambdas as None).
-# - *zero_pp_rank_*_optim_states.pt: the three below (+ DynamicLossScaler, which an fp16 config's
-#   loss scaler is, from DeepSpeed's source; the CPU accelerator cannot run fp16 to confirm).
-MODEL_STATE_GLOBALS: tuple[str, ...] = ()
-OPTIM_STATE_GLOBALS: tuple[str, ...] = (
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-)
-
-
-def _import_globals(names: Sequence[str]) -> list:
-    """The objects named; a name whose package is not installed is left out (a file needing it is refused)."""
-    import pkgutil
-
-    found = []
-    for dotted in names:
-        try:
-            found.append(pkgutil.resolve_name(dotted))
-        except (ImportError, AttributeError):
-            log.debug("safe_torch_load: %s is not importable here; files that need it will be refused", dotted)
-    return found
-
-
-def safe_torch_load(path: Path, what: str, allow: Sequence[str] = MODEL_STATE_GLOBALS, mmap: bool = True):
-    """``torch.load`` that runs no code from the file: ``weights_only=True`` plus the globals in ``allow``.
-
-    ``what`` names the source for messages (``"--run"``). A file that needs any other global
-    raises :class:`UserError` naming it (such a file is never unpickled, whoever wrote it); an
-    unreadable file raises one that says it may be truncated. Tensors land on the CPU,
-    memory-mapped when ``mmap`` (the default).
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_import_globals(allow)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        # torch 2.13 words it "WeightsUnpickler error: Unsupported global: GLOBAL module.name was not ..."
-        found = (re.search(r"GLOBAL ([\w.]+)", str(err))
-                 or re.search(r"WeightsUnpickler error: ([^\n]{1,200})", str(err)))
-        detail = f" (first: {found[1]})" if found else ""
-        raise UserError(f"{what} {path}: the file holds objects outside the allow-list of tensors, containers and "
-                        f"DeepSpeed checkpoint types{detail}. It will not be unpickled, since unpickling can run any "
-                        "code the file's author chose. Use a checkpoint written by factorllm-ds train.") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"{what} {path}: unreadable checkpoint file ({type(err).__name__}: {err}). It may be "
-                        "truncated; use another checkpoint or save it again.") from err
-
-
-# ============================================================================ finite numbers
-
-
-def check_finite(name: str, tensor, fix: str = "") -> None:
-    """Raise :class:`UserError` naming ``name`` when ``tensor`` holds NaN or ±Inf; ``fix`` says what to do."""
-    import torch
-
-    if not tensor.is_floating_point() and not tensor.is_complex():
-        return
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
-        return
-    nan = int(torch.isnan(tensor).sum())
-    inf = int((~finite).sum()) - nan
-    first = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
-    raise UserError(f"{name}: {nan} NaN and {inf} Inf values out of {tensor.numel()} (first at index {first})."
-                    + (f" {fix}" if fix else ""))
-
-
-def finite_float(flag: str, value) -> float:
-    """``value`` (str or number) as a float; :class:`UserError` naming ``flag`` if it is not a finite number."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{flag} {value!r}: not a number") from None
-    if not math.isfinite(number):
-        raise UserError(f"{flag} {value!r}: must be a finite number (not nan or inf)")
-    return number
-
-
-def parse_finite_float(text: str) -> float:
-    """argparse ``type=`` for float flags: argparse reports ``argument --lr: ...`` for nan/inf/junk."""
-    try:
-        return finite_float("", text)
-    except UserError as err:
-        raise argparse.ArgumentTypeError(str(err).strip()) from None
-
-
-# ============================================================================ preemption
-
-# After a preemption signal the job saves a checkpoint and exits with 128 + the signal's number,
-# the status a shell reports for a process that signal ended: SIGTERM (SLURM's preemption and
-# time limit, `scancel`) -> 143, SIGUSR1 (`sbatch --signal=USR1@300`, a warning ahead of the
-# limit) -> 138, SIGINT (Ctrl-C) -> 130. A batch script requeues on REQUEUE_EXIT_CODES
-# (`[ $rc -eq 143 ] || [ $rc -eq 138 ] && scontrol requeue $SLURM_JOB_ID`, or RequeueExit=138,143
-# in slurm.conf) and not on 130: a person who presses Ctrl-C wants the job to stop. 0, 1 and 2
-# stay "done", "crashed" and "bad input".
-REQUEUE_EXIT_CODES = (128 + signal.SIGUSR1, 128 + signal.SIGTERM)
-
-
-class Preemption:
-    """Within ``with Preemption() as pre:``, SIGTERM/SIGUSR1/SIGINT only set a flag.
-
-    The training loop asks ``agree(pre.requested())`` once per step on every rank; when it is
-    True every rank saves at that same step and the job ends with ``sys.exit(pre.exit_code)``.
-    A second SIGINT raises KeyboardInterrupt at once (Ctrl-C twice: stop now, no checkpoint);
-    further SIGTERM/SIGUSR1 are ignored, since the save is already coming. The previous
-    handlers come back when the block ends. Install it in the main thread (Python delivers
-    signals only there). SLURM sends SIGKILL KillWait (default 30 s) after SIGTERM: for big
-    checkpoints ask for an earlier warning, ``sbatch --signal=USR1@300``.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, signals: Sequence[int] = SIGNALS):
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self._old: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-            log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
-                        signal.Signals(signum).name)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> Preemption:
-        for sig in self.signals:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *_) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-    def requested(self) -> bool:
-        """Whether this process received one of the signals (local; see :func:`agree`)."""
-        return self.received is not None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the first signal's number (143 SIGTERM, 138 SIGUSR1, 130 SIGINT); 0 when none came."""
-        return 0 if self.received is None else 128 + int(self.received)
-
-
-def agree(flag: bool, group=None) -> bool:
-    """True on every rank when ``flag`` is True on any rank (MAX all-reduce); ``flag`` itself without a process group.
-
-    A collective: every rank of ``group`` must call it at the same point (e.g. once per step).
-    """
-    return bool(agree_max(1 if flag else 0, group))
-
-
-def agree_max(value: int, group=None) -> int:
-    """The largest ``value`` over the ranks of ``group`` (``value`` itself without a process group).
-
-    ``agree_max(preemption.exit_code)`` once per step: 0 when no rank was signalled, else the exit
-    code every rank then ends with (a rank the signal did not reach has no code of its own). A collective.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return int(value)
-    nccl = "nccl" in str(dist.get_backend(group))
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    tensor = torch.tensor([int(value)], dtype=torch.int32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
