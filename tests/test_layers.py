@@ -119,7 +119,7 @@ def named_imports(path: Path, package: str) -> list[str]:
     return found
 
 
-def graph(package: Path, tiers: dict[str, set[str]] = TIERS) -> dict[str, set[str]]:
+def graph(package: Path) -> dict[str, set[str]]:
     modules = modules_of(package)
     return {name: imports_of(path, name, set(modules), package.name) for name, path in modules.items()}
 
