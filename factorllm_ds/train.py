@@ -254,14 +254,14 @@ def teacher_problems(cfg: TrainConfig, model_config: dict) -> list[str]:
     teacher = read_config(cfg.teacher, "--teacher")
     if teacher.get("model_type") == "factorllm":
         return [f"--teacher {cfg.teacher} is a FactorLLM MoE; pass the dense model it was converted from"]
+    vocab, student_vocab = teacher.get("vocab_size"), model_config.get("text_config", {}).get("vocab_size")
+    if vocab != student_vocab:  # the model's own choice first: a folder of the wrong model needs no shape check
+        return [f"--teacher {cfg.teacher} has vocab_size {vocab}, --model {cfg.model} has {student_vocab}: the "
+                "teacher must share the model's tokenizer (pass the dense model you converted)"]
     try:  # its shards and shapes now: loading it comes only after the process group started
         check_model_folder(cfg.teacher, "--teacher", teacher)
     except UserError as err:
         return [str(err)]
-    vocab, student_vocab = teacher.get("vocab_size"), model_config.get("text_config", {}).get("vocab_size")
-    if vocab != student_vocab:
-        return [f"--teacher {cfg.teacher} has vocab_size {vocab}, --model {cfg.model} has {student_vocab}: the "
-                "teacher must share the model's tokenizer (pass the dense model you converted)"]
     return []
 
 

@@ -128,7 +128,9 @@ def test_bias_balancing_moves_loads_and_the_export_routes_like_the_engine(runs, 
     assert len(rows) == 4 and all(r["balance"] == 0 for r in rows)
     states = torch.load(out / "checkpoints" / "step4" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=True)["module"]
-    bias = states["model.layers.0.mlp.moe.deepspeed_moe.gate.selection_bias"]
+    # Every layer's bias; one layer's can return to 0 when its loads swing back and forth (+0.05, then -0.05).
+    bias = torch.stack([v for k, v in states.items() if k.endswith("gate.selection_bias")])
+    assert bias.shape == (2, NUM_EXPERTS)
     # 4 steps of +-0.05 (or 0 at exactly mean load) per expert: it moved, in whole steps, at most 4 of them.
     steps = bias / 0.05
     assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4
