@@ -23,23 +23,13 @@ from safetensors.torch import load_file, save_file
 import tiny
 from factorllm_ds import distributed, keys
 from factorllm_ds.checkpoints import write_checksums
-from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import CheckpointReader
 from factorllm_ds.layout import CHECKPOINT_DIR, EXPERT_FILE, MODEL_STATES, RUN_MANIFEST
 from factorllm_ds.sources import DS_EXPERT_KEY
+from tiny import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """(exit code, stderr) of ``factorllm-ds ARGV`` in this process."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def edit_config(model: Path, **fields) -> Path:

@@ -26,21 +26,11 @@ import pytest
 
 import tiny
 from factorllm_ds import convert as convert_module, outputs
-from factorllm_ds.cli import main
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import MANIFEST_FILE, RUN_MANIFEST
+from tiny import cli
 
 HOST = socket.gethostname()
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """(exit code, stderr) of ``factorllm-ds ARGV``; argparse's own exit included."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -150,3 +150,15 @@ def oracle_agreement(moe_dir: Path, text: Path, prior_target: str = "subset", ta
     for h in handles:
         h.remove()
     return sum(scores) / len(scores)
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """(exit code, stderr) of ``factorllm-ds ARGV`` in this process; argparse's own exit included."""
+    from factorllm_ds.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
