@@ -65,7 +65,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--distill", type=float, default=0.0,
                    help="--jobs: distill from the dense model in every fine-tune (moe: `train --teacher DENSE "
                         "--distill-weight W`; static pruning: the same loss), W = this; names get -KD<W>")
-    p.add_argument("--tag", default="", help="name suffix for this variant's cache entries")
+    p.add_argument("--tag", default="", help="name suffix for this variant's cache entries (one starting with '-' "
+                   "needs the = form: --tag=-noST)")
     p.add_argument("--work", type=Path, default=None, help="default: <cache>/bench_quality")
     p.add_argument("--jobs", nargs="+", default=None,
                    help="issue 13 table: static:F:T, moe:S,E,K:T, paper:T jobs, run in this order (see above)")

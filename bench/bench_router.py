@@ -128,8 +128,9 @@ class Layer:
                                                      down_HI)
         del routed_ETH
         self.down_HI = down_HI
-        self.calib_recall = recall(self.learned_topk(x_TH), oracle_TK)
-        gates_TI = self.neuron_gates(self.learned_topk(x_TH))
+        picked_TK = self.learned_topk(x_TH)
+        self.calib_recall = recall(picked_TK, oracle_TK)
+        gates_TI = self.neuron_gates(picked_TK)
         self._refit(act_TI, gates_TI, target_TH, args.refit_down)
         self.out_calib = self.output(act_TI, gates_TI)
 
