@@ -28,7 +28,7 @@ from factorllm_ds.structure import IMPORTANCE_KINDS, ROUTER_FITS, parse_shared
 PRIOR_TEACHERS = ("frozen", "self", "none")  # the first is the default (the paper's)
 MAX_SHARD_SIZE = "2GB"  # default largest output shard of convert and export
 BALANCE_KINDS = ("paper", "switch", "bias")
-ROUTER_GRADS = ("straight-through", "none")  # the first is the default (docs/method.md §5)
+ROUTER_GRADS = ("none", "straight-through")  # the first is the default (docs/method.md §5)
 ROUTER_INITS = ("normal", "prior")
 DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.md §5)
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
