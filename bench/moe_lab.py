@@ -99,8 +99,7 @@ def residual_gain(routed_ETH: torch.Tensor, residual_TH: torch.Tensor) -> torch.
     A per-expert score whose top-K is the oracle's greedy first step when experts are
     near-orthogonal; a smooth regression target for a linear router.
     """
-    out = routed_ETH.float()
-    return 2 * torch.einsum("eth,th->te", out, residual_TH.float()) - out.pow(2).sum(dim=-1).T
+    return st.expert_gains(routed_ETH, residual_TH)
 
 
 def topk_agreement(pred_idx_TK: torch.Tensor, target_idx_TK: torch.Tensor) -> float:

@@ -179,8 +179,7 @@ def fit_linear_router(x_TH: torch.Tensor, target_idx_TK: torch.Tensor, num_exper
     z_TH, mean_H, std_H = standardize(x_TH.detach(), bias)
     y_TE = k_hot(target_idx_TK, num_experts) if scores_TE is None else scores_TE.float()
     y_mean_E = y_TE.mean(dim=0) if bias else torch.zeros(num_experts, device=y_TE.device)
-    gram_HH = z_TH.T @ z_TH + ridge * z_TH.shape[0] * torch.eye(z_TH.shape[1], device=z_TH.device)
-    w_EH = torch.linalg.solve(gram_HH, z_TH.T @ (y_TE - y_mean_E)).T
+    w_EH = _ridge_solve(z_TH, y_TE - y_mean_E, ridge).T
     return fold_standardization(w_EH, y_mean_E if bias else None, mean_H, std_H)
 
 
