@@ -14,7 +14,7 @@ from factorllm_ds import keys
 from factorllm_ds.checkpoints import read_run_manifest
 from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
 from factorllm_ds.errors import UserError
-from factorllm_ds.export_formats import FORMATS, ExportFormat, classify_moe_key, open_format
+from factorllm_ds.export_formats import FORMATS, WEIGHT_TOLERANCE, ExportFormat, classify_moe_key, open_format
 from factorllm_ds.hf_io import FolderWriter, copy_side_files
 from factorllm_ds.layout import MANIFEST_FILE, RUN_MANIFEST, read_manifest
 from factorllm_ds.outputs import output_problems
@@ -35,22 +35,26 @@ def _write_order(source: ExportSource, target: ExportFormat) -> list[str | int]:
 
 
 def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, max_shard_size: str = "2GB",
-           progress: bool = True, inputs: dict[str, Path] | None = None) -> Path:
+           progress: bool = True, inputs: dict[str, Path] | None = None,
+           weight_tolerance: float = WEIGHT_TOLERANCE) -> Path:
     """Write ``source`` to ``out`` as ``fmt`` (factorllm | mixtral | dense); returns ``out``.
 
     Every check runs before anything is written; on any failure nothing is left at ``out``.
     """
     out = Path(out)
-    target = open_format(source, fmt)
+    target = open_format(source, fmt, weight_tolerance)
     order = _write_order(source, target)
     plan = [info for item in order
             for info in (target.mlp_plan(item) if isinstance(item, int) else [source.info(item)])]
+    plan += target.extra_plan()
     with FolderWriter(out, plan, parse_size(max_shard_size), command="export", desc=f"export {fmt}",
                       overwrite=overwrite, progress=progress, inputs=inputs) as folder:
         for item in order:
             pairs = target.mlp_tensors(item) if isinstance(item, int) else [(item, source.shared_tensor(item))]
             for name, tensor in pairs:
                 folder.write(name, tensor)
+        for name, tensor in target.extra_tensors():
+            folder.write(name, tensor)
         target.save_config(folder.path)
         side_dir, f = source.side_dir, source.shape
         side = copy_side_files(side_dir, folder.path) if side_dir is not None else []
@@ -82,6 +86,10 @@ class ExportConfig:
     format: str = arg("output format", choices=tuple(FORMATS), default="factorllm")
     max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default=MAX_SHARD_SIZE)
     overwrite: bool = arg("replace --out if it exists", default=False)
+    weight_tolerance: float = arg("standard MoE formats (mixtral, qwen2-moe) of a hard-routed model: the largest "
+                                  "relative error allowed on each selected expert's weight; the router is scaled "
+                                  "down for it, and a smaller value leaves near-tied router scores less room "
+                                  "(docs/serving.md)", default=WEIGHT_TOLERANCE)
     allow_nonfinite: bool = arg("export even if a weight holds NaN or Inf (by default the first one is an error, as "
                                 "in convert)", default=False)
 
@@ -96,6 +104,8 @@ class ExportConfig:
         if self.out is not None:  # --overwrite replaces only an export/convert folder, holding and inside no input
             problems += output_problems(self.out, "--out", self.overwrite, self.inputs(), (MANIFEST_FILE,),
                                         inventory=MANIFEST_FILE)
+        if not 0 < self.weight_tolerance < 1:
+            problems.append(f"--weight-tolerance {self.weight_tolerance:g}: must be in (0, 1), e.g. 1e-3")
         try:
             parse_size(self.max_shard_size)
         except ValueError as err:
@@ -125,4 +135,4 @@ def run_export(cfg: ExportConfig, progress: bool = True) -> Path:
     cfg = cfg.validate()
     source = open_source(cfg.model, cfg.run, cfg.tag, cfg.allow_nonfinite)
     return export(source, cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress,
-                  inputs=cfg.inputs())
+                  inputs=cfg.inputs(), weight_tolerance=cfg.weight_tolerance)

@@ -6,6 +6,7 @@ tensors, writes the config, and says what it cannot represent. ``FORMATS`` is th
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -27,6 +28,10 @@ from factorllm_ds.sources import ExportSource
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 _SHARED_KEY = re.compile(r"mlp\.shared_expert\.(gate|up|down)_proj\.weight")
+
+# The largest relative error allowed on each selected expert's weight when a hard-routed model is written
+# to a standard MoE class (export --weight-tolerance; docs/serving.md says how the router is scaled for it).
+WEIGHT_TOLERANCE = 1e-3
 
 
 def classify_moe_key(name: str) -> tuple[str, int | None]:
@@ -85,9 +90,10 @@ class ExportFormat(ABC):
     ``problems`` runs before anything is built; ``notes`` end up in the manifest.
     """
 
-    def __init__(self, source: ExportSource):
+    def __init__(self, source: ExportSource, weight_tolerance: float = WEIGHT_TOLERANCE):
         self.source, self.shape = source, source.shape
         self.source_names = set(source.names())
+        self.weight_tolerance = weight_tolerance
         self.notes: list[str] = []
 
     @classmethod
@@ -113,6 +119,14 @@ class ExportFormat(ABC):
     @abstractmethod
     def save_config(self, folder: Path) -> None:
         """config.json and any other file the format needs beside the weights."""
+
+    def extra_plan(self) -> list[TensorInfo]:
+        """Tensors outside the layers that the format adds to the source's (written last)."""
+        return []
+
+    def extra_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for ``extra_plan``, in its order."""
+        return iter(())
 
 
 class RoutedFormat(ExportFormat):
@@ -149,9 +163,13 @@ class RoutedFormat(ExportFormat):
                  for e in range(self.shape.num_experts) for part in keys.MLP_PARTS]
         return plan + self.shared_expert_plan(layer)
 
+    def router_tensor(self, layer: int, name: str) -> torch.Tensor:
+        """The output tensor for the source router tensor ``name`` (by default unchanged)."""
+        return self.source.shared_tensor(name)
+
     def mlp_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         for name, out in self.router_names(layer).items():
-            yield out, self.source.shared_tensor(name)
+            yield out, self.router_tensor(layer, name)
         for e, tensors in enumerate(self.source.expert_tensors(layer)):
             for part, tensor in zip(keys.MLP_PARTS, tensors):
                 yield self.expert_name(part, layer, e), self.expert_down(tensor) if part == "down" else tensor
@@ -180,6 +198,26 @@ def fold_scale(down: torch.Tensor, scale: float) -> torch.Tensor:
     return (down.float() * scale).to(down.dtype)
 
 
+def router_logit_spread_bound(router_EH: torch.Tensor, norm_H: torch.Tensor) -> float:
+    """An upper bound on max_i z_i - min_j z_j over every input of the router z = W x, where x is an RMSNorm
+    output ``n * norm_H`` with ||n|| <= sqrt(H) (RMSNorm divides by the root mean square): for each pair,
+    (W_i - W_j) . (n * norm) <= ||(W_i - W_j) * norm|| sqrt(H) (Cauchy-Schwarz)."""
+    w_EH = router_EH.double() * norm_H.double()
+    sq_E = (w_EH * w_EH).sum(dim=1)
+    dist2_EE = (sq_E[:, None] + sq_E[None, :] - 2 * w_EH @ w_EH.T).clamp_min(0)
+    return float(dist2_EE.max().sqrt()) * router_EH.shape[1] ** 0.5
+
+
+def uniform_router_scale(spread: float, tolerance: float) -> float:
+    """The largest power of two a with exp(a * spread) - 1 <= tolerance: scaled by a, softmax weights over any
+    set of experts are within ``tolerance`` (relative) of equal, since each is a ratio of exponentials whose
+    exponents lie within a * spread of one another. A power of two scales the router's logits exactly, so
+    the ranking, and the experts each token selects, is the router's own (ties aside)."""
+    if spread <= 0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(math.log1p(tolerance) / spread))
+
+
 def _sliding_layers(text: dict) -> list[str]:
     return [t for t in (text.get("layer_types") or []) if t == "sliding_attention"]
 
@@ -193,21 +231,56 @@ _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 
 class StandardMoEFormat(RoutedFormat):
     """``--format mixtral``: the standard HF MoE class of the base family (``BY_FAMILY``), loadable
-    by plain transformers (and vLLM, llama.cpp, ...) without our code. Those classes weight the
-    top-k experts by their renormalized softmax probabilities, which is exactly our ``softmax``
-    routing once the combine scale s is folded into every ``down_proj`` (w2); ``hard`` routing
-    (k > 1) and routers with a bias have no such equivalent and are refused. Expert names are
-    ours (Qwen-MoE's); the router is ``mlp.gate``.
+    by plain transformers (and vLLM, llama.cpp, ...) without our code. Those classes weight each
+    selected expert by its softmax probability, renormalized over the top k (``norm_topk``) or not:
+
+    - ``softmax`` routing is exactly that, with the combine scale s folded into every ``down_proj``.
+    - ``hard`` routing (every selected expert weighs s) is written with the router scaled by a power of
+      two a per layer, small enough that the softmax weights are equal within ``weight_tolerance``
+      (``uniform_router_scale``), and s * k (renormalized) or s * E (not) folded into ``down_proj``.
+      Scaling by a power of two keeps the router's ranking, so each token selects the same experts
+      unless two router scores are within about 2^-24 / a of each other (a near tie). With k = 1 and
+      renormalization the weight is exactly 1 and the router is kept as it is.
+
+    A router bias cannot be represented (the router input has no constant component): a bias of zeros
+    is dropped, any other is refused. Expert names are ours (Qwen-MoE's); the router is ``mlp.gate``.
     """
 
     model_type = architecture = "?"
     moe_block = "mlp"  # the MoE module's name inside a decoder layer
     has_shared_expert = False
 
-    def __init__(self, source: ExportSource):
-        super().__init__(source)
-        if source.shape.scale != 1.0:
-            self.notes.append(f"combine scale s={source.shape.scale:g} folded into every expert's down_proj (w2)")
+    def __init__(self, source: ExportSource, weight_tolerance: float = WEIGHT_TOLERANCE):
+        super().__init__(source, weight_tolerance)
+        f = source.shape
+        self.uniform = f.routing == "hard" and not (f.top_k == 1 and self.norm_topk())
+        self.down_scale = f.scale * ((f.top_k if self.norm_topk() else f.num_experts) if self.uniform else 1)
+        self.router_scales = {layer: self._router_scale(layer) for layer in range(f.num_layers)} if self.uniform \
+            else {}
+        if self.down_scale != 1.0:
+            self.notes.append(f"{self.down_scale:g} folded into every routed expert's down_proj"
+                              + (f" (combine scale s={f.scale:g} times "
+                                 f"{'k' if self.norm_topk() else 'E'}, the inverse of each equal weight)"
+                                 if self.uniform else f" (combine scale s={f.scale:g})"))
+        if self.uniform:
+            low, high = min(self.router_scales.values()), max(self.router_scales.values())
+            self.notes.append(
+                f"hard routing written as softmax routing: each layer's router scaled by a power of two "
+                f"(2^{math.log2(high):g} .. 2^{math.log2(low):g}), so every selected expert's weight is s within a "
+                f"relative {weight_tolerance:g} for any input (export --weight-tolerance); the experts selected are "
+                "the router's own except where two router scores tie within about "
+                f"{2.0 ** -24 / low:.2g}")
+        if f.router_bias:
+            self.notes.append("the router bias is all zeros and was dropped")
+
+    def norm_topk(self) -> bool:
+        """Whether the class renormalizes the top-k probabilities (Mixtral and Qwen3-MoE always do)."""
+        return True
+
+    def _router_scale(self, layer: int) -> float:
+        router = self.source.shared_tensor(keys.ROUTER_WEIGHT.format(layer=layer))
+        norm = self.source.shared_tensor(keys.LAYER.format(layer=layer) + "post_attention_layernorm.weight")
+        return uniform_router_scale(router_logit_spread_bound(router, norm), self.weight_tolerance)
 
     @classmethod
     def for_model(cls, source: ExportSource) -> type[ExportFormat]:
@@ -231,17 +304,15 @@ class StandardMoEFormat(RoutedFormat):
         if source.base_type not in BY_FAMILY:
             problems.append(f"base model_type {source.base_type!r} has no standard Hugging Face MoE counterpart here "
                             f"(supported: {', '.join(f'{b} -> {c.architecture}' for b, c in BY_FAMILY.items())})")
-        if source.shape.routing == "hard" and source.shape.top_k > 1:
-            problems.append(
-                f"routing is 'hard' with k={source.shape.top_k}: every selected expert gets the constant weight "
-                f"s={source.shape.scale:g} whatever the router probabilities are, while Mixtral / Qwen-MoE always "
-                "weight the top-k experts by their renormalized softmax probabilities; no standard format can "
-                "represent that (with k=1 it could: the single weight is then 1 in both)")
         if source.shape.routing not in ("hard", "softmax"):
             problems.append(f"unknown routing {source.shape.routing!r}")
-        if source.shape.router_bias:
-            problems.append("the router has a bias (r = W x + b): Mixtral / Qwen-MoE routers are W x only, and a "
-                            "bias cannot be folded into W (the router input has no constant component)")
+        if source.shape.router_bias and any(
+                source.shared_tensor(keys.ROUTER_BIAS.format(layer=layer)).any()
+                for layer in range(source.shape.num_layers) if keys.ROUTER_BIAS.format(layer=layer) in source.names()):
+            problems.append("the router has a bias that is not zero (r = W x + b, trained or fitted): Mixtral / "
+                            "Qwen-MoE routers are W x only, and a bias cannot be folded into W (the router input has "
+                            "no constant component). For a native export, convert with --no-router-bias (and train "
+                            "that model); docs/serving.md gives the measured cost")
         if source.shape.shared_size and not cls.has_shared_expert:
             problems.append(f"the model has an always-on shared expert ({source.shape.shared_size} neurons per layer) "
                             f"and {cls.architecture} has none; --format qwen2-moe has one (Qwen2MoeForCausalLM)")
@@ -255,8 +326,11 @@ class StandardMoEFormat(RoutedFormat):
         out = keys.LAYER.format(layer=layer) + f"{self.moe_block}.gate.weight"
         return {keys.ROUTER_WEIGHT.format(layer=layer): out}
 
+    def router_tensor(self, layer: int, name: str) -> torch.Tensor:
+        return fold_scale(super().router_tensor(layer, name), self.router_scales.get(layer, 1.0))
+
     def expert_down(self, down: torch.Tensor) -> torch.Tensor:
-        return fold_scale(down, self.shape.scale)
+        return fold_scale(down, self.down_scale)
 
     def config_fields(self, expert_size: int) -> dict:
         """The config of the MoE class as keyword arguments; subclasses add their own."""
@@ -300,7 +374,7 @@ class _QwenMoEFormat(StandardMoEFormat):
     def config_fields(self, expert_size: int) -> dict:
         f, text = self.shape, self.source.text
         return super().config_fields(expert_size) | dict(
-            moe_intermediate_size=expert_size, num_experts=f.num_experts, norm_topk_prob=True,
+            moe_intermediate_size=expert_size, num_experts=f.num_experts, norm_topk_prob=self.norm_topk(),
             decoder_sparse_step=1, mlp_only_layers=[],
             intermediate_size=expert_size * f.num_experts,  # used by mlp_only_layers only
             use_sliding_window=bool(_sliding_layers(text)), sliding_window=text.get("sliding_window"),
@@ -308,11 +382,15 @@ class _QwenMoEFormat(StandardMoEFormat):
 
 
 class Qwen2MoeFormat(_QwenMoEFormat):
-    """Qwen2-MoE: ``norm_topk_prob`` routed experts plus its ``shared_expert``, which adds
-    sigmoid(shared_expert_gate · x) times its output. Zero gate weights give 0.5 on every token,
-    so 2 is folded into the shared ``down_proj`` and the sum is exactly ours (weight 1). Without a
-    shared expert it gets one of size 0, which adds exactly 0. Qwen2 bases, and LLaMA / Mistral
-    bases whose attention Qwen2 reproduces (no o_proj bias, no sliding window), via --format qwen2-moe."""
+    """Qwen2-MoE: routed experts plus its ``shared_expert``, which adds sigmoid(shared_expert_gate . x) times its
+    output. The gate is a tiny constant row (``SHARED_GATE``): sigmoid of a number that small is 1/2 in floating
+    point, so 2 is folded into the shared ``down_proj`` and the sum is ours (weight 1); not zero, because
+    llama.cpp computes that sigmoid as silu(y) / y, which is 0/0 at y = 0. Without a shared expert it gets one of
+    size 0, which adds exactly 0. The top-k probabilities are renormalized for ``softmax`` routing only: llama.cpp's
+    qwen2moe never renormalizes, so a hard-routed model (the recommended one) runs there as it runs in
+    transformers. ``lm_head`` is always written (llama.cpp's qwen2moe needs it even when the base ties it).
+    Qwen2 bases, and LLaMA / Mistral bases whose attention Qwen2 reproduces (no o_proj bias, no sliding window),
+    via --format qwen2-moe."""
 
     model_type, architecture = "qwen2_moe", "Qwen2MoeForCausalLM"
     has_shared_expert = True
@@ -328,12 +406,25 @@ class Qwen2MoeFormat(_QwenMoEFormat):
                                 "configures windows differently")
         return problems
 
+    def norm_topk(self) -> bool:
+        return self.shape.routing == "softmax"
+
     def config_fields(self, expert_size: int) -> dict:
         fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=self.shape.shared_size,
-                                                           qkv_bias=self.source.base_type == "qwen2")
+                                                           qkv_bias=self.source.base_type == "qwen2",
+                                                           tie_word_embeddings=False)
         if self.source.text.get("layer_types"):
             fields["layer_types"] = list(self.source.text["layer_types"])
         return fields
+
+    def extra_plan(self) -> list[TensorInfo]:
+        if "lm_head.weight" in self.source_names:
+            return []
+        return [replace(self.source.info("model.embed_tokens.weight"), name="lm_head.weight")]
+
+    def extra_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for info in self.extra_plan():  # the tied head, written out
+            yield info.name, self.source.shared_tensor("model.embed_tokens.weight")
 
     def shared_expert_plan(self, layer: int) -> list[TensorInfo]:
         p = keys.LAYER.format(layer=layer) + "mlp.shared_expert"
@@ -346,11 +437,19 @@ class Qwen2MoeFormat(_QwenMoEFormat):
 
     def shared_expert_tensors(self, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
         for info, part in zip(self.shared_expert_plan(layer), (*keys.MLP_PARTS, "shared_expert_gate")):
-            if part in keys.MLP_PARTS and self.shape.shared_size:
-                tensor = self.source.shared_tensor(keys.shared_expert_key(part, layer))
-                yield info.name, fold_scale(tensor, 2.0) if part == "down" else tensor  # sigmoid(0) = 1/2
-            else:  # the zero gate, or a size-0 shared expert
-                yield info.name, torch.zeros(info.shape, dtype=info.dtype)
+            if part in keys.MLP_PARTS:  # an empty tensor for a size-0 shared expert
+                tensor = self.source.shared_tensor(keys.shared_expert_key(part, layer)) if self.shape.shared_size \
+                    else torch.zeros(info.shape, dtype=info.dtype)
+                yield info.name, fold_scale(tensor, 2.0) if part == "down" else tensor  # sigmoid(~0) = 1/2
+            else:
+                yield info.name, torch.full(info.shape, shared_gate_value(info.dtype), dtype=info.dtype)
+
+
+def shared_gate_value(dtype: torch.dtype) -> float:
+    """The constant of Qwen2-MoE's shared-expert gate row: the smallest power of two ``dtype`` holds above
+    2^-40, so that the gate's input y is tiny (sigmoid(y) = 1/2 to well within fp32) but not 0."""
+    return max(2.0 ** -40, torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps) \
+        if dtype.is_floating_point else 0.0
 
 
 class Qwen2MoeTarget(StandardMoEFormat):
@@ -389,8 +488,8 @@ class DenseFormat(ExportFormat):
     different function from the routed MoE that was trained (the router and s are dropped).
     """
 
-    def __init__(self, source: ExportSource):
-        super().__init__(source)
+    def __init__(self, source: ExportSource, weight_tolerance: float = WEIGHT_TOLERANCE):
+        super().__init__(source, weight_tolerance)
         self.notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale "
                           "dropped)")
         if source.partition_file is not None:
@@ -452,11 +551,11 @@ FORMATS: dict[str, type[ExportFormat]] = {"factorllm": FactorLLMFormat, "mixtral
                                           "qwen2-moe": Qwen2MoeTarget, "dense": DenseFormat}
 
 
-def open_format(source: ExportSource, fmt: str) -> ExportFormat:
+def open_format(source: ExportSource, fmt: str, weight_tolerance: float = WEIGHT_TOLERANCE) -> ExportFormat:
     """``fmt`` for ``source``, after every check; one UserError lists all problems, before anything is written."""
     what = f"export to {fmt}: cannot export {source.description}"
     if fmt not in FORMATS:
         fail_if([f"--format {fmt!r}: expected one of {', '.join(FORMATS)}"], what)
     cls = FORMATS[fmt].for_model(source)
     fail_if(structure_problems(source) + [f"--format {fmt}: {p}" for p in cls.problems(source)], what)
-    return cls(source)
+    return cls(source, weight_tolerance)

@@ -126,14 +126,57 @@ def test_other_families_export_to_their_moe_class(family, tmp_path, mistral_dir)
     _assert_matches_moe(model, moe, _ids(vocab))
 
 
-def test_hard_routing_refused_for_mixtral_and_nothing_written(tmp_path, llama_dir):
-    moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir)  # hard, k=2, router bias: the paper's model
+NATIVE_TOL = 1e-3  # export --weight-tolerance's default bounds each expert weight; logits stay well within it
+
+
+def test_hard_routing_exports_to_mixtral_within_the_weight_tolerance(tmp_path, llama_dir):
+    """Hard routing, k=2, s = E/k = 2: the router is scaled by a power of two so that Mixtral's renormalized
+    softmax weights are all 1/k within the tolerance, and s*k is folded into w2."""
+    from transformers import MixtralForCausalLM
+
+    moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir)  # the fitted router's bias is zero: dropped
+    out = export(FolderSource(moe), tmp_path / "mx", "mixtral", progress=False)
+    names = _keys(out)
+    assert not any(n.endswith("gate.bias") or n.endswith("router.bias") for n in names)
+    router = load_moe(moe).model.layers[0].mlp.router.weight
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        scaled = f.get_tensor("model.layers.0.block_sparse_moe.gate.weight")
+    ratio = (scaled / router).flatten()
+    a = ratio[0].item()  # one power of two for the whole layer: the router's ranking, unchanged
+    assert torch.equal(ratio, torch.full_like(ratio, a)) and 0 < a < 1 and a == 2.0 ** round(torch.log2(ratio[0]).item())
+    model = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    moe_model = load_moe(moe)
+    with torch.no_grad():
+        routed = moe_model(_ids()).logits
+        all_experts_mode(moe_model)
+        assert _rel(routed, moe_model(_ids()).logits) > 100 * NATIVE_TOL  # routing matters
+        assert _rel(model(_ids()).logits, routed) < NATIVE_TOL
+    notes = json.loads((out / "factorllm_manifest.json").read_text())["notes"]
+    assert any("hard routing written as softmax routing" in n and "0.001" in n for n in notes), notes
+
+
+def test_a_tighter_weight_tolerance_scales_the_router_further(tmp_path, llama_dir):
+    moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir)
+    scales = []
+    for tol in (1e-2, 1e-5):
+        out = export(FolderSource(moe), tmp_path / f"mx{tol}", "mixtral", progress=False, weight_tolerance=tol)
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            scales.append(f.get_tensor("model.layers.1.block_sparse_moe.gate.weight").abs().max().item())
+    assert scales[1] < scales[0] / 256  # 1000x tighter: at least 2^8 further down
+
+
+def test_a_router_bias_is_refused_for_mixtral_and_nothing_written(tmp_path, llama_dir):
+    from safetensors.torch import load_file, save_file
+
+    moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir)  # hard, k=2: the paper's model
+    tensors = load_file(str(moe / "model.safetensors"))
+    tensors["model.layers.0.mlp.router.bias"] += 0.25  # as training leaves it
+    save_file(tensors, str(moe / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError) as err:
         export(FolderSource(moe), tmp_path / "mixtral", "mixtral", progress=False)
     msg = str(err.value)
-    assert "constant weight" in msg and "renormalized softmax" in msg
+    assert "router has a bias" in msg and "--no-router-bias" in msg
     assert "--format factorllm" in msg and "--format dense" in msg
-    assert "bias" in msg
     assert not (tmp_path / "mixtral").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]  # no temporary folder left either
 

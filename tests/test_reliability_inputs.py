@@ -317,8 +317,11 @@ def test_export_of_a_folder_holding_nan_is_refused(tiny_moe_dir, tmp_path, capsy
 
 @pytest.mark.parametrize("fmt", ["qwen2-moe", "mixtral"])
 def test_a_format_refusal_names_the_format_given(tiny_moe_dir, tmp_path, capsys, fmt):
-    code, err = cli(capsys, "export", "--model", tiny_moe_dir, "--out", tmp_path / "hf", "--format", fmt)
-    assert code == 2 and f"--format {fmt}: " in err and "routing is 'hard'" in err, err
+    model = shutil.copytree(tiny_moe_dir, tmp_path / "moe")
+    set_tensor(model, keys.ROUTER_BIAS.format(layer=1), lambda t: t + 0.5)  # a trained router bias
+    code, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "hf", "--format", fmt)
+    assert code == 2 and f"--format {fmt}: " in err and "router has a bias" in err, err
+    assert "--no-router-bias" in err, err
     assert not re.search(rf"--format (?!{fmt}\b)[\w-]+: ", err), err  # no other format speaks for it
     assert not (tmp_path / "hf").exists()
 
