@@ -143,7 +143,8 @@ def test_hard_routing_exports_to_mixtral_within_the_weight_tolerance(tmp_path, l
         scaled = f.get_tensor("model.layers.0.block_sparse_moe.gate.weight")
     ratio = (scaled / router).flatten()
     a = ratio[0].item()  # one power of two for the whole layer: the router's ranking, unchanged
-    assert torch.equal(ratio, torch.full_like(ratio, a)) and 0 < a < 1 and a == 2.0 ** round(torch.log2(ratio[0]).item())
+    assert torch.equal(ratio, torch.full_like(ratio, a)) and 0 < a < 1
+    assert a == 2.0 ** round(torch.log2(ratio[0]).item())
     model = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     moe_model = load_moe(moe)
     with torch.no_grad():
