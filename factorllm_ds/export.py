@@ -14,7 +14,16 @@ from factorllm_ds import keys
 from factorllm_ds.checkpoints import read_run_manifest
 from factorllm_ds.config import MAX_SHARD_SIZE, arg, fail_if, parse_size
 from factorllm_ds.errors import UserError
-from factorllm_ds.export_formats import FORMATS, WEIGHT_TOLERANCE, ExportFormat, classify_moe_key, open_format
+from factorllm_ds.export_formats import (
+    FORMATS,
+    GGUF_CONVERTER,
+    GGUF_TYPES,
+    WEIGHT_TOLERANCE,
+    ExportFormat,
+    ExportOptions,
+    classify_moe_key,
+    open_format,
+)
 from factorllm_ds.hf_io import FolderWriter, copy_side_files
 from factorllm_ds.layout import MANIFEST_FILE, RUN_MANIFEST, read_manifest
 from factorllm_ds.outputs import output_problems
@@ -36,13 +45,13 @@ def _write_order(source: ExportSource, target: ExportFormat) -> list[str | int]:
 
 def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, max_shard_size: str = "2GB",
            progress: bool = True, inputs: dict[str, Path] | None = None,
-           weight_tolerance: float = WEIGHT_TOLERANCE) -> Path:
+           options: ExportOptions = ExportOptions()) -> Path:
     """Write ``source`` to ``out`` as ``fmt`` (factorllm | mixtral | dense); returns ``out``.
 
     Every check runs before anything is written; on any failure nothing is left at ``out``.
     """
     out = Path(out)
-    target = open_format(source, fmt, weight_tolerance)
+    target = open_format(source, fmt, options)
     order = _write_order(source, target)
     plan = [info for item in order
             for info in (target.mlp_plan(item) if isinstance(item, int) else [source.info(item)])]
@@ -58,6 +67,7 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
         target.save_config(folder.path)
         side_dir, f = source.side_dir, source.shape
         side = copy_side_files(side_dir, folder.path) if side_dir is not None else []
+        target.finish(folder.path)
         architectures = json.loads((folder.path / "config.json").read_text()).get("architectures") or ["?"]
         folder.manifest.update(
             format=fmt, architecture=",".join(architectures), source=source.description,
@@ -73,9 +83,11 @@ class ExportConfig:
     """factorllm-ds export: a DeepSpeed training run or a FactorLLM folder -> one HF folder.
 
     --format factorllm: a FactorLLM folder (our model code inside). --format mixtral: the standard
-    HF MoE class of the base family (Mixtral for LLaMA/Mistral, Qwen2-MoE, Qwen3-MoE); softmax
-    routing only, no shared expert. --format qwen2-moe: Qwen2MoeForCausalLM for any supported base,
-    shared expert included. --format dense: the base architecture with every expert active at weight 1.
+    HF MoE class of the base family (Mixtral for LLaMA/Mistral, Qwen2-MoE, Qwen3-MoE); no shared
+    expert. --format qwen2-moe: Qwen2MoeForCausalLM for any supported base, shared expert included
+    (transformers, vLLM, SGLang load it without remote code). --format gguf: that folder plus
+    model.gguf for llama.cpp / Ollama / LM Studio. --format dense: the base architecture with every
+    expert active at weight 1. Hard routing goes to the standard classes within --weight-tolerance.
     """
 
     out: Path = arg("output folder (must not exist, unless --overwrite)", default=None, required=True)
@@ -90,6 +102,11 @@ class ExportConfig:
                                   "relative error allowed on each selected expert's weight; the router is scaled "
                                   "down for it, and a smaller value leaves near-tied router scores less room "
                                   "(docs/serving.md)", default=WEIGHT_TOLERANCE)
+    gguf_type: str = arg("--format gguf: the tensor type of the GGUF file", choices=GGUF_TYPES, default="f16")
+    llama_cpp: Path | None = arg("--format gguf: a llama.cpp source tree whose convert_hf_to_gguf.py writes the "
+                                 "file (default: the converter of the pinned llama-cpp-python sdist, fetched once "
+                                 "from the package registry into the cache: python -m factorllm_ds.assets llama-cpp)",
+                                 default=None)
     allow_nonfinite: bool = arg("export even if a weight holds NaN or Inf (by default the first one is an error, as "
                                 "in convert)", default=False)
 
@@ -106,6 +123,11 @@ class ExportConfig:
                                         inventory=MANIFEST_FILE)
         if not 0 < self.weight_tolerance < 1:
             problems.append(f"--weight-tolerance {self.weight_tolerance:g}: must be in (0, 1), e.g. 1e-3")
+        if self.llama_cpp is not None and not (Path(self.llama_cpp) / GGUF_CONVERTER).is_file():
+            problems.append(f"--llama-cpp {self.llama_cpp}: no {GGUF_CONVERTER} there; pass the root of a llama.cpp "
+                            "checkout, or leave the flag out to use the pinned converter")
+        if self.format != "gguf" and (self.llama_cpp is not None or self.gguf_type != "f16"):
+            problems.append(f"--llama-cpp and --gguf-type apply to --format gguf only (--format is {self.format})")
         try:
             parse_size(self.max_shard_size)
         except ValueError as err:
@@ -113,11 +135,15 @@ class ExportConfig:
         fail_if(problems, "export: bad arguments")
         return self
 
+    def options(self) -> ExportOptions:
+        return ExportOptions(weight_tolerance=self.weight_tolerance, gguf_type=self.gguf_type,
+                             llama_cpp=Path(self.llama_cpp) if self.llama_cpp is not None else None)
+
     def inputs(self) -> dict[str, Path | None]:
         """Every path export reads, by flag: --model or --run, and what --run's run.json records (the base model
         the run was trained from, whose config, partition and tokenizer files go into the export), with the run's
         --teacher and --tokenizer, which an --out over them would destroy just as well."""
-        inputs: dict[str, Path | None] = {"--model": self.model, "--run": self.run}
+        inputs: dict[str, Path | None] = {"--model": self.model, "--run": self.run, "--llama-cpp": self.llama_cpp}
         try:
             record = read_run_manifest(self.run, "--run", need=()) if self.run is not None else None
         except UserError:
@@ -135,4 +161,4 @@ def run_export(cfg: ExportConfig, progress: bool = True) -> Path:
     cfg = cfg.validate()
     source = open_source(cfg.model, cfg.run, cfg.tag, cfg.allow_nonfinite)
     return export(source, cfg.out, cfg.format, cfg.overwrite, cfg.max_shard_size, progress=progress,
-                  inputs=cfg.inputs(), weight_tolerance=cfg.weight_tolerance)
+                  inputs=cfg.inputs(), options=cfg.options())

@@ -12,7 +12,7 @@ import shutil
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,16 @@ _SHARED_KEY = re.compile(r"mlp\.shared_expert\.(gate|up|down)_proj\.weight")
 # The largest relative error allowed on each selected expert's weight when a hard-routed model is written
 # to a standard MoE class (export --weight-tolerance; docs/serving.md says how the router is scaled for it).
 WEIGHT_TOLERANCE = 1e-3
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes without a calibration step
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The settings a format may use besides its source (export's flags of the same names)."""
+
+    weight_tolerance: float = WEIGHT_TOLERANCE
+    gguf_type: str = "f16"
+    llama_cpp: Path | None = None  # a llama.cpp tree holding convert_hf_to_gguf.py (None: the cached one)
 
 
 def classify_moe_key(name: str) -> tuple[str, int | None]:
@@ -90,10 +100,10 @@ class ExportFormat(ABC):
     ``problems`` runs before anything is built; ``notes`` end up in the manifest.
     """
 
-    def __init__(self, source: ExportSource, weight_tolerance: float = WEIGHT_TOLERANCE):
+    def __init__(self, source: ExportSource, options: ExportOptions = ExportOptions()):
         self.source, self.shape = source, source.shape
         self.source_names = set(source.names())
-        self.weight_tolerance = weight_tolerance
+        self.options = options
         self.notes: list[str] = []
 
     @classmethod
@@ -127,6 +137,9 @@ class ExportFormat(ABC):
     def extra_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for ``extra_plan``, in its order."""
         return iter(())
+
+    def finish(self, folder: Path) -> None:  # noqa: B027 (optional step, nothing by default)
+        """The last step inside the output folder, after the weights, config and side files (e.g. a GGUF file)."""
 
 
 class RoutedFormat(ExportFormat):
@@ -250,8 +263,8 @@ class StandardMoEFormat(RoutedFormat):
     moe_block = "mlp"  # the MoE module's name inside a decoder layer
     has_shared_expert = False
 
-    def __init__(self, source: ExportSource, weight_tolerance: float = WEIGHT_TOLERANCE):
-        super().__init__(source, weight_tolerance)
+    def __init__(self, source: ExportSource, options: ExportOptions = ExportOptions()):
+        super().__init__(source, options)
         f = source.shape
         self.uniform = f.routing == "hard" and not (f.top_k == 1 and self.norm_topk())
         self.down_scale = f.scale * ((f.top_k if self.norm_topk() else f.num_experts) if self.uniform else 1)
@@ -267,8 +280,8 @@ class StandardMoEFormat(RoutedFormat):
             self.notes.append(
                 f"hard routing written as softmax routing: each layer's router scaled by a power of two "
                 f"(2^{math.log2(high):g} .. 2^{math.log2(low):g}), so every selected expert's weight is s within a "
-                f"relative {weight_tolerance:g} for any input (export --weight-tolerance); the experts selected are "
-                "the router's own except where two router scores tie within about "
+                f"relative {options.weight_tolerance:g} for any input (export --weight-tolerance); the experts "
+                "selected are the router's own except where two router scores tie within about "
                 f"{2.0 ** -24 / low:.2g}")
         if f.router_bias:
             self.notes.append("the router bias is all zeros and was dropped")
@@ -280,7 +293,7 @@ class StandardMoEFormat(RoutedFormat):
     def _router_scale(self, layer: int) -> float:
         router = self.source.shared_tensor(keys.ROUTER_WEIGHT.format(layer=layer))
         norm = self.source.shared_tensor(keys.LAYER.format(layer=layer) + "post_attention_layernorm.weight")
-        return uniform_router_scale(router_logit_spread_bound(router, norm), self.weight_tolerance)
+        return uniform_router_scale(router_logit_spread_bound(router, norm), self.options.weight_tolerance)
 
     @classmethod
     def for_model(cls, source: ExportSource) -> type[ExportFormat]:
@@ -460,6 +473,64 @@ class Qwen2MoeTarget(StandardMoEFormat):
         return Qwen2MoeFormat
 
 
+class GGUFFormat(Qwen2MoeFormat):
+    """``--format gguf``: the Qwen2-MoE folder, then ``model.gguf`` beside it, written from that folder by
+    llama.cpp's own converter (``gguf_convert``) as llama.cpp's ``qwen2moe`` architecture. That architecture
+    never renormalizes the top-k probabilities and always has a shared expert, so softmax routing and a
+    model without a shared expert are refused (--format qwen2-moe represents both for transformers)."""
+
+    @classmethod
+    def refusals(cls, source: ExportSource) -> list[str]:
+        problems = super().refusals(source)
+        if source.shape.routing == "softmax":
+            problems.append("routing is 'softmax' (top-k probabilities renormalized), which llama.cpp's qwen2moe "
+                            "does not do; convert with --routing hard (the default) for a GGUF, or use --format "
+                            "qwen2-moe for transformers / vLLM")
+        if not source.shape.shared_size:
+            problems.append("the model has no shared expert, which llama.cpp's qwen2moe requires; convert with "
+                            "--shared-neurons (e.g. 0.25, the recommended structure)")
+        return problems
+
+    def finish(self, folder: Path) -> None:
+        import subprocess
+
+        from factorllm_ds.errors import UserError
+
+        tree = self.options.llama_cpp
+        if tree is None:
+            from factorllm_ds.assets import llama_cpp_converter
+
+            try:
+                tree = llama_cpp_converter()
+            except RuntimeError as err:
+                raise UserError(f"--format gguf: {err} Or pass --llama-cpp LLAMA_CPP_DIR (a llama.cpp "
+                                "checkout).") from err
+        out = folder / GGUF_FILE
+        cmd = [sys.executable, "-m", "factorllm_ds.gguf_convert", str(tree), str(folder),
+               "--outtype", self.options.gguf_type, "--outfile", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n      ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+            raise UserError(f"--format gguf: llama.cpp's converter ({tree / 'convert_hf_to_gguf.py'}) failed on "
+                            f"the Qwen2-MoE folder; nothing was written. Its last lines:\n      {tail}\n    "
+                            "A newer llama.cpp (--llama-cpp DIR) may know this tokenizer; --format qwen2-moe "
+                            "writes the folder alone")
+        self.notes.append(f"{GGUF_FILE} ({self.options.gguf_type}) written by llama.cpp's convert_hf_to_gguf.py "
+                          f"from {tree}, architecture qwen2moe")
+
+
+GGUF_FILE = "model.gguf"
+GGUF_CONVERTER = "convert_hf_to_gguf.py"
+
+
+class GGUFTarget(StandardMoEFormat):
+    """``--format gguf``: :class:`GGUFFormat` whatever the base family."""
+
+    @classmethod
+    def for_model(cls, source: ExportSource) -> type[ExportFormat]:
+        return GGUFFormat
+
+
 class Qwen3MoeFormat(_QwenMoEFormat):
     model_type, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
 
@@ -488,8 +559,8 @@ class DenseFormat(ExportFormat):
     different function from the routed MoE that was trained (the router and s are dropped).
     """
 
-    def __init__(self, source: ExportSource, weight_tolerance: float = WEIGHT_TOLERANCE):
-        super().__init__(source, weight_tolerance)
+    def __init__(self, source: ExportSource, options: ExportOptions = ExportOptions()):
+        super().__init__(source, options)
         self.notes.append("dense = the MoE with all experts active, each with weight 1 (router and combine scale "
                           "dropped)")
         if source.partition_file is not None:
@@ -548,14 +619,14 @@ class DenseFormat(ExportFormat):
 
 
 FORMATS: dict[str, type[ExportFormat]] = {"factorllm": FactorLLMFormat, "mixtral": StandardMoEFormat,
-                                          "qwen2-moe": Qwen2MoeTarget, "dense": DenseFormat}
+                                          "qwen2-moe": Qwen2MoeTarget, "gguf": GGUFTarget, "dense": DenseFormat}
 
 
-def open_format(source: ExportSource, fmt: str, weight_tolerance: float = WEIGHT_TOLERANCE) -> ExportFormat:
+def open_format(source: ExportSource, fmt: str, options: ExportOptions = ExportOptions()) -> ExportFormat:
     """``fmt`` for ``source``, after every check; one UserError lists all problems, before anything is written."""
     what = f"export to {fmt}: cannot export {source.description}"
     if fmt not in FORMATS:
         fail_if([f"--format {fmt!r}: expected one of {', '.join(FORMATS)}"], what)
     cls = FORMATS[fmt].for_model(source)
     fail_if(structure_problems(source) + [f"--format {fmt}: {p}" for p in cls.problems(source)], what)
-    return cls(source, weight_tolerance)
+    return cls(source, options)

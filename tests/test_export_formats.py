@@ -17,6 +17,7 @@ from safetensors import safe_open
 import tiny
 from factorllm_ds.errors import UserError
 from factorllm_ds.export import export
+from factorllm_ds.export_formats import ExportOptions
 from factorllm_ds.modeling import all_experts_mode, load_moe
 from factorllm_ds.sources import FolderSource
 
@@ -160,7 +161,8 @@ def test_a_tighter_weight_tolerance_scales_the_router_further(tmp_path, llama_di
     moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir)
     scales = []
     for tol in (1e-2, 1e-5):
-        out = export(FolderSource(moe), tmp_path / f"mx{tol}", "mixtral", progress=False, weight_tolerance=tol)
+        out = export(FolderSource(moe), tmp_path / f"mx{tol}", "mixtral", progress=False,
+                     options=ExportOptions(weight_tolerance=tol))
         with safe_open(str(out / "model.safetensors"), framework="pt") as f:
             scales.append(f.get_tensor("model.layers.1.block_sparse_moe.gate.weight").abs().max().item())
     assert scales[1] < scales[0] / 256  # 1000x tighter: at least 2^8 further down

@@ -33,7 +33,7 @@ TIERS: dict[str, set[str]] = {
                "shape", "split", "structure"},
     "stage convert": {"convert", "calibration"},
     "stage train": {"train", "ds_moe", "routing"},
-    "stage export": {"export", "export_formats", "sources"},
+    "stage export": {"export", "export_formats", "gguf_convert", "sources"},
     "stage eval": {"evaluate"},
     "stage bench-speed": {"speed"},
     "stage plan": {"plan"},
