@@ -31,10 +31,10 @@ def _verify(cfg) -> int:
 
 def _export(cfg) -> int:
     from factorllm_ds.export import run_export
-    from factorllm_ds.hf_io import read_config
+    from factorllm_ds.layout import read_manifest
 
     out = run_export(cfg)
-    print(f"wrote {out} ({cfg.format}: {','.join(read_config(out, '--out').get('architectures') or ['?'])})")
+    print(f"wrote {out} ({cfg.format}: {(read_manifest(out) or {}).get('architecture', '?')})")
     return 0
 
 

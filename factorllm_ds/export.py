@@ -67,8 +67,8 @@ def export(source: ExportSource, out: Path, fmt: str, overwrite: bool = False, m
         target.save_config(folder.path)
         side_dir, f = source.side_dir, source.shape
         side = copy_side_files(side_dir, folder.path) if side_dir is not None else []
-        target.finish(folder.path)
         architectures = json.loads((folder.path / "config.json").read_text()).get("architectures") or ["?"]
+        target.finish(folder.path)
         folder.manifest.update(
             format=fmt, architecture=",".join(architectures), source=source.description,
             moe={"base_model_type": source.base_type, "num_experts": f.num_experts, "top_k": f.top_k,

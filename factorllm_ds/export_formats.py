@@ -154,6 +154,8 @@ class RoutedFormat(ExportFormat):
         names = (keys.ROUTER_WEIGHT.format(layer=layer), keys.ROUTER_BIAS.format(layer=layer))
         return {n: n for n in names if n in self.source_names}
 
+    down_dtype: torch.dtype | None = None  # the routed experts' down_proj dtype in the output (None: the source's)
+
     def expert_name(self, part: str, layer: int, expert: int) -> str:
         return keys.expert_key(part, layer, expert)
 
@@ -172,7 +174,8 @@ class RoutedFormat(ExportFormat):
     def mlp_plan(self, layer: int) -> list[TensorInfo]:
         info = self.source.info
         plan = [replace(info(name), name=out) for name, out in self.router_names(layer).items()]
-        plan += [replace(info(keys.expert_key(part, layer, e)), name=self.expert_name(part, layer, e))
+        plan += [replace(info(keys.expert_key(part, layer, e)), name=self.expert_name(part, layer, e),
+                         **({"dtype": self.down_dtype} if part == "down" and self.down_dtype else {}))
                  for e in range(self.shape.num_experts) for part in keys.MLP_PARTS]
         return plan + self.shared_expert_plan(layer)
 
@@ -204,11 +207,17 @@ class FactorLLMFormat(RoutedFormat):
             shutil.copy2(self.source.partition_file, folder / PARTITION_FILE)
 
 
-def fold_scale(down: torch.Tensor, scale: float) -> torch.Tensor:
-    """s * W_down, computed in fp32 and cast back (exact when s is a power of two, e.g. E = 4 or 8)."""
+def fold_scale(down: torch.Tensor, scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """s * W_down, computed in fp32 and cast to ``dtype`` (default: back to its own; exact when s is a power of
+    two, e.g. E = 4 or 8, or when ``dtype`` is fp32 and the source is narrower)."""
+    dtype = dtype or down.dtype
     if scale == 1.0:
-        return down
-    return (down.float() * scale).to(down.dtype)
+        return down.to(dtype)
+    return (down.float() * scale).to(dtype)
+
+
+def is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
 
 
 def router_logit_spread_bound(router_EH: torch.Tensor, norm_H: torch.Tensor) -> float:
@@ -270,6 +279,10 @@ class StandardMoEFormat(RoutedFormat):
         self.down_scale = f.scale * ((f.top_k if self.norm_topk() else f.num_experts) if self.uniform else 1)
         self.router_scales = {layer: self._router_scale(layer) for layer in range(f.num_layers)} if self.uniform \
             else {}
+        down_dtype = self.down_dtype or source.info(keys.expert_key("down", 0, 0)).dtype
+        if not is_power_of_two(self.down_scale) and down_dtype != torch.float32:
+            self.notes.append(f"the fold of {self.down_scale:g} (not a power of two) rounds each routed down_proj "
+                              f"weight once more to {str(down_dtype).removeprefix('torch.')}")
         if self.down_scale != 1.0:
             self.notes.append(f"{self.down_scale:g} folded into every routed expert's down_proj"
                               + (f" (combine scale s={f.scale:g} times "
@@ -343,7 +356,7 @@ class StandardMoEFormat(RoutedFormat):
         return fold_scale(super().router_tensor(layer, name), self.router_scales.get(layer, 1.0))
 
     def expert_down(self, down: torch.Tensor) -> torch.Tensor:
-        return fold_scale(down, self.down_scale)
+        return fold_scale(down, self.down_scale, self.down_dtype)
 
     def config_fields(self, expert_size: int) -> dict:
         """The config of the MoE class as keyword arguments; subclasses add their own."""
@@ -396,12 +409,12 @@ class _QwenMoEFormat(StandardMoEFormat):
 
 class Qwen2MoeFormat(_QwenMoEFormat):
     """Qwen2-MoE: routed experts plus its ``shared_expert``, which adds sigmoid(shared_expert_gate . x) times its
-    output. The gate is a tiny constant row (``SHARED_GATE``): sigmoid of a number that small is 1/2 in floating
-    point, so 2 is folded into the shared ``down_proj`` and the sum is ours (weight 1); not zero, because
+    output. The gate is a tiny constant row (``shared_gate_value``): sigmoid of a number that small is 1/2 in
+    floating point, so 2 is folded into the shared ``down_proj`` and the sum is ours (weight 1); not zero, because
     llama.cpp computes that sigmoid as silu(y) / y, which is 0/0 at y = 0. Without a shared expert it gets one of
-    size 0, which adds exactly 0. The top-k probabilities are renormalized for ``softmax`` routing only: llama.cpp's
-    qwen2moe never renormalizes, so a hard-routed model (the recommended one) runs there as it runs in
-    transformers. ``lm_head`` is always written (llama.cpp's qwen2moe needs it even when the base ties it).
+    size 0, which adds exactly 0. The top-k probabilities are renormalized (``norm_topk_prob``), so a hard-routed
+    model folds s k, a power of two for the usual k, exact in bf16 too. ``lm_head`` is always written (llama.cpp's
+    qwen2moe needs it even when the base ties it).
     Qwen2 bases, and LLaMA / Mistral bases whose attention Qwen2 reproduces (no o_proj bias, no sliding window),
     via --format qwen2-moe."""
 
@@ -418,9 +431,6 @@ class Qwen2MoeFormat(_QwenMoEFormat):
                 problems.append(f"the {source.base_type} base uses a sliding window on every layer; Qwen2-MoE "
                                 "configures windows differently")
         return problems
-
-    def norm_topk(self) -> bool:
-        return self.shape.routing == "softmax"
 
     def config_fields(self, expert_size: int) -> dict:
         fields = super().config_fields(expert_size) | dict(shared_expert_intermediate_size=self.shape.shared_size,
@@ -474,10 +484,16 @@ class Qwen2MoeTarget(StandardMoEFormat):
 
 
 class GGUFFormat(Qwen2MoeFormat):
-    """``--format gguf``: the Qwen2-MoE folder, then ``model.gguf`` beside it, written from that folder by
-    llama.cpp's own converter (``gguf_convert``) as llama.cpp's ``qwen2moe`` architecture. That architecture
-    never renormalizes the top-k probabilities and always has a shared expert, so softmax routing and a
-    model without a shared expert are refused (--format qwen2-moe represents both for transformers)."""
+    """``--format gguf``: ``model.gguf``, written by llama.cpp's own converter (``gguf_convert``) from a Qwen2-MoE
+    folder made for it (then removed), as llama.cpp's ``qwen2moe`` architecture. That architecture never
+    renormalizes the top-k probabilities, so a hard-routed model folds s E into each routed ``down_proj``,
+    in fp32 (the converter casts to ``--gguf-type`` once); softmax routing cannot be represented, and a model
+    without a shared expert is refused too (qwen2moe requires one). --format qwen2-moe takes both."""
+
+    down_dtype = torch.float32
+
+    def norm_topk(self) -> bool:
+        return False
 
     @classmethod
     def refusals(cls, source: ExportSource) -> list[str]:
@@ -515,6 +531,9 @@ class GGUFFormat(Qwen2MoeFormat):
                             f"the Qwen2-MoE folder; nothing was written. Its last lines:\n      {tail}\n    "
                             "A newer llama.cpp (--llama-cpp DIR) may know this tokenizer; --format qwen2-moe "
                             "writes the folder alone")
+        for path in folder.iterdir():  # the Qwen2-MoE folder made for the converter (this export's own temp folder)
+            if path.is_file() and path.name != GGUF_FILE and not path.name.startswith("."):
+                path.unlink()
         self.notes.append(f"{GGUF_FILE} ({self.options.gguf_type}) written by llama.cpp's convert_hf_to_gguf.py "
                           f"from {tree}, architecture qwen2moe")
 

@@ -267,7 +267,7 @@ def test_recommended_structure_exports_natively_to_qwen2_moe(family, calib_text,
     moe = _convert_shared(_dense(family, tmp_path), tmp_path / "moe", calib_text)
     out = export(FolderSource(moe), tmp_path / "hf", "qwen2-moe", progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["norm_topk_prob"] is False and config["tie_word_embeddings"] is False  # as llama.cpp runs it
+    assert config["norm_topk_prob"] is True and config["tie_word_embeddings"] is False  # s k folded; head written
     assert config["architectures"] == ["Qwen2MoeForCausalLM"] and "auto_map" not in config
     assert not any(p.suffix == ".py" for p in out.iterdir())
     reader = CheckpointReader(out)
