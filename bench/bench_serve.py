@@ -17,9 +17,11 @@ medians):
 prefill: one pass over ``--prompt`` tokens (one sequence). decode: ``--decode`` single-token steps after an
 untimed prefill, the tokens fixed in advance.
 
-``--check-tokens N`` (llama.cpp, needs an f32 GGUF: it is made for the check) also compares the GGUF's
-next-token logits with the FactorLLM model's in transformers on N tokens of held-out text (Botchan unless
-``--text``): top-1 agreement and max |delta logit|.
+``--check-tokens N`` runs N tokens of held-out text (Botchan unless ``--text``) through the FactorLLM model (fp32
+and bf16 compute), its native export in transformers and its GGUF in llama.cpp (f32 and ``--gguf-type``):
+perplexity of each, top-1 agreements, max |delta logit| of llama.cpp against transformers on the same weights.
+The FactorLLM model's own bf16 / fp32 agreement is the noise floor: hard top-k routing turns any rounding
+change into other expert choices downstream.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from factorllm_ds.export import export
-from factorllm_ds.export_formats import ExportOptions
+from factorllm_ds.export_formats import WEIGHT_TOLERANCE, ExportOptions
 from factorllm_ds.hf_io import CheckpointReader, read_config
 from factorllm_ds.shape import MoEShape
 from factorllm_ds.sources import FolderSource
@@ -120,7 +122,8 @@ def llama_cpp_timers(gguf: Path, prompt: list[int], steps: list[int], threads: i
 def bench_llama_cpp(args, moe: Path, dense: Path, work: Path, active: float, prompt, steps) -> dict:
     ggufs = {
         "moe": export(FolderSource(moe), work / "moe-gguf", "gguf", progress=False,
-                      options=ExportOptions(gguf_type=args.gguf_type)) / "model.gguf",
+                      options=ExportOptions(gguf_type=args.gguf_type, weight_tolerance=args.weight_tolerance))
+        / "model.gguf",
         "dense": gguf_of_dense(dense, work / "dense.gguf", args.gguf_type),
         "dense_no_ffn": gguf_of_dense(dense_without_ffn(dense, work / "no-ffn"), work / "no-ffn.gguf",
                                       args.gguf_type),
@@ -146,28 +149,54 @@ def phase_result(med: dict[str, float], tokens: int, active: float) -> dict:
     return out
 
 
-def check_llama_cpp(args, moe: Path, work: Path, text: Path) -> dict:
-    """Top-1 agreement and max |delta logit| of the f32 GGUF against the FactorLLM model on held-out text."""
+def gguf_logits(gguf: Path, ids: list[int], threads: int) -> torch.Tensor:
     from llama_cpp import Llama
-    from transformers import AutoTokenizer
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + 8, n_batch=512, logits_all=True, verbose=False,
+                n_threads=threads, type_k=0, type_v=0)  # f32 KV cache
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float32)
+    finally:
+        llm.close()
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp().item()
+
+
+def check_quality(args, moe: Path, work: Path, text: Path) -> dict:
+    """The same held-out tokens through the FactorLLM model (fp32 and bf16 compute), its native export in
+    transformers and its GGUF in llama.cpp (f32, and --gguf-type): perplexity of each and top-1 agreements."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from factorllm_ds.modeling import load_moe
 
-    gguf = export(FolderSource(moe), work / "moe-gguf-f32", "gguf", progress=False,
-                  options=ExportOptions(gguf_type="f32")) / "model.gguf"
     ids = AutoTokenizer.from_pretrained(moe)(text.read_text(encoding="utf-8")[:200_000])["input_ids"]
     ids = ids[:args.check_tokens]
-    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + 8, n_batch=512, logits_all=True, verbose=False,
-                n_threads=args.threads, type_k=0, type_v=0)  # f32 KV cache
-    llm.eval(ids)
-    got = torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float32)
-    llm.close()
-    model = load_moe(moe, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    logits = {}
     with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].float()
-    return {"tokens": len(ids), "top1_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
-            "max_abs_delta_logit": (got - want).abs().max().item(),
-            "max_abs_logit": want.abs().max().item()}
+        logits["factorllm fp32"] = load_moe(moe, dtype=torch.float32).eval()(x).logits[0].float()
+        logits["factorllm bf16"] = load_moe(moe, dtype=torch.bfloat16).eval()(x).logits[0].float()
+        native = export(FolderSource(moe), work / "native-check", "qwen2-moe", progress=False,
+                        options=ExportOptions(weight_tolerance=args.weight_tolerance))
+        logits["native fp32"] = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval()(x).logits[0]
+    for gguf_type in dict.fromkeys(("f32", args.gguf_type)):
+        gguf = export(FolderSource(moe), work / f"check-{gguf_type}", "gguf", progress=False,
+                      options=ExportOptions(gguf_type=gguf_type, weight_tolerance=args.weight_tolerance))
+        logits[f"llama.cpp {gguf_type}"] = gguf_logits(gguf / "model.gguf", ids, args.threads)
+    ref, top1 = logits["factorllm fp32"], {}
+    pairs = [("llama.cpp f32", "native fp32"), ("native fp32", "factorllm fp32"), ("llama.cpp f32", "factorllm fp32"),
+             ("factorllm bf16", "factorllm fp32")]
+    for a, b in pairs:
+        top1[f"{a} / {b}"] = (logits[a].argmax(-1) == logits[b].argmax(-1)).float().mean().item()
+    return {"tokens": len(ids), "text": str(text), "weight_tolerance": args.weight_tolerance,
+            "perplexity": {name: perplexity(lg, ids) for name, lg in logits.items()},
+            "top1_agreement": top1,
+            "max_abs_delta_logit_llama_cpp_f32_vs_native": (logits["llama.cpp f32"] - logits["native fp32"]).abs()
+            .max().item(),
+            "max_abs_logit": ref.abs().max().item()}
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -207,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--check-tokens", type=int, default=0)
+    parser.add_argument("--check-tokens", type=int, default=0, help="held-out tokens of the quality check (0: none)")
+    parser.add_argument("--weight-tolerance", type=float, default=WEIGHT_TOLERANCE, help="export --weight-tolerance")
     parser.add_argument("--text", type=Path, default=None, help="held-out text of the check (default: Botchan)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -229,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.check_tokens:
                 from factorllm_ds.assets import botchan_text
 
-                report["gguf_check"] = check_llama_cpp(args, args.moe, work, args.text or botchan_text())
+                report["quality"] = check_quality(args, args.moe, work, args.text or botchan_text())
         if "native" in engines:
             from transformers import AutoModelForCausalLM
 
-            native = export(FolderSource(args.moe), work / "native", "qwen2-moe", progress=False)
+            native = export(FolderSource(args.moe), work / "native", "qwen2-moe", progress=False,
+                            options=ExportOptions(weight_tolerance=args.weight_tolerance))
             model = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval()
             report["engines"]["native"] = bench_transformers(args, model, args.dense, prompt, steps)
             del model
@@ -253,11 +284,17 @@ def main(argv: list[str] | None = None) -> int:
                      if "amdahl_limit" in r else f"{'':10} {'':7} {'':9}")
             print(f"{engine:10} {phase:8} {r['dense_tokens_per_s']:12.1f} {r['moe_tokens_per_s']:10.1f} "
                   f"{r['speedup']:10.3f} {extra}")
-    if "gguf_check" in report:
-        c = report["gguf_check"]
-        print(f"GGUF f32 in llama.cpp vs the FactorLLM model in transformers, {c['tokens']} tokens: top-1 agreement "
-              f"{c['top1_agreement']:.4f}, max |delta logit| {c['max_abs_delta_logit']:.4g} "
-              f"(max |logit| {c['max_abs_logit']:.3g})")
+    if "quality" in report:
+        c = report["quality"]
+        print(f"held-out text, {c['tokens']} tokens ({Path(c['text']).name}), --weight-tolerance "
+              f"{c['weight_tolerance']:g}: perplexity")
+        for name, value in c["perplexity"].items():
+            print(f"  {name:16} {value:9.3f}")
+        print("top-1 next-token agreement")
+        for name, value in c["top1_agreement"].items():
+            print(f"  {name:34} {value:.4f}")
+        print(f"max |delta logit| llama.cpp f32 vs native fp32: {c['max_abs_delta_logit_llama_cpp_f32_vs_native']:.4g}"
+              f" (max |logit| {c['max_abs_logit']:.3g})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

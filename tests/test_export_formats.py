@@ -127,7 +127,7 @@ def test_other_families_export_to_their_moe_class(family, tmp_path, mistral_dir)
     _assert_matches_moe(model, moe, _ids(vocab))
 
 
-NATIVE_TOL = 1e-3  # export --weight-tolerance's default bounds each expert weight; logits stay well within it
+NATIVE_TOL = 1e-3  # relative max |delta logit|; the weights are bounded by --weight-tolerance (default 0.05)
 
 
 def test_hard_routing_exports_to_mixtral_within_the_weight_tolerance(tmp_path, llama_dir):
@@ -154,7 +154,7 @@ def test_hard_routing_exports_to_mixtral_within_the_weight_tolerance(tmp_path, l
         assert _rel(routed, moe_model(_ids()).logits) > 100 * NATIVE_TOL  # routing matters
         assert _rel(model(_ids()).logits, routed) < NATIVE_TOL
     notes = json.loads((out / "factorllm_manifest.json").read_text())["notes"]
-    assert any("hard routing written as softmax routing" in n and "0.001" in n for n in notes), notes
+    assert any("hard routing written as softmax routing" in n and "0.05" in n for n in notes), notes
 
 
 def test_a_tighter_weight_tolerance_scales_the_router_further(tmp_path, llama_dir):

@@ -208,11 +208,12 @@ def count_expert_rows(block):
 
 
 @pytest.mark.parametrize("routing", ["hard", "softmax"])
-@pytest.mark.parametrize("kernel", ["all", "grouped"])
+@pytest.mark.parametrize("kernel", ["all", "grouped", "union"])
 def test_kernels_equal_the_per_expert_loop(routing, kernel):
-    """The every-expert kernel (unselected experts weighted 0) and grouped_mm (the GPU path; it also runs on CPU
-    when strides are 16-byte aligned) give the loop's output and gradients, including for experts that get no
-    token; the auto choice takes the every-expert kernel for a handful of tokens, and on CPU for thin experts."""
+    """The every-expert kernel (unselected experts weighted 0), the union kernel (the experts some token selected)
+    and grouped_mm (the GPU path; it also runs on CPU when strides are 16-byte aligned) give the loop's output and
+    gradients, including for experts that get no token; the auto choice on CPU takes the union kernel for a
+    handful of tokens and the every-expert kernel for many tokens of thin experts."""
     if kernel == "grouped" and getattr(F, "grouped_mm", None) is None:
         pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     block = make_block(routing, 2)
@@ -234,7 +235,7 @@ def test_kernels_equal_the_per_expert_loop(routing, kernel):
             assert rel(got, want) <= 1e-5
     experts, x_TH = block.experts, tokens(n=40).view(-1, H)
     experts.kernel = "auto"
-    assert experts._kernel(x_TH[: experts.few_tokens]) == "all"
+    assert experts._kernel(x_TH[: experts.few_tokens]) == "union"  # CPU decode: the selected experts only
     experts.loop_min_intermediate = experts.intermediate_size  # CPU, many tokens: thin experts run as one pass
     assert experts._kernel(x_TH) == "loop"
     experts.loop_min_intermediate = experts.intermediate_size + 1

@@ -129,10 +129,11 @@ class FactorLLMExperts(nn.Module):
       sorted by expert once and each expert multiplies one contiguous slice:
       ``torch.nn.functional.grouped_mm`` (one call for all experts) where the device and strides allow
       it, else one matmul pair per expert that has tokens; no per-expert mask, gather or scatter.
-    - at most ``few_tokens`` tokens (decode): reading the weights, not the arithmetic, is the cost, and
-      nearly every expert is hit by some token; every expert runs on every token in one matmul over the
-      stacked weights and the unselected ones get weight 0, so decoding costs what the dense FFN does,
-      with no per-expert launches.
+    - at most ``few_tokens`` tokens (decode): reading the weights, not the arithmetic, is the cost. On the
+      GPU every expert runs on every token in one matmul over the stacked weights, the unselected ones
+      weighted 0: no per-expert launch and no host sync. On the CPU (``union``) only the experts some token
+      selected are read, gathered into one matmul pair, so a single sequence's decode reads its active
+      fraction of the FFN weights, not all of them.
     - many tokens on CPU with thin experts (``intermediate_size`` < ``loop_min_intermediate``): the
       same every-expert pass, with one dense-width matmul for the down projection; it costs what the
       dense FFN costs, which the per-expert matmuls of a few dozen neurons each do not reach.
@@ -144,7 +145,7 @@ class FactorLLMExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = ACT2FN[hidden_act]
-        self.kernel = "auto"  # auto | grouped | loop | all (tests pin one)
+        self.kernel = "auto"  # auto | grouped | loop | all | union (tests pin one)
         self.few_tokens = 16
         # CPU: below this expert width the per-expert matmuls are too thin to beat one dense-width
         # pass over every neuron (measured, docs/method.md §8)
@@ -165,7 +166,7 @@ class FactorLLMExperts(nn.Module):
         if self.kernel != "auto":
             return self.kernel
         if x_TH.shape[0] <= self.few_tokens:
-            return "all"
+            return "all" if x_TH.is_cuda else "union"
         aligned = all(t.stride(-2) * t.element_size() % 16 == 0 and t.stride(-1) == 1
                       for t in (x_TH, self.gate_up_proj, self.down_proj))
         if _GROUPED_MM is not None and x_TH.is_cuda and aligned:
@@ -185,11 +186,26 @@ class FactorLLMExperts(nn.Module):
         down_HN = self.down_proj.permute(1, 0, 2).reshape(x_TH.shape[-1], num_experts * inter)
         return F.linear(a_TEI.reshape(-1, num_experts * inter), down_HN).float()
 
+    def _union_experts(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        union_U = torch.unique(idx_TK)  # sorted; one host sync
+        pos_TK = torch.searchsorted(union_U, idx_TK)
+        num, inter = union_U.numel(), self.intermediate_size
+        gate_up_UXH = self.gate_up_proj.index_select(0, union_U)  # the selected experts' rows, read once
+        h_TUXI = F.linear(x_TH, gate_up_UXH.reshape(-1, x_TH.shape[-1])).view(-1, num, 2, inter)
+        w_TU = torch.zeros(idx_TK.shape[0], num, dtype=torch.float32, device=x_TH.device)
+        w_TU.scatter_(1, pos_TK, weights_TK.float())
+        a_TUI = self.act_fn(h_TUXI[:, :, 0]) * h_TUXI[:, :, 1]
+        a_TUI = (a_TUI.float() * w_TU.unsqueeze(-1)).to(x_TH.dtype)
+        down_UHI = self.down_proj.index_select(0, union_U)
+        return torch.bmm(a_TUI.transpose(0, 1), down_UHI.transpose(1, 2)).float().sum(dim=0)
+
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """sum over the k selected experts of weight * expert(x), accumulated in fp32: [T, H]."""
         kernel = self._kernel(x_TH)
         if kernel == "all":
             return self._all_experts(x_TH, idx_TK, weights_TK)
+        if kernel == "union":
+            return self._union_experts(x_TH, idx_TK, weights_TK)
         num_tokens, k = idx_TK.shape
         expert_N = idx_TK.reshape(-1)
         order_N = torch.argsort(expert_N, stable=True)
