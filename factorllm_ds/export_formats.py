@@ -427,6 +427,10 @@ class Qwen2MoeFormat(_QwenMoEFormat):
     @classmethod
     def refusals(cls, source: ExportSource) -> list[str]:
         problems = super().refusals(source)
+        if any(name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for name in source.names()):
+            problems.append(f"the {source.base_type} base normalizes queries and keys (q_norm / k_norm), which "
+                            "Qwen2-MoE's attention lacks; --format mixtral writes Qwen3MoeForCausalLM for a Qwen3 "
+                            "base (it has no shared expert: convert without --shared-neurons for it)")
         if source.base_type != "qwen2":
             if source.text.get("attention_bias") or source.text.get("mlp_bias"):
                 problems.append(f"the {source.base_type} base has attention or MLP biases that Qwen2-MoE lacks")
@@ -508,6 +512,12 @@ class GGUFFormat(Qwen2MoeFormat):
         if not source.shape.shared_size:
             problems.append("the model has no shared expert, which llama.cpp's qwen2moe requires; convert with "
                             "--shared-neurons (e.g. 0.25, the recommended structure)")
+        rope = source.text.get("rope_parameters") or source.text.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type not in ("default", None):
+            problems.append(f"the base scales its rotary embeddings (rope_type {rope_type!r}), which llama.cpp's "
+                            "qwen2moe is not known here to read back; --format qwen2-moe carries it for "
+                            "transformers / vLLM")
         return problems
 
     def finish(self, folder: Path) -> None:

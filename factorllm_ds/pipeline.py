@@ -62,6 +62,9 @@ class DemoConfig:
                                       "expert)", default=None)
     calib_tokens: int = arg("calibration tokens of --data for the shared neurons, the split and the router fit",
                             default=8192)
+    router_bias: bool | None = arg("router is W x + b instead of W x (default: convert's); a trained bias keeps the "
+                                   "model out of the standard MoE formats (export --format qwen2-moe / gguf)",
+                                   default=None)
     tokens: int = arg("training tokens", default=49152)
     seq_len: int = arg("training sequence length", default=256)
     micro_batch_size: int = arg("sequences per rank per forward", default=2)
@@ -254,7 +257,7 @@ def demo(cfg: DemoConfig) -> dict:
         convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
                               shared_neurons=cfg.shared_neurons, combine_scale=cfg.combine_scale,
                               prior_target=cfg.prior_target, calib_data=data, calib_tokens=cfg.calib_tokens,
-                              overwrite=True))
+                              router_bias=cfg.router_bias, overwrite=True))
     else:
         print(f"convert: {moe} exists; skipping", file=sys.stderr)
 

@@ -107,3 +107,31 @@ def test_gguf_flags_are_checked(tmp_path, tiny_moe_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--format gguf only" in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_qwen3_base_is_refused_for_qwen2_moe_and_gguf(calib_text, tmp_path, capsys):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=tiny.VOCAB, hidden_size=tiny.HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path / "dense")
+    tiny.copy_tokenizer(tmp_path / "dense")
+    moe = tiny.convert_tiny(tmp_path / "dense", tmp_path / "moe", num_experts=E, top_k=K, shared_neurons="0.25",
+                            split="coactivation", calib_data=calib_text, calib_tokens=512, calib_seq_len=128)
+    for fmt in ("qwen2-moe", "gguf"):
+        rc = main(["export", "--model", str(moe), "--out", str(tmp_path / fmt), "--format", fmt])
+        err = capsys.readouterr().err
+        assert rc == 2 and "q_norm" in err and "--format mixtral" in err, err
+        assert not (tmp_path / fmt).exists()
+
+
+def test_scaled_rope_is_refused_for_gguf_only(calib_text, tmp_path, capsys):
+    dense = tiny.build_dense(tmp_path / "dense", "llama", dtype=torch.float32,
+                             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    moe = tiny.convert_tiny(dense, tmp_path / "moe", num_experts=E, top_k=K, shared_neurons="0.25",
+                            split="coactivation", calib_data=calib_text, calib_tokens=512, calib_seq_len=128)
+    rc = main(["export", "--model", str(moe), "--out", str(tmp_path / "gguf"), "--format", "gguf"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "rope_type 'linear'" in err and "--format qwen2-moe" in err, err
+    assert main(["export", "--model", str(moe), "--out", str(tmp_path / "hf"), "--format", "qwen2-moe"]) == 0
