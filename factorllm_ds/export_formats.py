@@ -32,8 +32,8 @@ _SHARED_KEY = re.compile(r"mlp\.shared_expert\.(gate|up|down)_proj\.weight")
 # The largest relative error allowed on each selected expert's weight when a hard-routed model is written
 # to a standard MoE class, for any input (export --weight-tolerance; docs/serving.md). A guaranteed bound, so
 # loose: on real text the weights stay far closer. A tighter one scales the router further down, and then
-# fp32 softmax can no longer tell near-tied router scores apart: on SmolLM2, 1e-3 changed 10% of layer 0's
-# expert choices, 0.05 under 1% (bench/RESULTS.md "Serving").
+# fp32 softmax can no longer tell near-tied router scores apart: on SmolLM2, 1e-3 changed 5.7% of layer 0's
+# expert choices, 0.05 0.4% (docs/serving.md).
 WEIGHT_TOLERANCE = 0.05
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes without a calibration step
 
