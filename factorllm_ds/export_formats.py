@@ -157,7 +157,7 @@ class RoutedFormat(ExportFormat):
         names = (keys.ROUTER_WEIGHT.format(layer=layer), keys.ROUTER_BIAS.format(layer=layer))
         return {n: n for n in names if n in self.source_names}
 
-    down_dtype: torch.dtype | None = None  # the routed experts' down_proj dtype in the output (None: the source's)
+    down_dtype: torch.dtype | None = None  # routed down_proj (and scaled router) dtype out (None: the source's)
 
     def expert_name(self, part: str, layer: int, expert: int) -> str:
         return keys.expert_key(part, layer, expert)
@@ -301,6 +301,10 @@ class StandardMoEFormat(RoutedFormat):
                 f"{2.0 ** -24 / low:.2g}")
         if f.router_bias:
             self.notes.append("the router bias is all zeros and was dropped")
+        router_dtype = self.down_dtype or source.info(keys.ROUTER_WEIGHT.format(layer=0)).dtype
+        if self.uniform and router_dtype == torch.float16:
+            self.notes.append("warning: the scaled router is stored in float16, whose small numbers lose precision "
+                              "(subnormals); load the model in bfloat16 or float32 for the router's own choices")
 
     def norm_topk(self) -> bool:
         """Whether the class renormalizes the top-k probabilities (Mixtral and Qwen3-MoE always do)."""
@@ -356,7 +360,12 @@ class StandardMoEFormat(RoutedFormat):
         return {keys.ROUTER_WEIGHT.format(layer=layer): out}
 
     def router_tensor(self, layer: int, name: str) -> torch.Tensor:
-        return fold_scale(super().router_tensor(layer, name), self.router_scales.get(layer, 1.0))
+        return fold_scale(super().router_tensor(layer, name), self.router_scales.get(layer, 1.0), self.down_dtype)
+
+    def mlp_plan(self, layer: int) -> list[TensorInfo]:
+        plan = super().mlp_plan(layer)
+        routers = set(self.router_names(layer).values())
+        return [replace(i, dtype=self.down_dtype) if i.name in routers and self.down_dtype else i for i in plan]
 
     def expert_down(self, down: torch.Tensor) -> torch.Tensor:
         return fold_scale(down, self.down_scale, self.down_dtype)
