@@ -220,7 +220,7 @@ def test_kernels_equal_the_per_expert_loop(routing, kernel):
     x = tokens(n=40)
     x[:2] = x[:1, :1]  # 16 tokens the same: some experts get many tokens, some few or none
     # 40 tokens: "all" takes its dense-width down projection; 16 (= few_tokens): its per-expert bmm
-    for batch in (x, x[:2]):
+    for batch in (x, x[:2], x[:1, :1]):  # and one token (decode of one sequence)
         results = []
         for name in ("loop", kernel):
             block.zero_grad()

@@ -187,13 +187,15 @@ class FactorLLMExperts(nn.Module):
         return F.linear(a_TEI.reshape(-1, num_experts * inter), down_HN).float()
 
     def _union_experts(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        union_U = torch.unique(idx_TK)  # sorted; one host sync
-        pos_TK = torch.searchsorted(union_U, idx_TK)
+        if idx_TK.shape[0] == 1:  # one token: its k experts, its own weights
+            union_U, w_TU = idx_TK[0], weights_TK.float()
+        else:
+            union_U = torch.unique(idx_TK)  # sorted; one host sync
+            w_TU = torch.zeros(idx_TK.shape[0], union_U.numel(), dtype=torch.float32, device=x_TH.device)
+            w_TU.scatter_(1, torch.searchsorted(union_U, idx_TK), weights_TK.float())
         num, inter = union_U.numel(), self.intermediate_size
         gate_up_UXH = self.gate_up_proj.index_select(0, union_U)  # the selected experts' rows, read once
         h_TUXI = F.linear(x_TH, gate_up_UXH.reshape(-1, x_TH.shape[-1])).view(-1, num, 2, inter)
-        w_TU = torch.zeros(idx_TK.shape[0], num, dtype=torch.float32, device=x_TH.device)
-        w_TU.scatter_(1, pos_TK, weights_TK.float())
         a_TUI = self.act_fn(h_TUXI[:, :, 0]) * h_TUXI[:, :, 1]
         a_TUI = (a_TUI.float() * w_TU.unsqueeze(-1)).to(x_TH.dtype)
         down_UHI = self.down_proj.index_select(0, union_U)
