@@ -114,8 +114,10 @@ class MoEFlags:
                        "probabilities times s (exports to Mixtral / Qwen2-MoE)", choices=ROUTING_MODES,
                        default=MODEL_DEFAULTS["routing"])
     combine_scale: float | None = arg("s, the combine scale; default E/k for hard, E for softmax", default=None)
-    router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: on for hard, off for "
-                                   "softmax (Mixtral routers have no bias)", default=None)
+    router_bias: bool | None = arg("router is W x + b (paper) instead of W x; default: off with a shared expert "
+                                   "(a trained bias bought nothing and keeps the model out of the standard MoE "
+                                   "formats, bench/RESULTS.md 'Serving') and for softmax; on for the paper's hard "
+                                   "routing without one", default=None)
 
     def routing_problems(self) -> list[str]:
         """Problems of s and the router bias (the shape's own rules are shape.shape_problems)."""
@@ -138,8 +140,10 @@ class MoEFlags:
             return 1.0
         return default_combine_scale(self.routing, self.num_experts, self.top_k, self.combine_scale)
 
-    def resolved_router_bias(self) -> bool:
-        return self.routing == "hard" if self.router_bias is None else self.router_bias
+    def resolved_router_bias(self, num_shared: int = 0) -> bool:
+        if self.router_bias is not None:
+            return self.router_bias
+        return self.routing == "hard" and not num_shared
 
     def shape_for(self, dense_config: dict, num_shared: int = 0) -> MoEShape:
         """The MoE shape these flags make of the dense model of ``dense_config``, ``num_shared`` of its FFN's neurons
@@ -148,7 +152,7 @@ class MoEFlags:
                         intermediate_size=dense_config.get("intermediate_size"), shared_size=num_shared,
                         hidden_size=dense_config.get("hidden_size"), num_layers=dense_config.get("num_hidden_layers"),
                         routing=self.routing, scale=self.resolved_scale(num_shared) if self.top_k >= 1 else 0.0,
-                        router_bias=self.resolved_router_bias())
+                        router_bias=self.resolved_router_bias(num_shared))
 
 
 @dataclass

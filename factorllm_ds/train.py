@@ -146,7 +146,8 @@ class TrainConfig(Objective):
                                             or not model_config.get("router_bias")):
             problems.append(f"--balance-kind bias needs hard routing with a router bias (it is folded into that bias "
                             f"on export); --model {self.model} has routing {model_config.get('routing')!r}, "
-                            f"router_bias {model_config.get('router_bias')}. Use --balance-kind paper or switch")
+                            f"router_bias {model_config.get('router_bias')}. Use --balance-kind paper or switch, or "
+                            "convert with --router-bias")
         problems += shape_problems(shape, MODEL_WORDING, ep_size=self.ep_size, world=world, seq_len=self.seq_len,
                                    max_positions=text_config(model_config).get("max_position_embeddings"))
         stage = ds.get("zero_optimization", {}).get("stage", 0)

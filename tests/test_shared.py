@@ -265,6 +265,8 @@ def test_recommended_structure_exports_natively_to_qwen2_moe(family, calib_text,
     import sys
 
     moe = _convert_shared(_dense(family, tmp_path), tmp_path / "moe", calib_text)
+    config = json.loads((moe / "config.json").read_text())  # a shared expert: no router bias by default
+    assert config["router_bias"] is False and keys.ROUTER_BIAS.format(layer=0) not in CheckpointReader(moe).names()
     out = export(FolderSource(moe), tmp_path / "hf", "qwen2-moe", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["norm_topk_prob"] is True and config["tie_word_embeddings"] is False  # s k folded; head written

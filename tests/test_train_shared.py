@@ -25,10 +25,11 @@ SGD_TOL = 1e-5  # as test_train.py: EP2 vs EP1 with SGD, same global batch and s
 
 @pytest.fixture(scope="module")
 def shared_moe(tmp_path_factory, llama_dir, calib_text) -> Path:
-    """llama tiny: 25% shared (32 neurons) + 6 routed experts of 16, k=2, hard, router fitted on the text."""
+    """llama tiny: 25% shared (32 neurons) + 6 routed experts of 16, k=2, hard, router fitted on the text, with a
+    router bias (off by default with a shared expert; --balance-kind bias folds into it)."""
     return tiny.convert_tiny(llama_dir, tmp_path_factory.mktemp("shared") / "moe", num_experts=NUM_EXPERTS, top_k=2,
                              shared_neurons="0.25", split="coactivation", calib_data=calib_text, calib_tokens=512,
-                             calib_seq_len=128)
+                             calib_seq_len=128, router_bias=True)
 
 
 class Runs:
