@@ -334,14 +334,18 @@ def _config_dims(config: dict) -> tuple[dict[str, tuple[Dim, ...]], dict[str, tu
     head_said = f"head_dim {head[1]}" + (" (hidden_size / num_attention_heads)" if derived else "")
     q = (f"num_attention_heads {heads!r} x {head_said}", _product(heads, head[1]))
     kv = (f"num_key_value_heads {kv_heads!r} x {head_said}", _product(kv_heads, head[1]))
-    experts, expert, shared = (("num_experts", config.get("num_experts")),
-                               ("expert_intermediate_size", config.get("expert_intermediate_size")),
-                               ("shared_intermediate_size", config.get("shared_intermediate_size") or 0))
+    def said(*names: str, default=None) -> Dim:  # FactorLLM's name first, then the standard MoE classes' (exports)
+        return next(((n, config[n]) for n in names if config.get(n) is not None), (names[0], default))
+
+    experts = said("num_experts", "num_local_experts")
+    expert = said("expert_intermediate_size", "moe_intermediate_size")
+    shared = said("shared_intermediate_size", "shared_expert_intermediate_size", default=0)
 
     def mlp(prefix: str, rows: Dim) -> dict[str, tuple[Dim, ...]]:
         return {f"{prefix}.{part}_proj.weight": part_shape(part, rows, hidden) for part in MLP_PARTS}
 
     layer = {**mlp("mlp", inter), "mlp.router.weight": (experts, hidden), "mlp.router.bias": (experts,),
+             "mlp.gate.weight": (experts, hidden), "mlp.shared_expert_gate.weight": ((1, 1), hidden),
              **mlp("mlp.experts.*", expert), **mlp("mlp.shared_expert", shared),
              "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
              "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),

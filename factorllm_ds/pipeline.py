@@ -98,6 +98,7 @@ class DemoConfig:
 
 
 SETTINGS_FILE = "demo_settings.json"
+NATIVE_ROW = "trained, as Qwen2-MoE (no remote code)"
 DEMO_FOLDERS = ("moe", "run", "export", "reports")  # convert's, train's and export's outputs; eval's reports
 DEMO_FILES = ("usage.png", "summary.json", SETTINGS_FILE)
 DEMO_OUTPUTS = {*DEMO_FOLDERS, *DEMO_FILES}
@@ -272,6 +273,12 @@ def demo(cfg: DemoConfig) -> dict:
         _drop_older_checkpoints(run)
     else:
         print(f"export: {exported} exists; skipping", file=sys.stderr)
+    native = work / "export-qwen2-moe"  # the same model as a class transformers ships (docs/serving.md)
+    if not (native / "config.json").is_file():
+        try:
+            run_export(ExportConfig(run=run, out=native, format="qwen2-moe", overwrite=True), progress=False)
+        except UserError as err:  # e.g. a trained router bias (--router-bias): no standard equivalent
+            print(f"export: no Qwen2-MoE export of this model: {str(err).splitlines()[-1].strip()}", file=sys.stderr)
 
     _stage("5/5 evaluate")
     reports = work / "reports"
@@ -284,6 +291,8 @@ def demo(cfg: DemoConfig) -> dict:
                          sample_tokens=24, recall=True),
         "trained, oracle router": _eval(exported, held_out, reports / "oracle.json", cfg, router="oracle"),
     }
+    if (native / "config.json").is_file():
+        rows[NATIVE_ROW] = _eval(native, held_out, reports / "native.json", cfg)
     speed_file = reports / "speed.json"
     speed = json.loads(speed_file.read_text()) if speed_file.is_file() else bench_speed(
         SpeedConfig(model=exported, dense=dense, batch=4, seq_len=cfg.eval_seq_len, decode_tokens=0, reps=3,

@@ -290,6 +290,14 @@ def test_recommended_structure_exports_natively_to_qwen2_moe(family, calib_text,
         all_experts_mode(model)
         assert _rel(mine, model(ids).logits) > 10 * NATIVE_TOL  # routing matters here
     assert _rel(got["logits"], mine) < NATIVE_TOL
+    # eval and the other commands check a native export's config against its weights as they do ours
+    from factorllm_ds.errors import UserError
+    from factorllm_ds.hf_io import check_model_folder
+
+    check_model_folder(out)
+    (out / "config.json").write_text(json.dumps(config | {"moe_intermediate_size": 7}))
+    with pytest.raises(UserError, match="moe_intermediate_size 7"):
+        check_model_folder(out)
 
 
 def test_dense_and_factorllm_exports_of_a_shared_model(llama_dir, calib_text, tmp_path):
