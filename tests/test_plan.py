@@ -186,6 +186,10 @@ def test_shared_expert_is_counted_as_dense_trainable_weights():
     assert model.moe.shared_size == 7168 and model.moe.routed_size == 21504
     assert model.shared_expert_params == 3 * 80 * 8192 * 7168
     assert model.expert_params + model.shared_expert_params == dense.expert_params
+    # with a shared expert the router has no bias by default (convert's rule): 16 fewer numbers per layer; the
+    # comparisons below take the dense-split model without it too
+    assert model.router_params == dense.router_params - 80 * 16 and not model.moe.router_bias
+    dense = replace(dense, router_params=model.router_params, moe=replace(dense.moe, router_bias=False))
     assert model.total_params == dense.total_params
     choice = Choice(ep_size=16, zero=2, offload=False)
     e, d = estimate(model, cfg, choice), estimate(dense, plain, choice)
