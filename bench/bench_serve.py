@@ -44,6 +44,7 @@ from factorllm_ds.export_formats import WEIGHT_TOLERANCE, ExportOptions
 from factorllm_ds.hf_io import CheckpointReader, read_config
 from factorllm_ds.shape import MoEShape
 from factorllm_ds.sources import FolderSource
+from factorllm_ds.speed import _time_variants, amdahl_limit
 
 NO_FFN_NEURONS = 16  # the "FFN removed" dense model keeps this many neurons (llama.cpp needs n_ff > 0)
 
@@ -84,13 +85,8 @@ def dense_without_ffn(dense: Path, out: Path) -> Path:
 
 
 def median_times(variants: dict, reps: int) -> dict[str, float]:
-    for fn in variants.values():  # warm-up
-        fn()
-    times = {name: [] for name in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            times[name].append(fn())
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """One untimed run of each, then ``reps`` interleaved timed ones (bench-speed's schedule); the medians."""
+    return {name: statistics.median(ts) for name, ts in _time_variants(variants, reps, warmup=1).items()}
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp
@@ -103,8 +99,7 @@ def llama_cpp_timers(gguf: Path, prompt: list[int], steps: list[int], threads: i
                 n_ubatch=len(prompt), n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def prefill() -> float:
-        llm.reset()
-        llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+        llm.reset()  # position 0: eval drops the KV cache from there on
         start = time.perf_counter()
         llm.eval(prompt)
         return time.perf_counter() - start
@@ -144,7 +139,7 @@ def phase_result(med: dict[str, float], tokens: int, active: float) -> dict:
     out["speedup"] = med["dense"] / med["moe"]
     if "dense_no_ffn" in med:
         share = min(max(1 - med["dense_no_ffn"] / med["dense"], 0.0), 1.0)
-        limit = 1 / ((1 - share) + share * active)
+        limit = amdahl_limit(share, active)
         out |= {"ffn_share": share, "amdahl_limit": limit, "speedup_over_limit": out["speedup"] / limit}
     return out
 

@@ -19,6 +19,7 @@ import torch
 
 from factorllm_ds import keys, split
 from factorllm_ds.config import fail_if
+from factorllm_ds.gguf_convert import CONVERTER as GGUF_CONVERTER
 from factorllm_ds.hf_io import TensorInfo
 from factorllm_ds.layout import PARTITION_FILE, load_partition
 from factorllm_ds.shape import part_shape
@@ -549,7 +550,7 @@ class GGUFFormat(Qwen2MoeFormat):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             tail = "\n      ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
-            raise UserError(f"--format gguf: llama.cpp's converter ({tree / 'convert_hf_to_gguf.py'}) failed on "
+            raise UserError(f"--format gguf: llama.cpp's converter ({tree / GGUF_CONVERTER}) failed on "
                             f"the Qwen2-MoE folder; nothing was written. Its last lines:\n      {tail}\n    "
                             "A newer llama.cpp (--llama-cpp DIR) may know this tokenizer; --format qwen2-moe "
                             "writes the folder alone")
@@ -561,7 +562,6 @@ class GGUFFormat(Qwen2MoeFormat):
 
 
 GGUF_FILE = "model.gguf"
-GGUF_CONVERTER = "convert_hf_to_gguf.py"
 
 
 class GGUFTarget(StandardMoEFormat):
