@@ -22,16 +22,14 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the test 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-E, K = 6, 2
+E, K = tiny.SHARED_E, tiny.SHARED_K
 GGML_F32 = 0  # ggml_type of an f32 KV cache (llama.cpp's default f16 would dominate the comparison)
 TOL = 1e-3  # relative max |delta logit| against the FactorLLM model (the native-export bound)
 
 
 def _convert(family: str, tmp_path: Path, calib_text: Path, **kw) -> Path:
     dense = tiny.build_dense(tmp_path / "dense", family, dtype=torch.float32)
-    settings = dict(num_experts=E, top_k=K, shared_neurons="0.25", split="coactivation", calib_data=calib_text,
-                    calib_tokens=512, calib_seq_len=128)
-    return tiny.convert_tiny(dense, tmp_path / "moe", **(settings | kw))
+    return tiny.convert_shared(dense, tmp_path / "moe", calib_text, **kw)
 
 
 def llama_cpp_logits(gguf: Path, ids: list[int]) -> torch.Tensor:
@@ -110,15 +108,7 @@ def test_gguf_flags_are_checked(tmp_path, tiny_moe_dir, capsys):
 
 
 def test_a_qwen3_base_is_refused_for_qwen2_moe_and_gguf(calib_text, tmp_path, capsys):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=tiny.VOCAB, hidden_size=tiny.HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=24)
-    Qwen3ForCausalLM(config).save_pretrained(tmp_path / "dense")
-    tiny.copy_tokenizer(tmp_path / "dense")
-    moe = tiny.convert_tiny(tmp_path / "dense", tmp_path / "moe", num_experts=E, top_k=K, shared_neurons="0.25",
-                            split="coactivation", calib_data=calib_text, calib_tokens=512, calib_seq_len=128)
+    moe = tiny.convert_shared(tiny.build_qwen3_dense(tmp_path / "dense"), tmp_path / "moe", calib_text)
     for fmt in ("qwen2-moe", "gguf"):
         rc = main(["export", "--model", str(moe), "--out", str(tmp_path / fmt), "--format", fmt])
         err = capsys.readouterr().err
@@ -129,8 +119,7 @@ def test_a_qwen3_base_is_refused_for_qwen2_moe_and_gguf(calib_text, tmp_path, ca
 def test_scaled_rope_is_refused_for_gguf_only(calib_text, tmp_path, capsys):
     dense = tiny.build_dense(tmp_path / "dense", "llama", dtype=torch.float32,
                              rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    moe = tiny.convert_tiny(dense, tmp_path / "moe", num_experts=E, top_k=K, shared_neurons="0.25",
-                            split="coactivation", calib_data=calib_text, calib_tokens=512, calib_seq_len=128)
+    moe = tiny.convert_shared(dense, tmp_path / "moe", calib_text)
     rc = main(["export", "--model", str(moe), "--out", str(tmp_path / "gguf"), "--format", "gguf"])
     err = capsys.readouterr().err
     assert rc == 2 and "rope_type 'linear'" in err and "--format qwen2-moe" in err, err

@@ -26,30 +26,13 @@ from factorllm_ds.verify import VerifyConfig, verify
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FP32_TOL = 1e-5
-E, K = 6, 2  # 25% shared + 6 routed experts of the rest, k = 2: half of the FFN active per token
-
-
-def _qwen3_dense(out: Path) -> Path:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=tiny.VOCAB, hidden_size=tiny.HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=24)
-    Qwen3ForCausalLM(config).save_pretrained(out)
-    tiny.copy_tokenizer(out)
-    return out
+E, K = tiny.SHARED_E, tiny.SHARED_K
 
 
 def _dense(family: str, tmp_path: Path) -> Path:
     if family == "qwen3":
-        return _qwen3_dense(tmp_path / "dense")
+        return tiny.build_qwen3_dense(tmp_path / "dense")
     return tiny.build_dense(tmp_path / "dense", family, dtype=torch.float32)
-
-
-def _convert_shared(dense: Path, out: Path, calib_text: Path, **kw) -> Path:
-    settings = dict(num_experts=E, top_k=K, shared_neurons="0.25", split="coactivation", calib_data=calib_text,
-                    calib_tokens=512, calib_seq_len=128)
-    return tiny.convert_tiny(dense, out, **(settings | kw))
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -63,7 +46,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_shared_plus_routed_is_lossless(family, calib_text, tmp_path):
     dense = _dense(family, tmp_path)
-    moe = _convert_shared(dense, tmp_path / "moe", calib_text, refit_down=0)  # exact slices (the default refits)
+    moe = tiny.convert_shared(dense, tmp_path / "moe", calib_text, refit_down=0)  # exact slices (the default refits)
     config = json.loads((moe / "config.json").read_text())
     inter = json.loads((dense / "config.json").read_text())["intermediate_size"]
     shared = round(0.25 * inter)
@@ -98,7 +81,7 @@ def test_shared_neurons_are_the_most_important_on_the_calibration_text(llama_dir
     from factorllm_ds.data import read_text
     from factorllm_ds.structure import neuron_importance
 
-    moe = _convert_shared(llama_dir, tmp_path / "moe", calib_text)
+    moe = tiny.convert_shared(llama_dir, tmp_path / "moe", calib_text)
     dense = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(llama_dir)(read_text([calib_text], "--calib-data"),
                                                    add_special_tokens=False)["input_ids"][:512]
@@ -115,8 +98,8 @@ def test_shared_neurons_are_the_most_important_on_the_calibration_text(llama_dir
 
 def test_router_fitted_at_conversion_agrees_with_the_oracle(llama_dir, calib_text, tmp_path):
     # the router fitted to the oracle's picks (the default gate router reads no data: tests/test_convert.py)
-    fitted = _convert_shared(llama_dir, tmp_path / "fitted", calib_text, refit_down=0, router_fit="picks")
-    normal = _convert_shared(llama_dir, tmp_path / "normal", calib_text, router_init="normal")
+    fitted = tiny.convert_shared(llama_dir, tmp_path / "fitted", calib_text, refit_down=0, router_fit="picks")
+    normal = tiny.convert_shared(llama_dir, tmp_path / "normal", calib_text, router_init="normal")
     manifest = json.loads((fitted / "factorllm_manifest.json").read_text())
     assert manifest["settings"]["router_init"] == "prior"
     got = tiny.oracle_agreement(fitted, calib_text, tail=True)
@@ -131,10 +114,10 @@ def test_oracle_in_token_blocks_converts_the_same(llama_dir, calib_text, tmp_pat
 
     # router fits that read the oracle: its picks, and each expert's gain (a [T, E] target built block by block)
     for fit in ("picks", "gain"):
-        whole = _convert_shared(llama_dir, tmp_path / f"whole-{fit}", calib_text, router_fit=fit)
+        whole = tiny.convert_shared(llama_dir, tmp_path / f"whole-{fit}", calib_text, router_fit=fit)
         hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
         monkeypatch.setattr(convert_module, "ORACLE_BLOCK_BYTES", 7 * 4 * E * hidden)
-        blocks = _convert_shared(llama_dir, tmp_path / f"blocks-{fit}", calib_text, router_fit=fit)
+        blocks = tiny.convert_shared(llama_dir, tmp_path / f"blocks-{fit}", calib_text, router_fit=fit)
         monkeypatch.undo()
         _assert_same_checkpoint(whole, blocks)
 
@@ -159,8 +142,8 @@ def test_refit_down_brings_the_routed_model_closer_to_dense(llama_dir, calib_tex
     from factorllm_ds.config import REFIT_DOWN_RIDGE
     from factorllm_ds.data import read_text
 
-    exact = _convert_shared(llama_dir, tmp_path / "exact", calib_text, refit_down=0)
-    refit = _convert_shared(llama_dir, tmp_path / "refit", calib_text)
+    exact = tiny.convert_shared(llama_dir, tmp_path / "exact", calib_text, refit_down=0)
+    refit = tiny.convert_shared(llama_dir, tmp_path / "refit", calib_text)
     settings = json.loads((refit / "factorllm_manifest.json").read_text())["settings"]
     assert settings["refit_down"] == REFIT_DOWN_RIDGE > 0
 
@@ -215,7 +198,7 @@ def test_refit_down_needs_the_fitted_router(llama_dir, calib_text, tmp_path, cap
 
 @pytest.fixture(scope="module")
 def shared_softmax(tmp_path_factory, llama_dir, calib_text) -> Path:
-    return _convert_shared(llama_dir, tmp_path_factory.mktemp("shared") / "moe", calib_text, routing="softmax")
+    return tiny.convert_shared(llama_dir, tmp_path_factory.mktemp("shared") / "moe", calib_text, routing="softmax")
 
 
 def test_qwen2_moe_export_holds_the_shared_expert_exactly(shared_softmax, tmp_path):
@@ -264,7 +247,7 @@ def test_recommended_structure_exports_natively_to_qwen2_moe(family, calib_text,
     import subprocess
     import sys
 
-    moe = _convert_shared(_dense(family, tmp_path), tmp_path / "moe", calib_text)
+    moe = tiny.convert_shared(_dense(family, tmp_path), tmp_path / "moe", calib_text)
     config = json.loads((moe / "config.json").read_text())  # a shared expert: no router bias by default
     assert config["router_bias"] is False and keys.ROUTER_BIAS.format(layer=0) not in CheckpointReader(moe).names()
     out = export(FolderSource(moe), tmp_path / "hf", "qwen2-moe", progress=False)
@@ -301,7 +284,7 @@ def test_recommended_structure_exports_natively_to_qwen2_moe(family, calib_text,
 
 
 def test_dense_and_factorllm_exports_of_a_shared_model(llama_dir, calib_text, tmp_path):
-    moe = _convert_shared(llama_dir, tmp_path / "moe", calib_text, refit_down=0)
+    moe = tiny.convert_shared(llama_dir, tmp_path / "moe", calib_text, refit_down=0)
     dense_out = export(FolderSource(moe), tmp_path / "dense", "dense", progress=False)
     src, back = CheckpointReader(llama_dir), CheckpointReader(dense_out)
     for name in src.infos:  # the original checkpoint, bit for bit

@@ -86,6 +86,28 @@ def build_tiny_moe(out_dir: Path, dense_dir: Path, *, num_experts: int = 4, top_
     return convert_tiny(dense_dir, out_dir, num_experts=num_experts, top_k=top_k, routing=routing, **settings)
 
 
+def build_qwen3_dense(out_dir: Path) -> Path:
+    """A tiny fp32 Qwen3 (q/k norms, head_dim 24 != hidden / heads) with the test tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    Qwen3ForCausalLM(config).save_pretrained(out_dir)
+    copy_tokenizer(out_dir)
+    return Path(out_dir)
+
+
+SHARED_E, SHARED_K = 6, 2  # 25% shared + 6 routed experts of the rest, k = 2: half of the FFN active per token
+
+
+def convert_shared(dense_dir: Path, out_dir: Path, calib_text: Path, **settings) -> Path:
+    """The recommended structure in small: 25% shared expert, E=6, k=2, co-activation split on ``calib_text``."""
+    base = dict(num_experts=SHARED_E, top_k=SHARED_K, shared_neurons="0.25", split="coactivation",
+                calib_data=calib_text, calib_tokens=512, calib_seq_len=128)
+    return convert_tiny(dense_dir, out_dir, **(base | settings))
+
+
 def write_calibration_text(path: Path, chars: int = 20_000) -> Path:
     """The opening of *Botchan* (real English text, a cached PyPI asset) as a calibration file."""
     from factorllm_ds.assets import botchan_text
