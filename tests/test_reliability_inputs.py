@@ -328,13 +328,7 @@ def test_a_format_refusal_names_the_format_given(tiny_moe_dir, tmp_path, capsys,
 
 # ============================================================================ 20: mpirun without mpi4py
 
-HIDE_MPI4PY = """
-import sys
-class HideMpi4py:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "mpi4py":
-            raise ModuleNotFoundError("No module named 'mpi4py'", name=name)
-sys.meta_path.insert(0, HideMpi4py())
+HIDE_MPI4PY = tiny.hiding("mpi4py") + """
 from factorllm_ds.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -225,13 +225,8 @@ def test_mixtral_refuses_a_shared_expert_and_names_qwen2_moe(shared_softmax, tmp
 
 NATIVE_TOL = 1e-3  # the issue's bound for a native export of hard routing (fp32, relative max |delta logit|)
 
-BLOCKED_LOAD = """
-import sys, torch
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "factorllm_ds":
-            raise ModuleNotFoundError("blocked: the export must load without factorllm_ds", name=name)
-sys.meta_path.insert(0, Block())
+BLOCKED_LOAD = tiny.hiding("factorllm_ds") + """
+import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=False).eval()
 ids = torch.load(sys.argv[2])

@@ -108,6 +108,17 @@ def convert_shared(dense_dir: Path, out_dir: Path, calib_text: Path, **settings)
     return convert_tiny(dense_dir, out_dir, **(base | settings))
 
 
+def hiding(module: str) -> str:
+    """Python source that makes ``import module`` (and its submodules) fail as if it were not installed, in the
+    process that runs it: the start of a ``python -c`` script."""
+    return (f"import sys\n"
+            f"class _Hide:\n"
+            f"    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.partition('.')[0] == {module!r}:\n"
+            f"            raise ModuleNotFoundError(\"No module named {module!r}\", name=name)\n"
+            f"sys.meta_path.insert(0, _Hide())\n")
+
+
 def write_calibration_text(path: Path, chars: int = 20_000) -> Path:
     """The opening of *Botchan* (real English text, a cached PyPI asset) as a calibration file."""
     from factorllm_ds.assets import botchan_text
