@@ -173,15 +173,26 @@ class FactorLLMExperts(nn.Module):
             return "grouped"
         return "loop" if self.intermediate_size >= self.loop_min_intermediate else "all"
 
+    def _weighted_acts(self, x_TH: torch.Tensor, gate_up_UXH: torch.Tensor, w_TU: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up of the experts of ``gate_up_UXH`` on every token, each times the token's weight for that
+        expert (0 where the token did not select it): [T, U, I]."""
+        h_TUXI = F.linear(x_TH, gate_up_UXH.reshape(-1, x_TH.shape[-1])).view(-1, gate_up_UXH.shape[0], 2,
+                                                                              self.intermediate_size)
+        a_TUI = self.act_fn(h_TUXI[:, :, 0]) * h_TUXI[:, :, 1]
+        return (a_TUI.float() * w_TU.unsqueeze(-1)).to(x_TH.dtype)
+
+    @staticmethod
+    def _summed_down(a_TUI: torch.Tensor, down_UHI: torch.Tensor) -> torch.Tensor:
+        """sum over the experts of their down projections, each weight read once ([U, T, H] is small): [T, H]."""
+        return torch.bmm(a_TUI.transpose(0, 1), down_UHI.transpose(1, 2)).float().sum(dim=0)
+
     def _all_experts(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         num_experts, inter = self.num_experts, self.intermediate_size
-        h_TEXI = F.linear(x_TH, self.gate_up_proj.reshape(-1, x_TH.shape[-1])).view(-1, num_experts, 2, inter)
         w_TE = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.float32, device=x_TH.device)
         w_TE.scatter_(1, idx_TK, weights_TK.float())
-        a_TEI = self.act_fn(h_TEXI[:, :, 0]) * h_TEXI[:, :, 1]
-        a_TEI = (a_TEI.float() * w_TE.unsqueeze(-1)).to(x_TH.dtype)
-        if x_TH.shape[0] <= self.few_tokens:  # decode: read each down weight once, the [E, T, H] sum is small
-            return torch.bmm(a_TEI.transpose(0, 1), self.down_proj.transpose(1, 2)).float().sum(dim=0)
+        a_TEI = self._weighted_acts(x_TH, self.gate_up_proj, w_TE)
+        if x_TH.shape[0] <= self.few_tokens:  # decode
+            return self._summed_down(a_TEI, self.down_proj)
         # many tokens: one matmul over every neuron, as the dense FFN ([E, T, H] would dwarf the work)
         down_HN = self.down_proj.permute(1, 0, 2).reshape(x_TH.shape[-1], num_experts * inter)
         return F.linear(a_TEI.reshape(-1, num_experts * inter), down_HN).float()
@@ -193,13 +204,8 @@ class FactorLLMExperts(nn.Module):
             union_U = torch.unique(idx_TK)  # sorted; one host sync
             w_TU = torch.zeros(idx_TK.shape[0], union_U.numel(), dtype=torch.float32, device=x_TH.device)
             w_TU.scatter_(1, torch.searchsorted(union_U, idx_TK), weights_TK.float())
-        num, inter = union_U.numel(), self.intermediate_size
-        gate_up_UXH = self.gate_up_proj.index_select(0, union_U)  # the selected experts' rows, read once
-        h_TUXI = F.linear(x_TH, gate_up_UXH.reshape(-1, x_TH.shape[-1])).view(-1, num, 2, inter)
-        a_TUI = self.act_fn(h_TUXI[:, :, 0]) * h_TUXI[:, :, 1]
-        a_TUI = (a_TUI.float() * w_TU.unsqueeze(-1)).to(x_TH.dtype)
-        down_UHI = self.down_proj.index_select(0, union_U)
-        return torch.bmm(a_TUI.transpose(0, 1), down_UHI.transpose(1, 2)).float().sum(dim=0)
+        a_TUI = self._weighted_acts(x_TH, self.gate_up_proj.index_select(0, union_U), w_TU)  # selected rows only
+        return self._summed_down(a_TUI, self.down_proj.index_select(0, union_U))
 
     def forward(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """sum over the k selected experts of weight * expert(x), accumulated in fp32: [T, H]."""
