@@ -18,9 +18,35 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from factorllm_ds import keys
+from factorllm_ds.config import calib_files
 from factorllm_ds.data import read_text
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import check_token_ids, load_tokenizer
+
+
+def calibration_ids(tokenizer, dense_config: dict, cfg) -> torch.Tensor:
+    """``cfg.calib_tokens`` tokens of ``cfg.calib_data`` as [sequences, seq_len] ids on the CPU.
+
+    One file: its first tokens. Several: an equal share of the sequences from the start of each (the
+    first files take one more when they do not divide evenly), interleaved file by file, so that a mixed
+    corpus is not just its first file's domain.
+    """
+    files = calib_files(cfg.calib_data)
+    seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
+    n_seq = cfg.calib_tokens // seq_len
+    shares = [n_seq // len(files) + (i < n_seq % len(files)) for i in range(len(files))]
+    blocks = []
+    for path, share in zip(files, shares):
+        ids = tokenizer(read_text(path, "--calib-data"), add_special_tokens=False)["input_ids"]
+        check_token_ids(max(ids, default=-1), tokenizer, dense_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
+        if len(ids) < share * seq_len:
+            need = f"--calib-tokens {cfg.calib_tokens}" if len(files) == 1 else \
+                f"its share of --calib-tokens {cfg.calib_tokens}, {share} sequences of {seq_len} tokens"
+            raise UserError(f"--calib-data {path}: only {len(ids)} tokens, fewer than {need}. Use a longer text or "
+                            "lower --calib-tokens.")
+        blocks.append(torch.tensor(ids[: share * seq_len], device="cpu").view(share, seq_len))
+    order = sorted(((j, i) for i, block in enumerate(blocks) for j in range(block.shape[0])))
+    return torch.stack([blocks[i][j] for j, i in order])
 
 
 class CalibrationRunner:
@@ -31,14 +57,7 @@ class CalibrationRunner:
         self.config = AutoConfig.for_model(dense_config["model_type"], **text_cfg)
         self.config._attn_implementation = "sdpa"  # causal without building a mask
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, model_config=dense_config)  # ids within the vocabulary
-        ids = tokenizer(read_text(cfg.calib_data, "--calib-data"), add_special_tokens=False)["input_ids"]
-        check_token_ids(max(ids, default=-1), tokenizer, dense_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
-        seq_len = min(cfg.calib_seq_len, cfg.calib_tokens)
-        if len(ids) < cfg.calib_tokens:
-            raise UserError(f"--calib-data {cfg.calib_data}: only {len(ids)} tokens, fewer than --calib-tokens "
-                            f"{cfg.calib_tokens}. Use a longer text or lower --calib-tokens.")
-        n_seq = cfg.calib_tokens // seq_len
-        self.input_ids = torch.tensor(ids[: n_seq * seq_len], device="cpu").view(n_seq, seq_len)
+        self.input_ids = calibration_ids(tokenizer, dense_config, cfg)
         base = MODEL_MAPPING[type(self.config)]
         module = sys.modules[base.__module__]
         prefix = base.__name__[: -len("Model")]

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -240,8 +241,10 @@ class ConvertConfig(MoEFlags):
                                    "dense model, what `verify` checks). "
                                    f"Default: {REFIT_DOWN_RIDGE:g} with --router-init prior, else 0 (docs/method.md)",
                                    default=None)
-    calib_data: Path | None = arg("calibration text (.txt/.jsonl/.json/.parquet/.csv) for --shared-neurons, --split "
-                                  "coactivation and --router-init prior", default=None)
+    calib_data: list[Path] | None = arg(
+        "calibration text (.txt/.jsonl/.json/.parquet/.csv) for --shared-neurons, --split coactivation and "
+        "--router-init prior. Several files: an equal share of --calib-tokens from the start of each, so that the "
+        "split, the router and the refit see every domain the model will serve (docs/method.md §4)", default=None)
     calib_tokens: int = arg("calibration tokens for --shared-neurons / --split coactivation / --router-init prior",
                             default=4096)
     calib_seq_len: int = arg("calibration sequence length", default=512)
@@ -310,10 +313,16 @@ class ConvertConfig(MoEFlags):
                             ("--router-init prior", router_init == "prior")):
             if needs and self.calib_data is None:
                 problems.append(f"{flag} needs calibration text: pass --calib-data FILE")
-        if self.calib_data is not None and not Path(self.calib_data).is_file():
-            problems.append(f"--calib-data {self.calib_data}: no such file")
+        calib_data = calib_files(self.calib_data)
+        problems += [f"--calib-data {path}: no such file" for path in calib_data or () if not path.is_file()]
+        if calib_data is not None and len(set(map(_resolved_path, calib_data))) < len(calib_data):
+            problems.append("--calib-data names one file twice; pass each file once")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
+        elif calib_data and self.calib_tokens // min(self.calib_seq_len, self.calib_tokens) < len(calib_data):
+            problems.append(f"--calib-tokens {self.calib_tokens} makes fewer sequences of --calib-seq-len "
+                            f"{self.calib_seq_len} than the {len(calib_data)} --calib-data files: each file gives "
+                            "whole sequences; raise --calib-tokens or lower --calib-seq-len")
         refit = (REFIT_DOWN_RIDGE if router_init == "prior" else 0.0) if self.refit_down is None else self.refit_down
         if not (math.isfinite(refit) and refit >= 0):
             problems.append(f"--refit-down {self.refit_down}: must be a finite number >= 0 (0 keeps exact slices)")
@@ -332,7 +341,18 @@ class ConvertConfig(MoEFlags):
         fail_if(problems, "convert: bad arguments")
         target = self.prior_target or ("subset" if num_shared else "share")
         return dataclasses.replace(self, router_init=router_init, shape=shape, refit_down=refit,
-                                   prior_target=target, device=device)
+                                   prior_target=target, device=device, calib_data=calib_data)
+
+
+def calib_files(calib_data: str | Path | Sequence[str | Path] | None) -> list[Path] | None:
+    """``--calib-data`` as a list of paths (the Python API also takes one path)."""
+    if calib_data is None:
+        return None
+    return [Path(calib_data)] if isinstance(calib_data, (str, Path)) else [Path(p) for p in calib_data]
+
+
+def _resolved_path(path: Path) -> Path:
+    return path.resolve() if path.exists() else path
 
 
 # No disk or memory holds more: a larger size is a slip of the keyboard (and 1e400 is no float at all).

@@ -171,6 +171,13 @@ def moe_config(dense_config: dict, cfg: ConvertConfig) -> FactorLLMConfig:
     return moe
 
 
+def _jsonable(value):
+    """A setting as the manifest records it: paths (one, or a list of --calib-data files) as text."""
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     dense_config = read_config(cfg.model)
     reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
@@ -178,7 +185,9 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     # config that does not fit the weights is named as such, not as a flag error, a KeyError or a bad folder.
     check_config_shapes(dense_config, reader.infos, Path(cfg.model) / "config.json", f"--model {cfg.model}")
     cfg = cfg.validate(dense_config)
-    inputs = {"--model": cfg.model, "--calib-data": cfg.calib_data, "--tokenizer": cfg.tokenizer}
+    calib = cfg.calib_data or []
+    inputs = {"--model": cfg.model, "--tokenizer": cfg.tokenizer,
+              **{"--calib-data" + (f" (file {i + 1})" if len(calib) > 1 else ""): p for i, p in enumerate(calib)}}
     check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,),  # before any work; FolderWriter re-checks
                  inventory=MANIFEST_FILE)
     if cfg.tokenizer is not None or cfg.needs_calibration():
@@ -249,6 +258,6 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                   metadata={"method": cfg.split, "num_experts": str(cfg.shape.num_experts), "seed": str(cfg.seed),
                             "num_shared": str(cfg.shape.shared_size)})
         folder.manifest.update(source_model=str(cfg.model), partition_file=PARTITION_FILE, copied_files=side,
-                               settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                               settings={k: _jsonable(v) for k, v in asdict(cfg).items()},
                                bytes_read=reader.total_bytes)
     return Path(cfg.out)

@@ -507,6 +507,26 @@ def bad_calib_too_short(tmp_path, llama_dir, **_):
         "--calib-data", "short.txt", "fewer than --calib-tokens 256"]
 
 
+def bad_calib_second_file_too_short(tmp_path, llama_dir, calib_text, **_):
+    text = tmp_path / "short.txt"
+    text.write_text("Far too short a text to calibrate anything.")
+    return llama_dir, ["--split", "coactivation", "--calib-data", str(calib_text), str(text), "--calib-tokens", "256",
+                       "--calib-seq-len", "64"], ["--calib-data", "short.txt", "its share of --calib-tokens 256",
+                                                  "2 sequences of 64 tokens"]
+
+
+def bad_calib_more_files_than_sequences(tmp_path, llama_dir, calib_text, **_):
+    other = tmp_path / "other.txt"
+    other.write_text(calib_text.read_text())
+    return llama_dir, ["--split", "coactivation", "--calib-data", str(calib_text), str(other), "--calib-tokens", "64",
+                       "--calib-seq-len", "64"], ["--calib-tokens 64", "than the 2 --calib-data files"]
+
+
+def bad_calib_same_file_twice(tmp_path, llama_dir, calib_text, **_):
+    return llama_dir, ["--split", "coactivation", "--calib-data", str(calib_text), str(calib_text)], [
+        "--calib-data names one file twice"]
+
+
 def bad_calib_jsonl_without_text(tmp_path, llama_dir, **_):
     text = tmp_path / "calib.jsonl"
     text.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
@@ -517,8 +537,9 @@ BAD_INPUTS = [f for name, f in sorted(globals().items()) if name.startswith("bad
 
 
 @pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=lambda f: f.__name__[4:])
-def test_bad_input_one_clear_error_nothing_written(make_bad, tmp_path, llama_dir, tiny_moe_dir, capsys):
-    model, extra, needles = make_bad(tmp_path=tmp_path, llama_dir=llama_dir, tiny_moe_dir=tiny_moe_dir)
+def test_bad_input_one_clear_error_nothing_written(make_bad, tmp_path, llama_dir, tiny_moe_dir, calib_text, capsys):
+    model, extra, needles = make_bad(tmp_path=tmp_path, llama_dir=llama_dir, tiny_moe_dir=tiny_moe_dir,
+                                     calib_text=calib_text)
     out = tmp_path / "out" / "moe"
     rc = main(["convert", "--model", str(model), "--out", str(out), *extra])
     err = capsys.readouterr().err
@@ -684,3 +705,36 @@ def test_crash_during_overwrite_keeps_the_old_output(llama_dir, tmp_path, monkey
         tiny.convert_tiny(llama_dir, out, split="random", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(out) == ["moe"]
+
+
+def test_mixed_calibration_takes_an_equal_share_of_each_file(llama_dir, calib_text, tmp_path):
+    """Several --calib-data files: an equal share of the sequences from the start of each, interleaved; one file
+    gives its first tokens as before. A two-file conversion records both and differs from either alone."""
+    from types import SimpleNamespace
+
+    from factorllm_ds.calibration import calibration_ids
+    from factorllm_ds.hf_io import load_tokenizer, read_config
+
+    words = calib_text.read_text().split()
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(words)))  # the same words in another order: other token ids
+    config = read_config(llama_dir)
+    tok = load_tokenizer(llama_dir, model_config=config)
+    first = {p: tok(p.read_text(), add_special_tokens=False)["input_ids"] for p in (calib_text, other)}
+    cfg = SimpleNamespace(model=llama_dir, calib_data=[calib_text, other], calib_tokens=5 * 16 + 7, calib_seq_len=16)
+    ids = calibration_ids(tok, config, cfg)
+    assert ids.shape == (5, 16)  # whole sequences; the first file takes the odd one
+    want = [first[calib_text][:16], first[other][:16], first[calib_text][16:32], first[other][16:32],
+            first[calib_text][32:48]]
+    assert ids.tolist() == want
+    cfg.calib_data = calib_text  # one path (the Python API): its first tokens
+    assert calibration_ids(tok, config, cfg).view(-1).tolist() == first[calib_text][:80]
+
+    settings = dict(num_experts=E, top_k=2, shared_neurons="0.25", split="coactivation", calib_tokens=512,
+                    calib_seq_len=128)
+    mixed = tiny.convert_tiny(llama_dir, tmp_path / "mixed", calib_data=[calib_text, other], **settings)
+    alone = tiny.convert_tiny(llama_dir, tmp_path / "alone", calib_data=calib_text, **settings)
+    recorded = json.loads((mixed / MANIFEST_FILE).read_text())["settings"]["calib_data"]
+    assert recorded == [str(calib_text), str(other)]
+    name = keys.expert_key("down", 0, 0)
+    assert not torch.equal(CheckpointReader(mixed).get(name), CheckpointReader(alone).get(name))
