@@ -72,13 +72,14 @@ def token_ids(tok, names: list[str]) -> list[int]:
     return tok(read_text([TEXTS[n]() for n in names], "text"), add_special_tokens=False)["input_ids"]
 
 
-def calibration_ids(tok, names: list[str], tokens: int, seq_len: int) -> torch.Tensor:
+def calibration_ids(tok, names: list[str], tokens: int, seq_len: int, skip: dict[str, int]) -> torch.Tensor:
     """``tokens`` calibration tokens in ``seq_len`` sequences, an equal share from each text (convert reads
-    one file's first tokens; a mixed corpus is the texts interleaved by sequence)."""
+    one file's first tokens; a mixed corpus is the texts interleaved by sequence); ``skip``: tokens to pass
+    over at the start of a text (its held-out windows, when it is also scored)."""
     per = tokens // seq_len // len(names)
     seqs = []
     for name in names:
-        ids = token_ids(tok, [name])
+        ids = token_ids(tok, [name])[skip.get(name, 0):]
         if len(ids) < per * seq_len:
             raise SystemExit(f"--calib {name}: {len(ids)} tokens, fewer than the {per * seq_len} needed")
         seqs.append(torch.tensor(ids[: per * seq_len]).view(per, seq_len))
@@ -264,14 +265,17 @@ def main() -> None:
     work = args.work or assets.cache_dir() / "bench_router"
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib_ids = calibration_ids(tok, args.calib, args.calib_tokens, args.calib_seq_len)
-    # a held-out text that is also a calibration text is scored after the calibration tokens
-    evals = {n: eval_windows(tok, n, args.eval_windows, args.eval_seq_len,
-                             skip=args.calib_tokens if n in args.calib else 0) for n in args.eval}
+    # a held-out text that is also a calibration text is scored on its first windows, as every other text, and
+    # calibrates on the tokens after them (calibration on the served domain, not on the scored tokens)
+    held = {n: args.eval_windows * args.eval_seq_len for n in args.eval if n in args.calib}
+    calib_ids = calibration_ids(tok, args.calib, args.calib_tokens, args.calib_seq_len, held)
+    evals = {n: eval_windows(tok, n, args.eval_windows, args.eval_seq_len) for n in args.eval}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     dense_mlps = [layer.mlp for layer in model.model.layers]
     setting = {k: getattr(args, k) for k in ("calib", "calib_tokens", "calib_seq_len", "eval", "eval_windows",
                                              "eval_seq_len", "refit_down", "seed", "split")}
+    if set(args.calib) & set(args.eval):
+        setting["calib_after_eval"] = True  # the convention above (rows before it scored after the calibration)
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
     rows = []
     dense_file = work / f"dense-{key}.json"
