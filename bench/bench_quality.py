@@ -73,6 +73,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=16384, help="--jobs: KJV calibration tokens (convert and "
                    "static pruning)")
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--calib-served", action="store_true", help="--jobs: calibrate (convert and static pruning) on "
+                   "KJV and on the held-out text after its scored windows (the served domain), an equal share each, "
+                   "as `convert --calib-data KJV SERVED` does; its own cache entries (-calserved)")
     p.add_argument("--seed", type=int, default=0, help="--jobs: convert --seed of moe jobs (the split's k-means "
                    "initialisation); a non-zero seed is its own cache entry (-seed<N>)")
     p.add_argument("--router-fit", default="picks", help="--jobs: convert --router-fit of moe jobs; one other than "
@@ -198,19 +201,35 @@ def _parse_job(spec: str) -> dict:
     raise SystemExit(f"--jobs {spec}: expected static:F:T[:R], moe:S,E,K:T[:R] or paper:T")
 
 
-def _calib_ids(args, tokenizer, kjv: Path):
-    """The conversion's calibration tokens (calibration.CalibrationRunner): the first --calib-tokens of KJV."""
-    import torch
+def _calib_ids(args, dense: Path, files: list[Path]):
+    """The conversion's calibration tokens, as convert takes them from ``files`` (calibration.calibration_ids)."""
+    from types import SimpleNamespace
+
+    from factorllm_ds.calibration import calibration_ids
+    from factorllm_ds.hf_io import load_tokenizer, read_config
+
+    config = read_config(dense)
+    cfg = SimpleNamespace(model=dense, calib_data=files, calib_tokens=args.calib_tokens,
+                          calib_seq_len=args.calib_seq_len)
+    return calibration_ids(load_tokenizer(dense, model_config=config), config, cfg)
+
+
+def served_text(args, dense: Path, held_out: Path, work: Path) -> Path:
+    """The held-out text after its scored windows (--eval-windows x --eval-seq-len tokens), as a file: text of
+    the served domain that is not scored."""
+    from transformers import AutoTokenizer
 
     from factorllm_ds.data import read_text
 
-    ids = tokenizer(read_text(kjv, "kjv"), add_special_tokens=False)["input_ids"]
-    seq = min(args.calib_seq_len, args.calib_tokens)
-    n = max(args.calib_tokens, seq) // seq
-    return torch.tensor(ids[: n * seq]).view(n, seq)
+    path = work / "served-after-eval.txt"
+    if not path.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        ids = tokenizer(read_text(held_out, "held-out"), add_special_tokens=False)["input_ids"]
+        path.write_text(tokenizer.decode(ids[args.eval_windows * args.eval_seq_len:]))
+    return path
 
 
-def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
+def build_static(args, dense: Path, calib_files: list[Path], frac: float, refit: float = 0.0):
     """SmolLM2 with each FFN cut to its top ``frac`` neurons by contribution importance: a real LlamaForCausalLM
     with intermediate_size round(frac * I). Each layer's importance is measured on the calibration tokens as the
     already-pruned layers below it transform them (the stream convert calibrates on). ``refit`` > 0: the kept
@@ -225,7 +244,7 @@ def build_static(args, dense: Path, kjv: Path, frac: float, refit: float = 0.0):
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, attn_implementation="sdpa").eval()
     inter = model.config.intermediate_size
     keep = round(frac * inter)
-    calib = _calib_ids(args, tokenizer, kjv)
+    calib = _calib_ids(args, dense, calib_files)
     inner = model.model
     with torch.no_grad():
         hidden = inner.embed_tokens(calib)
@@ -339,10 +358,12 @@ def issue13(args) -> None:
     variant = (f"-{args.routed_split}" if args.routed_split != "coactivation" else "") + (
         f"-fit{args.router_fit}" if args.router_fit != "picks" else "") + (
         f"-seed{args.seed}" if args.seed else "")
+    calib_files = [kjv, served_text(args, dense, botchan, work)] if args.calib_served else [kjv]
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
-        if job["kind"] == "moe" and variant:
-            job["struct"] += variant
-            job["name"] = job["name"].replace("-T", variant + "-T", 1)
+        job_variant = (variant if job["kind"] == "moe" else "") + ("-calserved" if args.calib_served else "")
+        if job["kind"] in ("moe", "static") and job_variant:
+            job["struct"] += job_variant
+            job["name"] = job["name"].replace("-T", job_variant + "-T", 1)
         if job["tokens"] and args.distill:
             job["name"] += f"-KD{args.distill:g}"
             job["distill"] = args.distill
@@ -370,6 +391,7 @@ def issue13(args) -> None:
     settings = {"seq_len": args.seq_len, "global_batch_size": args.global_batch_size,
                 "micro_batch_size": args.micro_batch_size, "lr": args.lr, "nproc": args.nproc, "ep_size": args.ep_size,
                 "calib_tokens": args.calib_tokens, "calib_seq_len": args.calib_seq_len,
+                "calib_served": args.calib_served,
                 "eval": f"botchan {args.eval_windows}x{args.eval_seq_len}"}
     dense_ppl = report(dense, "dense")["perplexity"]
     for job in ([] if args.table_only else jobs):
@@ -386,7 +408,7 @@ def issue13(args) -> None:
             # the pruned, untrained model: built once per fraction, shared by its untrained and fine-tuned jobs
             pruned = work / f"{job['struct']}-pruned"
             if not (pruned / "config.json").is_file():
-                model, tokenizer = build_static(args, dense, kjv, job["frac"], job["refit"])
+                model, tokenizer = build_static(args, dense, calib_files, job["frac"], job["refit"])
                 model.save_pretrained(pruned)
                 tokenizer.save_pretrained(pruned)
                 del model
@@ -412,7 +434,7 @@ def issue13(args) -> None:
             if not (moe / MANIFEST_FILE).is_file():
                 if job["kind"] == "moe":
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=job["E"], top_k=job["k"],
-                                        split=args.routed_split, shared_neurons=job["shared"], calib_data=kjv,
+                                        split=args.routed_split, shared_neurons=job["shared"], calib_data=calib_files,
                                         calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                                         refit_down=job["refit"], seed=args.seed, router_fit=args.router_fit,
                                         overwrite=True)
