@@ -344,6 +344,13 @@ class ConvertConfig(MoEFlags):
                                    prior_target=target, device=device, calib_data=calib_data)
 
 
+def jsonable(value):
+    """A setting as a manifest or settings file records it: paths (one, or a list such as --calib-data's) as text."""
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def calib_files(calib_data: str | Path | Sequence[str | Path] | None) -> list[Path] | None:
     """``--calib-data`` as a list of paths (the Python API also takes one path)."""
     if calib_data is None:

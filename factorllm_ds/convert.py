@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from factorllm_ds import keys, split, structure
 from factorllm_ds.calibration import CalibrationRunner
-from factorllm_ds.config import ConvertConfig, parse_size
+from factorllm_ds.config import ConvertConfig, jsonable, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (
     CheckpointReader,
@@ -171,13 +171,6 @@ def moe_config(dense_config: dict, cfg: ConvertConfig) -> FactorLLMConfig:
     return moe
 
 
-def _jsonable(value):
-    """A setting as the manifest records it: paths (one, or a list of --calib-data files) as text."""
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
-
-
 def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     dense_config = read_config(cfg.model)
     reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
@@ -258,6 +251,6 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
                   metadata={"method": cfg.split, "num_experts": str(cfg.shape.num_experts), "seed": str(cfg.seed),
                             "num_shared": str(cfg.shape.shared_size)})
         folder.manifest.update(source_model=str(cfg.model), partition_file=PARTITION_FILE, copied_files=side,
-                               settings={k: _jsonable(v) for k, v in asdict(cfg).items()},
+                               settings={k: jsonable(v) for k, v in asdict(cfg).items()},
                                bytes_read=reader.total_bytes)
     return Path(cfg.out)

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if
+from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if, jsonable
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import (
     CHECKPOINT_DIR,
@@ -60,7 +60,9 @@ class DemoConfig:
                                    choices=PRIOR_TARGETS, default=None)
     combine_scale: float | None = arg("s, the hard-routing combine scale (default: convert's, 1 with a shared "
                                       "expert)", default=None)
-    calib_tokens: int = arg("calibration tokens of --data for the shared neurons, the split and the router fit",
+    calib_data: list[Path] | None = arg("calibration text for convert, one file per domain the model will serve "
+                                        "(convert --calib-data; default: --data)", default=None)
+    calib_tokens: int = arg("calibration tokens for the shared neurons, the split, the router fit and the refit",
                             default=8192)
     router_bias: bool | None = arg("router is W x + b instead of W x (default: convert's); a trained bias keeps the "
                                    "model out of the standard MoE formats (export --format qwen2-moe / gguf)",
@@ -106,7 +108,7 @@ DEMO_OUTPUTS = {*DEMO_FOLDERS, *DEMO_FILES}
 
 def _reset_if_settings_changed(work: Path, cfg: DemoConfig) -> None:
     """Stages resume from what --work holds, but only if it was made with the same settings."""
-    wanted = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("fresh", "work")}
+    wanted = {k: jsonable(v) for k, v in asdict(cfg).items() if k not in ("fresh", "work")}
     recorded = work / SETTINGS_FILE
     old = json.loads(recorded.read_text()) if recorded.is_file() else None
     if old is not None and old != wanted:
@@ -239,7 +241,9 @@ def demo(cfg: DemoConfig) -> dict:
     cfg = cfg.validate()
     work = Path(cfg.work or assets.cache_dir() / "demo")
     # Before anything is deleted (--fresh, changed settings): --work must be a demo's own folder, holding no input.
-    check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data},
+    calib_inputs = {f"--calib-data (file {i + 1})": p for i, p in enumerate(cfg.calib_data or [])}
+    check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data,
+                                        **calib_inputs},
                  (SETTINGS_FILE, "summary.json"))
     if cfg.fresh and work.exists():
         _start_over(work, "--fresh was given")
@@ -257,8 +261,8 @@ def demo(cfg: DemoConfig) -> dict:
     if not (moe / MANIFEST_FILE).is_file():
         convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
                               shared_neurons=cfg.shared_neurons, combine_scale=cfg.combine_scale,
-                              prior_target=cfg.prior_target, calib_data=data, calib_tokens=cfg.calib_tokens,
-                              router_bias=cfg.router_bias, overwrite=True))
+                              prior_target=cfg.prior_target, calib_data=cfg.calib_data or data,
+                              calib_tokens=cfg.calib_tokens, router_bias=cfg.router_bias, overwrite=True))
     else:
         print(f"convert: {moe} exists; skipping", file=sys.stderr)
 

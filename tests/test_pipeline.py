@@ -38,6 +38,18 @@ def test_changed_settings_start_over(tmp_path, capsys):
     assert json.loads((work / SETTINGS_FILE).read_text())["split"] == "kmeans"
 
 
+def test_calibration_files_are_a_setting(tmp_path, capsys):
+    """demo --calib-data (convert's several files) is recorded as text; other files start the demo over."""
+    work = tmp_path / "demo"
+    first = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    _reset_if_settings_changed(work, DemoConfig(work=work, calib_data=first))
+    assert json.loads((work / SETTINGS_FILE).read_text())["calib_data"] == [str(p) for p in first]
+    (work / "moe").mkdir()
+    _reset_if_settings_changed(work, DemoConfig(work=work, calib_data=first[:1]))
+    assert not (work / "moe").exists()
+    assert "other settings (calib_data)" in capsys.readouterr().err
+
+
 def test_folder_of_an_older_version_starts_over(tmp_path):
     work = tmp_path / "demo"
     (work / "moe").mkdir(parents=True)
