@@ -358,6 +358,13 @@ def calib_files(calib_data: str | Path | Sequence[str | Path] | None) -> list[Pa
     return [Path(calib_data)] if isinstance(calib_data, (str, Path)) else [Path(p) for p in calib_data]
 
 
+def calib_inputs(calib_data: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
+    """``--calib-data``'s files as the inputs an output must not overwrite (outputs.check_output), each under the
+    flag, numbered when there are several."""
+    files = calib_files(calib_data) or []
+    return {"--calib-data" + (f" (file {i + 1})" if len(files) > 1 else ""): p for i, p in enumerate(files)}
+
+
 def _resolved_path(path: Path) -> Path:
     return path.resolve() if path.exists() else path
 

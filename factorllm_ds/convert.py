@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from factorllm_ds import keys, split, structure
 from factorllm_ds.calibration import CalibrationRunner
-from factorllm_ds.config import ConvertConfig, jsonable, parse_size
+from factorllm_ds.config import ConvertConfig, calib_inputs, jsonable, parse_size
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (
     CheckpointReader,
@@ -178,9 +178,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     # config that does not fit the weights is named as such, not as a flag error, a KeyError or a bad folder.
     check_config_shapes(dense_config, reader.infos, Path(cfg.model) / "config.json", f"--model {cfg.model}")
     cfg = cfg.validate(dense_config)
-    calib = cfg.calib_data or []
-    inputs = {"--model": cfg.model, "--tokenizer": cfg.tokenizer,
-              **{"--calib-data" + (f" (file {i + 1})" if len(calib) > 1 else ""): p for i, p in enumerate(calib)}}
+    inputs = {"--model": cfg.model, "--tokenizer": cfg.tokenizer, **calib_inputs(cfg.calib_data)}
     check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,),  # before any work; FolderWriter re-checks
                  inventory=MANIFEST_FILE)
     if cfg.tokenizer is not None or cfg.needs_calibration():

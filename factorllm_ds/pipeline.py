@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, fail_if, jsonable
+from factorllm_ds.config import DISTILL_WEIGHT, PRIOR_TARGETS, arg, bound_problems, calib_inputs, fail_if, jsonable
 from factorllm_ds.errors import UserError
 from factorllm_ds.layout import (
     CHECKPOINT_DIR,
@@ -241,9 +241,8 @@ def demo(cfg: DemoConfig) -> dict:
     cfg = cfg.validate()
     work = Path(cfg.work or assets.cache_dir() / "demo")
     # Before anything is deleted (--fresh, changed settings): --work must be a demo's own folder, holding no input.
-    calib_inputs = {f"--calib-data (file {i + 1})": p for i, p in enumerate(cfg.calib_data or [])}
     check_output(work, "--work", True, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data,
-                                        **calib_inputs},
+                                        **calib_inputs(cfg.calib_data)},
                  (SETTINGS_FILE, "summary.json"))
     if cfg.fresh and work.exists():
         _start_over(work, "--fresh was given")
