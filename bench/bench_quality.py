@@ -76,6 +76,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--calib-served", action="store_true", help="--jobs: calibrate (convert and static pruning) on "
                    "KJV and on the held-out text after its scored windows (the served domain), an equal share each, "
                    "as `convert --calib-data KJV SERVED` does; its own cache entries (-calserved)")
+    p.add_argument("--train-served", action="store_true", help="--jobs: fine-tune (moe and static pruning) on KJV "
+                   "and the held-out text after its scored windows, an equal number of tokens of each, instead of KJV "
+                   "alone: a model trained on the domain it serves; its own cache entries (-trainserved)")
+    p.add_argument("--eval-train-domain", action="store_true", help="--jobs: also score every row on KJV's held-out "
+                   "windows (train's eval split, never trained or calibrated on), and moe rows with the oracle router "
+                   "on both texts, trained rows included; a second table")
     p.add_argument("--seed", type=int, default=0, help="--jobs: convert --seed of moe jobs (the split's k-means "
                    "initialisation); a non-zero seed is its own cache entry (-seed<N>)")
     p.add_argument("--router-fit", default="picks", help="--jobs: convert --router-fit of moe jobs; one other than "
@@ -229,6 +235,41 @@ def served_text(args, dense: Path, held_out: Path, work: Path) -> Path:
     return path
 
 
+def train_served_text(args, dense: Path, kjv: Path, served: Path, work: Path) -> Path:
+    """Training text of the served domain: KJV's first tokens, as many as ``served`` holds, then ``served``
+    (the held-out text after its scored windows). train samples windows uniformly, so half of the training
+    windows are of each."""
+    from transformers import AutoTokenizer
+
+    from factorllm_ds.data import read_text
+
+    path = work / "train-served.txt"
+    if not path.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        served_text_ = read_text(served, "served")
+        count = len(tokenizer(served_text_, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(read_text(kjv, "KJV"), add_special_tokens=False)["input_ids"][:count]
+        path.write_text(tokenizer.decode(ids) + "\n\n" + served_text_)
+    return path
+
+
+def train_domain_text(args, dense: Path, kjv: Path, work: Path) -> Path:
+    """KJV's held-out windows as `train` splits them off (--eval-fraction, the end of the text), as a file: text of
+    the training domain that no run trains or calibrates on."""
+    from transformers import AutoTokenizer
+
+    from factorllm_ds.data import prepare
+    from factorllm_ds.train import TrainConfig
+
+    path = work / "kjv-heldout.txt"
+    if not path.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        defaults = TrainConfig(model=Path("."), data=["x"], out=Path("."))
+        held = prepare([str(kjv)], None, tokenizer, args.eval_seq_len, defaults.eval_fraction).eval
+        path.write_text(tokenizer.decode(held.reshape(-1).tolist()))
+    return path
+
+
 def build_static(args, dense: Path, calib_files: list[Path], frac: float, refit: float = 0.0):
     """SmolLM2 with each FFN cut to its top ``frac`` neurons by contribution importance: a real LlamaForCausalLM
     with intermediate_size round(frac * I). Each layer's importance is measured on the calibration tokens as the
@@ -359,11 +400,17 @@ def issue13(args) -> None:
         f"-fit{args.router_fit}" if args.router_fit != "picks" else "") + (
         f"-seed{args.seed}" if args.seed else "")
     calib_files = [kjv, served_text(args, dense, botchan, work)] if args.calib_served else [kjv]
+    train_file = train_served_text(args, dense, kjv, served_text(args, dense, botchan, work), work) \
+        if args.train_served else kjv
+    heldout_kjv = train_domain_text(args, dense, kjv, work) if args.eval_train_domain else None
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
         job_variant = (variant if job["kind"] == "moe" else "") + ("-calserved" if args.calib_served else "")
         if job["kind"] in ("moe", "static") and job_variant:
             job["struct"] += job_variant
             job["name"] = job["name"].replace("-T", job_variant + "-T", 1)
+        if job["tokens"] and args.train_served:
+            job["name"] += "-trainserved"
+            job["train_served"] = True
         if job["tokens"] and args.distill:
             job["name"] += f"-KD{args.distill:g}"
             job["distill"] = args.distill
@@ -373,12 +420,22 @@ def issue13(args) -> None:
     train_args = args.train_args.split() + (
         ["--teacher", str(dense), "--distill-weight", str(args.distill)] if args.distill else [])
 
-    def report(model: Path, name: str, **kw) -> dict:
-        path = work / "reports" / f"{name}.json"
+    def report(model: Path, name: str, text: Path | None = None, **kw) -> dict:
+        path = work / "reports" / (f"{name}.json" if text is None else f"{name}@{text.stem}.json")
         if not path.is_file():
-            evaluate(EvalConfig(model=model, data=[botchan], seq_len=args.eval_seq_len, max_windows=args.eval_windows,
-                                report=path, sample_tokens=0, **kw), progress=False)
+            evaluate(EvalConfig(model=model, data=[text or botchan], seq_len=args.eval_seq_len,
+                                max_windows=args.eval_windows, report=path, sample_tokens=0, **kw), progress=False)
         return json.loads(path.read_text())
+
+    def extras(row: dict, model: Path, name: str) -> None:
+        """--eval-train-domain: the row's model on KJV's held-out windows; moe rows also with the oracle router on
+        both texts."""
+        if heldout_kjv is None or "ppl_kjv" in row or not (model / "config.json").is_file():
+            return
+        row["ppl_kjv"] = report(model, name, heldout_kjv)["perplexity"]
+        if row["job"]["kind"] == "moe":
+            row["ppl_oracle"] = report(model, name + "-oracle", router="oracle")["perplexity"]
+            row["ppl_oracle_kjv"] = report(model, name + "-oracle", heldout_kjv, router="oracle")["perplexity"]
 
     def usage(rep: dict) -> dict | None:
         u = rep.get("expert_usage")
@@ -393,10 +450,19 @@ def issue13(args) -> None:
                 "calib_tokens": args.calib_tokens, "calib_seq_len": args.calib_seq_len,
                 "calib_served": args.calib_served,
                 "eval": f"botchan {args.eval_windows}x{args.eval_seq_len}"}
+    settings["train_data"] = "kjv + served" if args.train_served else "kjv"
     dense_ppl = report(dense, "dense")["perplexity"]
+    dense_kjv = report(dense, "dense", heldout_kjv)["perplexity"] if heldout_kjv else None
     for job in ([] if args.table_only else jobs):
         result_file = work / f"{job['name']}.json"
         if result_file.is_file():
+            row = json.loads(result_file.read_text())
+            if heldout_kjv and "ppl_kjv" not in row:  # a cached row: score its kept model on the second text
+                model = work / job["struct"] / "moe" if job["kind"] == "moe" and not job["tokens"] else (
+                    work / job["name"] / "export" if job["kind"] == "moe" else
+                    work / (f"{job['struct']}-pruned" if not job["tokens"] else f"{job['name']}/model"))
+                extras(row, model, job["name"] + ("-fitted" if job["kind"] == "moe" and not job["tokens"] else ""))
+                result_file.write_text(json.dumps(row, indent=1) + "\n")
             continue
         started = time.time()
         row = {"job": job, "settings": settings, "dense": dense_ppl}
@@ -420,13 +486,14 @@ def issue13(args) -> None:
                 model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32, attn_implementation="sdpa")
                 tokenizer = AutoTokenizer.from_pretrained(pruned)
                 teacher = load_dense(dense) if args.distill else None
-                row["finetune"] = finetune_static(args, model, tokenizer, kjv, job["tokens"], teacher)
+                row["finetune"] = finetune_static(args, model, tokenizer, train_file, job["tokens"], teacher)
                 folder = work / job["name"] / "model"
                 model.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
                 del model
             row["train_seconds"] = round(time.time() - started - row["prune_seconds"], 1)
             row["ppl"] = report(folder, job["name"])["perplexity"]
+            extras(row, folder, job["name"])
             if not args.keep and job["tokens"]:
                 shutil.rmtree(work / job["name"], ignore_errors=True)
         else:
@@ -453,17 +520,19 @@ def issue13(args) -> None:
                 row["usage"] = usage(fitted)
                 if not args.no_oracle:
                     row["ppl_oracle"] = report(moe, job["name"] + "-oracle", router="oracle")["perplexity"]
+                extras(row, moe, job["name"] + "-fitted")
                 row["train_seconds"] = 0.0
             else:
                 run, exported = work / job["name"] / "run", work / job["name"] / "export"
                 demo = DemoConfig(tokens=job["tokens"], seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                                   global_batch_size=args.global_batch_size, lr=args.lr, nproc=args.nproc,
                                   ep_size=min(args.ep_size, job["E"]), launcher="torchrun")
-                train_stage(demo, moe, kjv, run, extra=train_args)
+                train_stage(demo, moe, train_file, run, extra=train_args)
                 row["train_seconds"] = round(time.time() - started, 1)
                 if not (exported / "config.json").is_file():
                     run_export(ExportConfig(run=run, out=exported, format="factorllm", overwrite=True), progress=False)
                 trained = report(exported, job["name"])
+                extras(row, exported, job["name"])
                 row["ppl"] = trained["perplexity"]
                 row["usage"] = usage(trained)
                 if not args.keep:
@@ -473,49 +542,89 @@ def issue13(args) -> None:
         result_file.write_text(json.dumps(row, indent=1) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k not in ("usage", "settings")}), file=sys.stderr, flush=True)
     print_issue13(work, jobs, dense_ppl)
+    if dense_kjv is not None:
+        print_domains(work, jobs, dense_ppl, dense_kjv)
 
 
 def _ratio(num: float, den: float | None) -> str:
     return "–" if den is None else f"{num / den:.3f}"
 
 
+def _static_key(r: dict) -> tuple:
+    """What a static-pruning row must share with a row to be its equal-compute baseline: active share, tokens,
+    refit, distillation, calibration text and training text."""
+    j = r["job"]
+    return (round(r["active"], 4), j["tokens"], j.get("distill", 0), bool(r["settings"].get("calib_served")),
+            bool(j.get("train_served")))
+
+
+def _label(j: dict) -> str:
+    label = {"static": "static pruning", "paper": "paper recipe (contiguous E=4 k=2, scale 2, share)"}.get(
+        j["kind"], j.get("struct", ""))
+    if j.get("refit"):  # the moe struct names its refit ridge (-R4) already
+        label += f" + down refit (ridge {j['refit']:g})" if j["kind"] == "static" else ""
+    if j["kind"] == "moe":
+        label += ", fitted router" + (", untrained" if j["tokens"] == 0 else ", trained")
+    if j.get("train_args"):
+        label += f" (`{j['train_args']}`)"
+    elif j["kind"] == "static":
+        label += ", untrained" if j["tokens"] == 0 else ", fine-tuned (MLP)"
+    if j.get("distill"):
+        label += f", distilled from the dense model (w = {j['distill']:g})"
+    if j.get("train_served"):
+        label += ", trained on KJV + the served text"
+    return label
+
+
+def _sorted_rows(work: Path, jobs: list[dict]) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    order = {j["name"]: i for i, j in enumerate(jobs)}
+    rows.sort(key=lambda r: (-round(r["active"], 4), order.get(r["job"]["name"], 10**6), r["job"]["tokens"]))
+    return rows
+
+
 def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
     """Markdown table of every cached job; ppl / static pruning against the static rows (plain and with the
-    down-projection refit) of the same active share and the same training tokens."""
-    rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    down-projection refit) of the same active share, training tokens, loss, calibration and training text."""
+    rows = _sorted_rows(work, jobs)
     static: dict[tuple, float] = {}
     for r in rows:
         if r["job"]["kind"] == "static":
-            static[(round(r["active"], 4), r["job"]["tokens"], bool(r["job"].get("refit")),
-                    r["job"].get("distill", 0))] = r["ppl"]
-    order = {j["name"]: i for i, j in enumerate(jobs)}
-    rows.sort(key=lambda r: (-round(r["active"], 4), order.get(r["job"]["name"], 10**6), r["job"]["tokens"]))
+            static[_static_key(r) + (bool(r["job"].get("refit")),)] = r["ppl"]
     print("\n| active | model | tokens | ppl | ppl / dense | ppl / static pruning | ppl / static pruning + refit |\n"
           "|---|---|---|---|---|---|---|")
     print(f"| 1 | dense | 0 | {dense_ppl:.2f} | 1 | – | – |")
 
-    def line(active: float, label: str, tokens: int, ppl: float, distill: float = 0) -> None:
-        refs = [static.get((round(active, 4), tokens, refit, distill)) for refit in (False, True)]
-        print(f"| {active:.3f} | {label} | {tokens} | {ppl:.2f} | {ppl / dense_ppl:.3f} | "
+    def line(r: dict, label: str, ppl: float) -> None:
+        refs = [static.get(_static_key(r) + (refit,)) for refit in (False, True)]
+        print(f"| {r['active']:.3f} | {label} | {r['job']['tokens']} | {ppl:.2f} | {ppl / dense_ppl:.3f} | "
               f"{_ratio(ppl, refs[0])} | {_ratio(ppl, refs[1])} |")
 
     for r in rows:
         j = r["job"]
-        label = {"static": "static pruning", "paper": "paper recipe (contiguous E=4 k=2, scale 2, share)"}.get(
-            j["kind"], j.get("struct", ""))
-        if j.get("refit"):  # the moe struct names its refit ridge (-R4) already
-            label += f" + down refit (ridge {j['refit']:g})" if j["kind"] == "static" else ""
-        if j["kind"] == "moe":
-            label += ", fitted router" + (", untrained" if j["tokens"] == 0 else ", trained")
-        if j.get("train_args"):
-            label += f" (`{j['train_args']}`)"
-        elif j["kind"] == "static":
-            label += ", untrained" if j["tokens"] == 0 else ", fine-tuned (MLP)"
-        if j.get("distill"):
-            label += f", distilled from the dense model (w = {j['distill']:g})"
-        line(r["active"], label, j["tokens"], r["ppl"], j.get("distill", 0))
+        line(r, _label(j), r["ppl"])
         if "ppl_oracle" in r:
-            line(r["active"], f"{j['struct']}, oracle router, untrained", 0, r["ppl_oracle"])
+            line(r, f"{j['struct']}, oracle router, " + ("untrained" if j["tokens"] == 0 else "trained"),
+                 r["ppl_oracle"])
+
+
+def print_domains(work: Path, jobs: list[dict], dense_ppl: float, dense_kjv: float) -> None:
+    """--eval-train-domain: every row scored on both texts, with its oracle and its equal-compute baseline (static
+    pruning + refit with the same tokens, loss, calibration and training text) on each."""
+    rows = [r for r in _sorted_rows(work, jobs) if "ppl_kjv" in r]
+    static = {_static_key(r): r for r in rows if r["job"]["kind"] == "static" and r["job"].get("refit")}
+    print(f"\nBotchan: the held-out text (dense {dense_ppl:.2f}); KJV: train's held-out windows of the training "
+          f"domain (dense {dense_kjv:.2f}).\n")
+    print("| active | model | tokens | Botchan | / dense | / oracle | / static + refit | KJV held out | / dense | "
+          "/ oracle | / static + refit |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = static.get(_static_key(r))
+        cells = []
+        for ppl, oracle, dense_, ref_ppl in ((r["ppl"], r.get("ppl_oracle"), dense_ppl, ref and ref["ppl"]),
+                                             (r["ppl_kjv"], r.get("ppl_oracle_kjv"), dense_kjv,
+                                              ref and ref["ppl_kjv"])):
+            cells += [f"{ppl:.2f}", f"{ppl / dense_:.3f}", _ratio(ppl, oracle), _ratio(ppl, ref_ppl)]
+        print(f"| {r['active']:.3f} | {_label(r['job'])} | {r['job']['tokens']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
