@@ -163,28 +163,64 @@ def tokenize_and_pack(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndar
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len), len(ids)
 
 
+DATA_MIXES = ("concat", "equal")
+
+
 @dataclass
 class PackedData:
     train: np.ndarray  # [N, seq_len]
     eval: np.ndarray | None  # [M, seq_len]
     train_tokens: int
+    # --data-mix equal: how many of ``train``'s windows (in order) came from each --data source; None: one stream
+    sources: list[int] | None = None
+
+
+def _split_eval(windows: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """The last ``eval_fraction`` of the windows (at least one, when there are two) held out."""
+    if eval_fraction > 0 and len(windows) >= 2:
+        n_eval = max(1, int(len(windows) * eval_fraction))
+        return windows[:-n_eval], windows[-n_eval:]
+    return windows, None
 
 
 def prepare(data: list[str], eval_data: list[str] | None, tokenizer, seq_len: int,
-            eval_fraction: float) -> PackedData:
-    train, total = tokenize_and_pack(load_documents(data, "--data"), tokenizer, seq_len)
-    if len(train) == 0:
-        raise UserError(f"--data {' '.join(data)}: {total} tokens, fewer than one --seq-len {seq_len} window. "
-                        "Give more text or a smaller --seq-len.")
+            eval_fraction: float, mix: str = "concat") -> PackedData:
+    """Training (and held-out) windows of ``data``. ``mix`` ``concat``: the sources are one stream, each sampled
+    in proportion to its size; ``equal``: each source is packed and held out on its own (the last
+    ``eval_fraction`` of each), and :func:`make_sampler` draws the same number of windows from each."""
+    if mix not in DATA_MIXES:
+        raise UserError(f"--data-mix {mix}: expected one of {', '.join(DATA_MIXES)}.")
     held = None
     if eval_data:
         held, total_eval = tokenize_and_pack(load_documents(eval_data, "--eval-data"), tokenizer, seq_len)
         if len(held) == 0:
             raise UserError(f"--eval-data: {total_eval} tokens, fewer than one --seq-len {seq_len} window")
-    elif eval_fraction > 0 and len(train) >= 2:
-        n_eval = max(1, int(len(train) * eval_fraction))
-        train, held = train[:-n_eval], train[-n_eval:]
-    return PackedData(train, held, int(train.size))
+    if mix == "concat" or len(data) == 1:
+        train, total = tokenize_and_pack(load_documents(data, "--data"), tokenizer, seq_len)
+        if len(train) == 0:
+            raise UserError(f"--data {' '.join(data)}: {total} tokens, fewer than one --seq-len {seq_len} window. "
+                            "Give more text or a smaller --seq-len.")
+        if held is None:
+            train, held = _split_eval(train, eval_fraction)
+        return PackedData(train, held, int(train.size))
+    if len(set(data)) != len(data):
+        raise UserError(f"--data {' '.join(data)}: a source is named twice; with --data-mix equal each source is "
+                        "one share of the mix. Name each once.")
+    trains, helds = [], []
+    for source in data:
+        windows, total = tokenize_and_pack(load_documents([source], "--data"), tokenizer, seq_len)
+        own_held = None if held is not None else _split_eval(windows, eval_fraction)[1]
+        train_part = windows if own_held is None else windows[:len(windows) - len(own_held)]
+        if len(train_part) == 0:
+            raise UserError(f"--data {source}: {total} tokens, {len(windows)} --seq-len {seq_len} window(s) and none "
+                            "left to train on after the held-out share; with --data-mix equal every source needs "
+                            "its own training windows. Give it more text, or a smaller --seq-len or --eval-fraction.")
+        trains.append(train_part)
+        if own_held is not None:
+            helds.append(own_held)
+    train = np.concatenate(trains)
+    return PackedData(train, held if held is not None else (np.concatenate(helds) if helds else None),
+                      int(train.size), [len(t) for t in trains])
 
 
 class Sampler:
@@ -201,7 +237,25 @@ class Sampler:
         return int(self._perms[epoch][pos])
 
 
-def micro_batch(data: np.ndarray, sampler: Sampler, step: int, micro: int, rank: int, world: int,
+class MixSampler:
+    """Global sample s -> window id, taking the sources in turn (s mod n): an equal number of windows from each,
+    each source reshuffled every one of its own epochs. A pure function of s, as :class:`Sampler`."""
+
+    def __init__(self, counts: list[int], seed: int):
+        self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        self.samplers = [Sampler(c, seed * 1000003 + i) for i, c in enumerate(counts)]
+
+    def window(self, sample: int) -> int:
+        source, turn = sample % len(self.samplers), sample // len(self.samplers)
+        return self.offsets[source] + self.samplers[source].window(turn)
+
+
+def make_sampler(packed: PackedData, seed: int) -> Sampler | MixSampler:
+    """The sampler of ``packed``'s training windows: one stream, or the sources in equal shares."""
+    return Sampler(len(packed.train), seed) if packed.sources is None else MixSampler(packed.sources, seed)
+
+
+def micro_batch(data: np.ndarray, sampler: Sampler | MixSampler, step: int, micro: int, rank: int, world: int,
                 micro_bs: int, accum: int) -> torch.Tensor:
     """This rank's micro-batch ``micro`` of optimizer step ``step``: [micro_bs, seq_len]."""
     global_bs = micro_bs * world * accum

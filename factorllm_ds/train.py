@@ -32,6 +32,7 @@ from factorllm_ds.checkpoints import (
     write_checksums,
 )
 from factorllm_ds.config import TRAIN_SEQ_LEN, Objective, arg, bound_problems, fail_if
+from factorllm_ds.data import DATA_MIXES
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import check_model_folder, check_token_ids, load_tokenizer, read_config, text_config
 from factorllm_ds.layout import (
@@ -102,6 +103,10 @@ class TrainConfig(Objective):
     seed: int = arg("seed for data order", default=0)
     eval_data: list[str] | None = arg("held-out text; default: the last --eval-fraction of --data", default=None)
     eval_fraction: float = arg("share of --data windows held out when --eval-data is not given", default=0.01)
+    data_mix: str = arg("how several --data sources are mixed: concat (one stream, each sampled in proportion to "
+                        "its size) or equal (the same number of training windows from each source, each held out "
+                        "on its own: a small text of the served domain beside a large general one)",
+                        choices=DATA_MIXES, default="concat")
     eval_every: int = arg("evaluate every N steps (0 = only at the end)", default=0)
     eval_batches: int = arg("max eval micro-batches per rank", default=8)
     save_every: int = arg("checkpoint every N steps (0 = only at the end)", default=0)
@@ -455,7 +460,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     cfg = cfg.validate(model_config, ds, info.world_size, info.rank)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     # Before the process group: too little text is a user error, reported without any rendezvous.
-    packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction)
+    packed = prepare(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len, cfg.eval_fraction, cfg.data_mix)
     max_id = max((int(part.max()) for part in (packed.train, packed.eval) if part is not None and part.size),
                  default=-1)
     check_token_ids(max_id, tokenizer, model_config, f"--model {cfg.model}", tokenizer.factorllm_desc)
@@ -469,7 +474,7 @@ def start(cfg: TrainConfig, ds: dict, packed) -> Run:
     import deepspeed
 
     from factorllm_ds import distributed
-    from factorllm_ds.data import Sampler
+    from factorllm_ds.data import make_sampler
     from factorllm_ds.ds_moe import build_train_model, ep_rank_of
 
     info = distributed.init(cfg.dist_timeout)
@@ -503,7 +508,7 @@ def start(cfg: TrainConfig, ds: dict, packed) -> Run:
         from factorllm_ds.modeling import load_dense
 
         engine.module.attach_teacher(load_dense(cfg.teacher, training_dtype(ds), "--teacher").to(engine.device))
-    run = Run(cfg, engine, packed, Sampler(len(packed.train), cfg.seed), info.rank, info.world_size, accum, cfg.steps)
+    run = Run(cfg, engine, packed, make_sampler(packed, cfg.seed), info.rank, info.world_size, accum, cfg.steps)
     if cfg.resume:
         resume(run)
     elif run.rank == 0:

@@ -18,8 +18,10 @@ import pytest
 from factorllm_ds import data
 from factorllm_ds.data import (
     FORMATS,
+    MixSampler,
     Sampler,
     load_documents,
+    make_sampler,
     micro_batch,
     prepare,
     read_documents,
@@ -272,6 +274,48 @@ def test_prepare_refuses_text_shorter_than_one_window(tmp_path, tokenizer):
     short.write_text("Just a few words.")
     with pytest.raises(UserError, match="fewer than one --seq-len 512 window"):
         prepare([str(short)], None, tokenizer, seq_len=512, eval_fraction=0.0)
+
+
+def test_equal_mix_holds_out_and_samples_each_source_on_its_own(calib_text, tmp_path, tokenizer):
+    """--data-mix equal: each source keeps its own last windows for eval, and a small source is drawn as often as
+    a large one (each of its windows once per its own epoch), where concat draws it in proportion to its size."""
+    small = tmp_path / "small.txt"
+    small.write_text("A short text of another domain, about gears and levers. " * 40)
+    seq = 32
+    big_w, _ = tokenize_and_pack(load_documents([str(calib_text)], "--data"), tokenizer, seq)
+    small_w, _ = tokenize_and_pack(load_documents([str(small)], "--data"), tokenizer, seq)
+    assert len(big_w) > 4 * len(small_w) >= 8
+    packed = prepare([str(calib_text), str(small)], None, tokenizer, seq, eval_fraction=0.1, mix="equal")
+    n_big, n_small = len(big_w) - max(1, int(len(big_w) * 0.1)), len(small_w) - max(1, int(len(small_w) * 0.1))
+    assert packed.sources == [n_big, n_small]
+    assert np.array_equal(packed.train, np.concatenate([big_w[:n_big], small_w[:n_small]]))
+    assert np.array_equal(packed.eval, np.concatenate([big_w[n_big:], small_w[n_small:]]))
+    sampler = make_sampler(packed, seed=0)
+    assert isinstance(sampler, MixSampler)
+    drawn = [sampler.window(s) for s in range(2 * 3 * n_small)]
+    from_small = [w - n_big for w in drawn if w >= n_big]
+    assert len(from_small) == len(drawn) // 2  # half of the windows, though it holds a fifth or less of the text
+    for epoch in range(3):  # every small window once per epoch of the small source, reshuffled
+        assert sorted(from_small[epoch * n_small:(epoch + 1) * n_small]) == list(range(n_small))
+    assert from_small[:n_small] != from_small[n_small:2 * n_small]
+    assert all(0 <= w < n_big for w in drawn[0::2])
+    # a pure function of the sample number, as resume needs
+    again = make_sampler(packed, seed=0)
+    assert [again.window(s) for s in reversed(range(len(drawn)))] == drawn[::-1]
+    # concat (the default) is one stream: the small text in proportion to its size
+    plain = prepare([str(calib_text), str(small)], None, tokenizer, seq, eval_fraction=0.1)
+    assert plain.sources is None and isinstance(make_sampler(plain, 0), Sampler)
+
+
+def test_equal_mix_refusals(calib_text, tmp_path, tokenizer):
+    tiny_text = tmp_path / "tiny.txt"
+    tiny_text.write_text("a few words")
+    with pytest.raises(UserError, match=r"--data .*tiny\.txt: .* none left to train on"):
+        prepare([str(calib_text), str(tiny_text)], None, tokenizer, seq_len=16, eval_fraction=0.5, mix="equal")
+    with pytest.raises(UserError, match="named twice"):
+        prepare([str(calib_text), str(calib_text)], None, tokenizer, seq_len=16, eval_fraction=0.0, mix="equal")
+    with pytest.raises(UserError, match="--data-mix bogus"):
+        prepare([str(calib_text)], None, tokenizer, seq_len=16, eval_fraction=0.0, mix="bogus")
 
 
 # ----------------------------------------------------------------------------- sampling and sharding

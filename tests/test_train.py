@@ -13,6 +13,7 @@ sentinel there, so a check that stops working fails its test instead of starting
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import time
@@ -228,6 +229,23 @@ def test_prior_target_subset_trains_and_reaches_the_export(runs: Runs) -> None:
     # Same batch, same initial experts at step 1: only the prior's choice differs, so the PA term does.
     assert rows[0]["pa"] != pytest.approx(du.read_metrics(share)[0]["pa"], rel=1e-3)
     assert DeepSpeedRunSource(out).config["prior_target"] == "subset"
+
+
+@pytest.mark.dist
+def test_equal_data_mix_trains_on_every_source(tiny_moe_dir, texts, tmp_path) -> None:
+    """--data-mix equal under torchrun (2 ranks, EP=2): the run takes both sources, records the mix and evaluates
+    on both held-out shares (the sampler's shares: tests/test_data.py)."""
+    out = tmp_path / "mix"
+    args = du.train_args(tiny_moe_dir, texts["varied"], out, steps=3, ep_size=2, global_batch_size=GLOBAL_BATCH,
+                         seq_len=SEQ_LEN, lr=1e-3,
+                         extra=("--data", texts["varied"], texts["periodic"], "--data-mix", "equal"))
+    result = du.run("torchrun", 2, args)
+    assert result.returncode == 0, result.tail()
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["data_mix"] == "equal" and len(settings["data"]) == 2
+    rows = du.read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["eval_loss"] is not None
+    assert all(math.isfinite(row["loss"]) for row in rows)
 
 
 @pytest.mark.dist
