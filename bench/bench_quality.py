@@ -253,23 +253,6 @@ def train_served_text(args, dense: Path, kjv: Path, served: Path, work: Path) ->
     return path
 
 
-def train_domain_text(args, dense: Path, kjv: Path, work: Path) -> Path:
-    """KJV's held-out windows as `train` splits them off (--eval-fraction, the end of the text), as a file: text of
-    the training domain that no run trains or calibrates on."""
-    from transformers import AutoTokenizer
-
-    from factorllm_ds.data import prepare
-    from factorllm_ds.train import TrainConfig
-
-    path = work / "kjv-heldout.txt"
-    if not path.is_file():
-        tokenizer = AutoTokenizer.from_pretrained(dense)
-        defaults = TrainConfig(model=Path("."), data=["x"], out=Path("."))
-        held = prepare([str(kjv)], None, tokenizer, args.eval_seq_len, defaults.eval_fraction).eval
-        path.write_text(tokenizer.decode(held.reshape(-1).tolist()))
-    return path
-
-
 def build_static(args, dense: Path, calib_files: list[Path], frac: float, refit: float = 0.0):
     """SmolLM2 with each FFN cut to its top ``frac`` neurons by contribution importance: a real LlamaForCausalLM
     with intermediate_size round(frac * I). Each layer's importance is measured on the calibration tokens as the
@@ -389,7 +372,7 @@ def issue13(args) -> None:
     from factorllm_ds.hf_model.configuration_factorllm import FactorLLMConfig
     from factorllm_ds.layout import CHECKPOINT_DIR, MANIFEST_FILE
     from factorllm_ds.modeling import load_dense
-    from factorllm_ds.pipeline import DemoConfig, train_stage
+    from factorllm_ds.pipeline import DemoConfig, train_stage, training_domain_text
 
     work = (args.work or assets.cache_dir() / "bench_quality") / "issue13"
     (work / "reports").mkdir(parents=True, exist_ok=True)
@@ -402,7 +385,8 @@ def issue13(args) -> None:
     calib_files = [kjv, served_text(args, dense, botchan, work)] if args.calib_served else [kjv]
     train_file = train_served_text(args, dense, kjv, served_text(args, dense, botchan, work), work) \
         if args.train_served else kjv
-    heldout_kjv = train_domain_text(args, dense, kjv, work) if args.eval_train_domain else None
+    heldout_kjv = training_domain_text(kjv, dense, args.seq_len, work / "kjv-heldout.txt") \
+        if args.eval_train_domain else None
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
         job_variant = (variant if job["kind"] == "moe" else "") + ("-calserved" if args.calib_served else "")
         if job["kind"] in ("moe", "static") and job_variant:

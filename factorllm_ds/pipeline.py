@@ -230,6 +230,26 @@ def _eval(model: Path, data: Path, report: Path, cfg: DemoConfig, sample_tokens:
                     progress=False)
 
 
+def training_domain_text(data: Path, tokenizer_dir: Path, seq_len: int, out: Path) -> Path | None:
+    """The windows of ``data`` that train holds out (its --eval-fraction, the end of the text), joined into the text
+    file ``out``: text of the training domain that the run never trained on. None when train holds none out."""
+    from factorllm_ds.data import prepare
+    from factorllm_ds.hf_io import load_tokenizer
+    from factorllm_ds.train import TrainConfig
+
+    if not out.is_file():
+        tokenizer = load_tokenizer(tokenizer_dir)
+        defaults = TrainConfig(model=Path("."), data=["x"], out=Path("."))
+        held = prepare([str(data)], None, tokenizer, seq_len, defaults.eval_fraction).eval
+        if held is None:
+            return None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(tokenizer.decode(held.reshape(-1).tolist()))
+        tmp.replace(out)
+    return out
+
+
 def demo(cfg: DemoConfig) -> dict:
     from factorllm_ds import assets
     from factorllm_ds.config import ConvertConfig
@@ -300,14 +320,30 @@ def demo(cfg: DemoConfig) -> dict:
     speed = json.loads(speed_file.read_text()) if speed_file.is_file() else bench_speed(
         SpeedConfig(model=exported, dense=dense, batch=4, seq_len=cfg.eval_seq_len, decode_tokens=0, reps=3,
                     report=speed_file))
-    summary = summarize(rows, speed, work, time.time() - started)
+    # The same model on text of its training domain it never saw: the router's gap there against off it
+    # (bench/RESULTS.md "Where the router's gap lies").
+    in_domain = {}
+    held_in = training_domain_text(data, dense, cfg.seq_len, reports / "training-domain.txt")
+    if held_in is not None:
+        in_domain = {
+            "dense": _eval(dense, held_in, reports / "dense-training-domain.json", cfg),
+            "trained": _eval(exported, held_in, reports / "trained-training-domain.json", cfg),
+            "trained, oracle router": _eval(exported, held_in, reports / "oracle-training-domain.json", cfg,
+                                            router="oracle"),
+        }
+    summary = summarize(rows, speed, work, time.time() - started, in_domain)
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
     return summary
 
 
-def summarize(rows: dict, speed: dict, work: Path, seconds: float) -> dict:
+def summarize(rows: dict, speed: dict, work: Path, seconds: float, in_domain: dict | None = None) -> dict:
     ppl = {name: r["perplexity"] for name, r in rows.items()}
+    training_domain = None
+    if in_domain:
+        held = {name: r["perplexity"] for name, r in in_domain.items()}
+        training_domain = {"perplexity": held, "trained_over_dense": held["trained"] / held["dense"],
+                           "trained_over_oracle": held["trained"] / held["trained, oracle router"]}
     return {
         "perplexity": ppl,
         "trained_over_dense": ppl["trained"] / ppl["dense"],
@@ -320,6 +356,7 @@ def summarize(rows: dict, speed: dict, work: Path, seconds: float) -> dict:
         "report_dir": str(work / "reports"),
         "usage_plot": rows["trained"].get("plot"),
         "sample": rows["trained"].get("sample", {}).get("completion"),
+        "training_domain": training_domain,
         "seconds": round(seconds, 1),
     }
 
@@ -349,5 +386,12 @@ def print_summary(s: dict) -> None:
         print(f"  {'router / PA prior agreement, last step':40} {s['train_agreement_last_step']:12.3f}")
     print(f"  {'prefill speed MoE / dense':40} {s['prefill_speedup_moe_over_dense']:12.3f}  "
           f"(Amdahl limit {s['prefill_amdahl_limit']:.3f})")
+    if s.get("training_domain"):
+        t = s["training_domain"]
+        print("held-out windows of --data (the training domain, never trained on)")
+        for name, value in t["perplexity"].items():
+            print(f"  {name:40} {value:12.2f}")
+        print(f"  {'trained / dense':40} {t['trained_over_dense']:12.3f}")
+        print(f"  {'trained / oracle router':40} {t['trained_over_oracle']:12.3f}")
     print(f"reports: {s['report_dir']}\nexpert usage plot: {s['usage_plot']}\nsample: {s['sample']!r}")
 

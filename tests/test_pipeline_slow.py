@@ -39,6 +39,14 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
         "Qwen2MoeForCausalLM"]
     assert ppl["trained"] < ppl["trained (paper code: random router)"], ppl
     assert Path(summary["usage_plot"]).is_file()
+    # The same model on --data's held-out windows (the training domain), beside the other domain's figures.
+    held = summary["training_domain"]
+    assert set(held["perplexity"]) == {"dense", "trained", "trained, oracle router"}, held
+    assert all(v > 1 for v in held["perplexity"].values())
+    assert held["perplexity"]["dense"] < held["perplexity"]["trained"], held  # half of the FFN active
+    assert abs(held["trained_over_oracle"] - held["perplexity"]["trained"] / held["perplexity"][
+        "trained, oracle router"]) < 1e-9
+    assert "held-out windows of --data" in proc.stdout
     assert (work / "export" / "config.json").is_file()
     from factorllm_ds.layout import list_tags
 
