@@ -83,6 +83,9 @@ class TrainConfig(Objective):
     router_lr: float | None = arg("peak learning rate of the routers (default: --lr, as in the paper). The router "
                                   "is tiny and in hard mode learns only from the PA loss: a larger value lets it "
                                   "follow the prior within a short run", default=None)
+    routed_lr: float | None = arg("peak learning rate of the routed experts (default: --lr). Each routed expert "
+                                  "learns from the k/E of the tokens that pick it, where the shared expert and a "
+                                  "dense model learn from all of them", default=None)
     min_lr_ratio: float = arg("cosine decay ends at lr x this", default=0.001)
     warmup_steps: int = arg("linear warm-up steps", default=500)
     weight_decay: float = arg("Adam weight decay", default=1e-5)
@@ -241,7 +244,8 @@ def resolve_knobs(cfg: TrainConfig, ds: dict, world: int) -> tuple[list[str], di
 def number_problems(cfg: TrainConfig) -> list[str]:
     """Counts and rates a run cannot start with (NaN, negative, zero steps)."""
     return cfg.objective_problems() + bound_problems(cfg, {
-        "lr": "finite > 0", "router_lr": "finite > 0", "weight_decay": "finite >= 0", "min_lr_ratio": "finite >= 0",
+        "lr": "finite > 0", "router_lr": "finite > 0", "routed_lr": "finite > 0", "weight_decay": "finite >= 0",
+        "min_lr_ratio": "finite >= 0",
         "grad_clip": "finite >= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "eval_fraction": "in [0, 1)",
         **dict.fromkeys(("steps", "tokens", "log_every", "dist_timeout", "stop_after", "eval_batches",
                          "nonfinite_steps"), ">= 1"),
@@ -422,6 +426,9 @@ def build_optimizer(cfg: TrainConfig, model, total_steps: int):
                "weight_decay": cfg.weight_decay, "lr": cfg.lr if cfg.router_lr is None else cfg.router_lr}]
     # Empty groups are dropped: the split leaves the expert group's dense part empty, --train-router-only all of it.
     groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    for g in groups:  # DeepSpeed's split marks the routed experts' groups "moe"
+        if g.get("moe") and cfg.routed_lr is not None:
+            g["lr"] = cfg.routed_lr
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr)
     else:

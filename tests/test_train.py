@@ -528,3 +528,30 @@ def test_hung_rank_fails_the_others_after_dist_timeout(tiny_moe_dir, texts, tmp_
         assert waited < timeout + 50, f"rank 0 still waiting {waited:.0f} s after its peer hung:\n{output[-4000:]}"
         assert waited >= timeout - 1, "rank 0 failed before --dist-timeout elapsed"
         assert f"Timed out waiting {timeout * 1000}ms" in output, output[-4000:]
+
+
+def test_routed_lr_sets_only_the_routed_experts_groups() -> None:
+    """--routed-lr: DeepSpeed's optimizer split marks the routed experts' parameters (allreduce False) as "moe"
+    groups; only those take it, the shared expert keeps --lr and the routers --router-lr."""
+    from factorllm_ds.train import TrainConfig, build_optimizer
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.Linear(4, 4)
+            for p in self.experts.parameters():  # what deepspeed.moe.experts.Experts marks on its weights
+                p.allreduce, p.group_name = False, "ep_size_2"
+            self.shared = torch.nn.Linear(4, 4)
+            self.gate = torch.nn.Module()
+            self.gate.router = torch.nn.Linear(4, 2)
+
+    model = torch.nn.Sequential(Layer())
+    cfg = TrainConfig(model=Path("."), data=["x"], out=Path("."), lr=1e-3, router_lr=1e-2, routed_lr=3e-3)
+    opt, _ = build_optimizer(cfg, model, total_steps=10)
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # peak, before the warm-up
+    layer = model[0]
+    assert {lr_of[id(p)] for p in layer.experts.parameters()} == {3e-3}
+    assert {lr_of[id(p)] for p in layer.shared.parameters()} == {1e-3}
+    assert {lr_of[id(p)] for p in layer.gate.router.parameters()} == {1e-2}
+    default, _ = build_optimizer(TrainConfig(model=Path("."), data=["x"], out=Path("."), lr=1e-3), model, 10)
+    assert {g["initial_lr"] for g in default.param_groups} == {1e-3}
