@@ -290,8 +290,8 @@ def train_cli(monkeypatch, capsys, tiny_moe_dir, texts, tmp_path):
         values = {"model": tiny_moe_dir, "data": texts["varied"], "out": tmp_path / "out", "seq_len": SEQ_LEN,
                   "steps": 2, "ep_size": 1, **flags}
         argv = ["train", "--no-progress", *extra]
-        for key, value in values.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        for key, value in values.items():  # a list: a flag taking several values
+            argv += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
         capsys.readouterr()
         code = main(argv)
         return code, capsys.readouterr().err
@@ -404,6 +404,17 @@ def test_data_shorter_than_one_sequence_is_refused(train_cli, tmp_path) -> None:
     code, err = train_cli(data=short)
     assert code == 2 and "fewer than one --seq-len 64 window" in err and "--data" in err, err
     assert not torch.distributed.is_initialized()
+
+
+def test_bad_data_mix_is_refused_before_anything_is_written(train_cli, texts, tmp_path) -> None:
+    out = tmp_path / "out"
+    code, err = train_cli(data=[texts["varied"], texts["varied"]], data_mix="equal")
+    assert code == 2 and "named twice" in err and "--data" in err, err
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    code, err = train_cli(data=[texts["varied"], short], data_mix="equal")
+    assert code == 2 and f"--data {short}" in err and "none left to train on" in err, err
+    assert not out.exists()
 
 
 def test_out_holding_another_run_is_refused(train_cli, tmp_path) -> None:
