@@ -35,6 +35,7 @@ from factorllm_ds.outputs import (
     not_listed,
     recover_replaced,
     remove_stale_temps,
+    write_text_atomic,
 )
 from factorllm_ds.shape import DEMO_WORDING, MoEShape, shape_problems
 from factorllm_ds.split import SPLIT_METHODS
@@ -243,10 +244,7 @@ def training_domain_text(data: Path, tokenizer_dir: Path, seq_len: int, out: Pat
         held = prepare([str(data)], None, tokenizer, seq_len, defaults.eval_fraction).eval
         if held is None:
             return None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(tokenizer.decode(held.reshape(-1).tolist()))
-        tmp.replace(out)
+        write_text_atomic(out, tokenizer.decode(held.reshape(-1).tolist()), "--work")
     return out
 
 
