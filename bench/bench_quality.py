@@ -382,9 +382,9 @@ def issue13(args) -> None:
     variant = (f"-{args.routed_split}" if args.routed_split != "coactivation" else "") + (
         f"-fit{args.router_fit}" if args.router_fit != "picks" else "") + (
         f"-seed{args.seed}" if args.seed else "")
-    calib_files = [kjv, served_text(args, dense, botchan, work)] if args.calib_served else [kjv]
-    train_file = train_served_text(args, dense, kjv, served_text(args, dense, botchan, work), work) \
-        if args.train_served else kjv
+    served = served_text(args, dense, botchan, work) if args.calib_served or args.train_served else None
+    calib_files = [kjv, served] if args.calib_served else [kjv]
+    train_file = train_served_text(args, dense, kjv, served, work) if args.train_served else kjv
     heldout_kjv = training_domain_text(kjv, dense, args.seq_len, work / "kjv-heldout.txt") \
         if args.eval_train_domain else None
     for job in jobs:  # a training variant (--train-args, --distill) is its own cache entry, named by --tag / -KD<W>
@@ -432,9 +432,8 @@ def issue13(args) -> None:
     settings = {"seq_len": args.seq_len, "global_batch_size": args.global_batch_size,
                 "micro_batch_size": args.micro_batch_size, "lr": args.lr, "nproc": args.nproc, "ep_size": args.ep_size,
                 "calib_tokens": args.calib_tokens, "calib_seq_len": args.calib_seq_len,
-                "calib_served": args.calib_served,
+                "calib_served": args.calib_served, "train_data": "kjv + served" if args.train_served else "kjv",
                 "eval": f"botchan {args.eval_windows}x{args.eval_seq_len}"}
-    settings["train_data"] = "kjv + served" if args.train_served else "kjv"
     dense_ppl = report(dense, "dense")["perplexity"]
     dense_kjv = report(dense, "dense", heldout_kjv)["perplexity"] if heldout_kjv else None
     for job in ([] if args.table_only else jobs):
@@ -442,10 +441,8 @@ def issue13(args) -> None:
         if result_file.is_file():
             row = json.loads(result_file.read_text())
             if heldout_kjv and "ppl_kjv" not in row:  # a cached row: score its kept model on the second text
-                model = work / job["struct"] / "moe" if job["kind"] == "moe" and not job["tokens"] else (
-                    work / job["name"] / "export" if job["kind"] == "moe" else
-                    work / (f"{job['struct']}-pruned" if not job["tokens"] else f"{job['name']}/model"))
-                extras(row, model, job["name"] + ("-fitted" if job["kind"] == "moe" and not job["tokens"] else ""))
+                untrained_moe = job["kind"] == "moe" and not job["tokens"]
+                extras(row, model_folder(work, job), job["name"] + ("-fitted" if untrained_moe else ""))
                 result_file.write_text(json.dumps(row, indent=1) + "\n")
             continue
         started = time.time()
@@ -456,7 +453,7 @@ def issue13(args) -> None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             # the pruned, untrained model: built once per fraction, shared by its untrained and fine-tuned jobs
-            pruned = work / f"{job['struct']}-pruned"
+            pruned = model_folder(work, {**job, "tokens": 0})
             if not (pruned / "config.json").is_file():
                 model, tokenizer = build_static(args, dense, calib_files, job["frac"], job["refit"])
                 model.save_pretrained(pruned)
@@ -471,7 +468,7 @@ def issue13(args) -> None:
                 tokenizer = AutoTokenizer.from_pretrained(pruned)
                 teacher = load_dense(dense) if args.distill else None
                 row["finetune"] = finetune_static(args, model, tokenizer, train_file, job["tokens"], teacher)
-                folder = work / job["name"] / "model"
+                folder = model_folder(work, job)
                 model.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
                 del model
@@ -481,7 +478,7 @@ def issue13(args) -> None:
             if not args.keep and job["tokens"]:
                 shutil.rmtree(work / job["name"], ignore_errors=True)
         else:
-            moe = work / job["struct"] / "moe"
+            moe = model_folder(work, {**job, "tokens": 0})
             if not (moe / MANIFEST_FILE).is_file():
                 if job["kind"] == "moe":
                     cfg = ConvertConfig(model=dense, out=moe, num_experts=job["E"], top_k=job["k"],
@@ -507,7 +504,7 @@ def issue13(args) -> None:
                 extras(row, moe, job["name"] + "-fitted")
                 row["train_seconds"] = 0.0
             else:
-                run, exported = work / job["name"] / "run", work / job["name"] / "export"
+                run, exported = work / job["name"] / "run", model_folder(work, job)
                 demo = DemoConfig(tokens=job["tokens"], seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                                   global_batch_size=args.global_batch_size, lr=args.lr, nproc=args.nproc,
                                   ep_size=min(args.ep_size, job["E"]), launcher="torchrun")
@@ -528,6 +525,14 @@ def issue13(args) -> None:
     print_issue13(work, jobs, dense_ppl)
     if dense_kjv is not None:
         print_domains(work, jobs, dense_ppl, dense_kjv)
+
+
+def model_folder(work: Path, job: dict) -> Path:
+    """Where a job's model is kept: the converted MoE (untrained), its export (trained), the pruned model (static,
+    untrained) or the fine-tuned one (static, trained; only with --keep)."""
+    if job["kind"] == "moe":
+        return work / job["name"] / "export" if job["tokens"] else work / job["struct"] / "moe"
+    return work / job["name"] / "model" if job["tokens"] else work / f"{job['struct']}-pruned"
 
 
 def _ratio(num: float, den: float | None) -> str:
