@@ -89,6 +89,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--routed-split", default="coactivation", help="--jobs: how moe jobs group the routed neurons "
                    "(convert --split); a non-default split is its own cache entry (-<split> in the name)")
     p.add_argument("--table-only", action="store_true", help="--jobs: print the table of the cached jobs, run none")
+    p.add_argument("--plot", type=Path, default=None, help="--jobs: PNG of the quality-compute frontier of the jobs "
+                   "named: perplexity / dense against the active fraction, the MoE with its router and with the "
+                   "oracle, static pruning beside it, one line per training budget; a second panel for KJV with "
+                   "--eval-train-domain (needs the plot extra, matplotlib)")
     p.add_argument("--no-oracle", action="store_true",
                    help="--jobs: skip the oracle-router evaluation of untrained moe jobs (the slow part of a sweep)")
     p.add_argument("--keep", action="store_true",
@@ -525,6 +529,40 @@ def issue13(args) -> None:
     print_issue13(work, jobs, dense_ppl)
     if dense_kjv is not None:
         print_domains(work, jobs, dense_ppl, dense_kjv)
+    if args.plot:
+        plot_issue13(work, jobs, dense_ppl, dense_kjv, args)
+
+
+def plot_issue13(work: Path, jobs: list[dict], dense_ppl: float, dense_kjv: float | None, args) -> None:
+    """--plot: the frontier of the jobs of this command (not every cached row): one line per model kind and training
+    budget, one panel per text."""
+    from plots import plot_fractions  # bench/plots.py, beside this script
+
+    names = {j["name"] for j in jobs}
+    rows = [r for r in _sorted_rows(work, jobs) if r["job"]["name"] in names and r["job"]["kind"] != "paper"]
+    panels = []
+    for key, dense_, text in (("ppl", dense_ppl, "Botchan, held out"),
+                              ("ppl_kjv", dense_kjv, "KJV, train's held-out windows")):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in (r for r in rows if dense_ is not None and key in r):
+            j = r["job"]
+            budget = "untrained" if not j["tokens"] else f"{j['tokens']:,} tokens"
+            if j["kind"] == "moe":
+                series.setdefault(f"MoE, {args.router_fit} router, {budget}", []).append((r["active"], r[key] / dense_))
+                oracle = r.get(key.replace("ppl", "ppl_oracle", 1))
+                if oracle:
+                    series.setdefault(f"MoE, oracle router, {budget}", []).append((r["active"], oracle / dense_))
+            else:
+                label = "static pruning" + (" + refit" if j.get("refit") else "")
+                series.setdefault(f"{label}, {budget}", []).append((r["active"], r[key] / dense_))
+        if series:
+            panels.append((f"perplexity / dense ({text})", series))
+    if not panels:
+        sys.exit(f"--plot {args.plot}: none of the jobs named has a result yet; run them first")
+    loss = f"distilled (w = {args.distill:g})" if args.distill else "CE"
+    plot_fractions(panels, f"SmolLM2-135M: quality against compute, untrained and trained ({loss}, lr {args.lr:g})",
+                   args.plot)
+    print(f"\nplot: {args.plot}")
 
 
 def model_folder(work: Path, job: dict) -> Path:

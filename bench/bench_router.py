@@ -311,10 +311,7 @@ def main() -> None:
 
 
 def plot_frontier(rows: list[dict], dense: dict, text: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plots import plot_fractions  # bench/plots.py, beside this script
 
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
@@ -325,19 +322,8 @@ def plot_frontier(rows: list[dict], dense: dict, text: str, path: Path) -> None:
         if r.get(f"ppl/{text}/oracle"):
             series.setdefault("MoE, oracle router", []).append(
                 (r["active"], r[f"ppl/{text}/oracle"] / dense[f"ppl/{text}"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label, points in series.items():
-        points = sorted(set(points))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.axhline(1.0, color="gray", linestyle=":", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("active fraction of the FFN neurons per token")
-    ax.set_ylabel(f"perplexity / dense ({text}, held out)")
-    ax.set_title("SmolLM2-135M, untrained conversion: quality against compute")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_fractions([(f"perplexity / dense ({text}, held out)", series)],
+                   "SmolLM2-135M, untrained conversion: quality against compute", path)
 
 
 def print_table(rows: list[dict], dense: dict, args) -> None:
