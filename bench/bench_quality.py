@@ -476,7 +476,7 @@ def issue13(args) -> None:
                 model.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
                 del model
-            row["train_seconds"] = round(time.time() - started - row["prune_seconds"], 1)
+            row["train_seconds"] = max(0.0, round(time.time() - started - row["prune_seconds"], 1))
             row["ppl"] = report(folder, job["name"])["perplexity"]
             extras(row, folder, job["name"])
             if not args.keep and job["tokens"]:
