@@ -543,8 +543,10 @@ def plot_issue13(work: Path, jobs: list[dict], dense_ppl: float, dense_kjv: floa
     panels = []
     for key, dense_, text in (("ppl", dense_ppl, "Botchan, held out"),
                               ("ppl_kjv", dense_kjv, "KJV, train's held-out windows")):
+        if dense_ is None:  # no --eval-train-domain: no KJV panel
+            continue
         series: dict[str, list[tuple[float, float]]] = {}
-        for r in (r for r in rows if dense_ is not None and key in r):
+        for r in (r for r in rows if key in r):
             j = r["job"]
             budget = "untrained" if not j["tokens"] else f"{j['tokens']:,} tokens"
             if j["kind"] == "moe":
