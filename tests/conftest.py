@@ -12,7 +12,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tests fork subprocesses
 
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -21,6 +23,19 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import tiny` from any test file
 
 import tiny  # noqa: E402
+
+# The suite writes real checkpoints: a passing test's tmp_path is removed as it ends (pyproject.toml's
+# tmp_path_retention_policy), but a full run still peaks near this much in the temporary folder.
+NEEDS_FREE_GB = 6
+
+
+def pytest_report_header(config):
+    """Free space where the tests write, in the header: a suite that fills the disk fails far from the cause."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    line = f"factorllm_ds: {free:.1f} GB free in {tempfile.gettempdir()}"
+    if free < NEEDS_FREE_GB:
+        line += f" (below the {NEEDS_FREE_GB} GB the suite's checkpoints need: expect write errors)"
+    return line
 
 
 @pytest.fixture

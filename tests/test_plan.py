@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -325,7 +326,8 @@ def weighty_moe(tmp_path_factory):
                              num_attention_heads=8, num_key_value_heads=8, max_shard_size="2GB")
     moe = tiny.build_tiny_moe(root / "moe", dense)
     data = tiny.write_calibration_text(root / "train.txt")
-    return moe, data, root
+    yield moe, data, root
+    shutil.rmtree(root)  # 1 GB of models: not kept for the rest of the session
 
 
 def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: int, ckpt: bool = False,
@@ -345,6 +347,7 @@ def measure_peaks(model: Path, data: Path, root: Path, ep_size: int, seq_len: in
     res = subprocess.run(cmd, env=du.worker_env({"PEAK_RSS_DIR": str(peaks_dir)}), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    shutil.rmtree(root / f"run-{name}")  # its 1.4 GB checkpoint is not looked at again
     return [int((peaks_dir / f"rank{r}.kib").read_text()) * 1024 for r in range(2)]
 
 
