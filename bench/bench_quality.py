@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -529,6 +530,7 @@ def issue13(args) -> None:
     print_issue13(work, jobs, dense_ppl)
     if dense_kjv is not None:
         print_domains(work, jobs, dense_ppl, dense_kjv)
+    print_recovery(work, jobs, dense_ppl, dense_kjv)
     if args.plot:
         plot_issue13(work, jobs, dense_ppl, dense_kjv, args)
 
@@ -635,6 +637,42 @@ def print_issue13(work: Path, jobs: list[dict], dense_ppl: float) -> None:
         if "ppl_oracle" in r:
             line(r, f"{j['struct']}, oracle router, " + ("untrained" if j["tokens"] == 0 else "trained"),
                  r["ppl_oracle"])
+
+
+def print_recovery(work: Path, jobs: list[dict], dense_ppl: float, dense_kjv: float | None) -> None:
+    """How much of its excess loss training recovered, MoE beside static pruning + refit (same fraction, tokens,
+    loss, calibration): excess = ln(ppl / dense), share = 1 - trained excess / untrained excess. If both recover the
+    same share f, MoE / static falls to (untrained MoE / static) ** (1 - f): a lead in perplexity narrows with
+    training even when the MoE learns exactly as well as the static model; the last column is that ratio."""
+    rows = _sorted_rows(work, jobs)
+    by_key = {(r["job"]["struct"], r["job"]["tokens"], bool(r["settings"].get("calib_served"))): r for r in rows
+              if "struct" in r["job"]}
+    static = {_static_key(r): r for r in rows if r["job"]["kind"] == "static" and r["job"].get("refit")}
+    lines = []
+    for key, dense_, text in (("ppl", dense_ppl, "Botchan"), ("ppl_kjv", dense_kjv, "KJV held out")):
+        if dense_ is None:
+            continue
+        for moe_t in (r for r in rows if r["job"]["kind"] == "moe" and r["job"]["tokens"]):
+            served = bool(moe_t["settings"].get("calib_served"))
+            moe_u = by_key.get((moe_t["job"]["struct"], 0, served))
+            stat_t = static.get(_static_key(moe_t))
+            stat_u = None if stat_t is None else by_key.get((stat_t["job"]["struct"], 0, served))
+            pair = (moe_u, moe_t, stat_u, stat_t)
+            if any(r is None or key not in r for r in pair):
+                continue
+            mu, mt, su, st_ = (math.log(r[key] / dense_) for r in pair)
+            f_moe, f_static = 1 - mt / mu, 1 - st_ / su
+            lines.append(f"| {moe_t['active']:.3f} | {_label(moe_t['job'])} | {moe_t['job']['tokens']} | {text} | "
+                         f"{mu:.3f} → {mt:.3f} | {f_moe:.1%} | {su:.3f} → {st_:.3f} | {f_static:.1%} | "
+                         f"{math.exp(mu - su):.3f} → {math.exp(mt - st_):.3f} | "
+                         f"{math.exp((mu - su) * (1 - f_static)):.3f} |")
+    if lines:
+        print("\nExcess loss recovered by training: excess = ln(ppl / dense), share = 1 - trained / untrained excess\n"
+              "| active | model | tokens | text | MoE excess, untrained → trained | MoE share | "
+              "static + refit excess | static share | MoE / static | MoE / static had the MoE recovered static's "
+              "share |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 def print_domains(work: Path, jobs: list[dict], dense_ppl: float, dense_kjv: float) -> None:
