@@ -29,13 +29,25 @@ import tiny  # noqa: E402
 NEEDS_FREE_GB = 6
 
 
-def pytest_report_header(config):
-    """Free space where the tests write, in the header: a suite that fills the disk fails far from the cause."""
+def _free_space_line() -> tuple[str, bool]:
     free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
     line = f"factorllm_ds: {free:.1f} GB free in {tempfile.gettempdir()}"
     if free < NEEDS_FREE_GB:
-        line += f" (below the {NEEDS_FREE_GB} GB the suite's checkpoints need: expect write errors)"
-    return line
+        return line + f", below the {NEEDS_FREE_GB} GB the suite's checkpoints need: expect write errors", True
+    return line, False
+
+
+def pytest_report_header(config):
+    """Free space where the tests write, in the header: a suite that fills the disk fails far from the cause."""
+    return _free_space_line()[0]
+
+
+def pytest_sessionstart(session):
+    """The same line even under -q (which hides the header), when the space is short."""
+    line, short = _free_space_line()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if short and reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(line, yellow=True)
 
 
 @pytest.fixture
