@@ -49,6 +49,9 @@ def _demo(cfg) -> int:
 # Modules are imported only for the command that runs (train pulls in DeepSpeed).
 COMMANDS = {
     "convert": ("factorllm_ds.config:ConvertConfig", _convert, "dense HF checkpoint -> FactorLLM MoE checkpoint"),
+    "prune": ("factorllm_ds.prune:PruneConfig", "factorllm_ds.prune:run_command",
+              "dense HF checkpoint -> the same with each FFN cut to its top neurons (static pruning, the "
+              "equal-compute baseline)"),
     "verify": ("factorllm_ds.verify:VerifyConfig", _verify, "check the MoE with all experts equals the dense model"),
     "plan": ("factorllm_ds.plan:PlanConfig", "factorllm_ds.plan:run_command",
              "per-GPU memory of a training run; recommends ep_size / ZeRO stage / offload"),
