@@ -35,6 +35,7 @@ DISTILL_WEIGHT = 1.0  # --distill-weight default with a --teacher (docs/method.m
 REFIT_DOWN_RIDGE = 4.0  # --refit-down default with a fitted router (docs/method.md §4)
 CONVERT_DEVICE = "cpu"  # convert --device default: the output's bytes do not depend on the machine (docs/cluster.md)
 TRAIN_SEQ_LEN = 1024  # train --seq-len default, which plan assumes too
+CALIB_TOKENS, CALIB_SEQ_LEN = 4096, 512  # calibration defaults of convert and prune
 # The MoE shape's defaults are the shipped model config's (which may import nothing from here).
 MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(FactorLLMConfig.__init__).parameters.items()}
 
@@ -217,7 +218,7 @@ class ConvertConfig(MoEFlags):
                                      default=None)
     importance: str = arg("neuron importance that picks the shared neurons: contribution (mean |a_i| * "
                           "||W_down[:, i]||) or activation_rate (CMoE: share of tokens where the neuron is among the "
-                          "top 10%% of activations)", choices=IMPORTANCE_KINDS, default="contribution")
+                          "top 10%% of activations)", choices=IMPORTANCE_KINDS, default=IMPORTANCE_KINDS[0])
     prior_target: str | None = arg("what the PA prior (and the oracle router) picks: share (paper: the k experts each "
                                    "closest to their share t*k/E of the dense output t) or subset (the k experts "
                                    "whose combined output is closest to t); stored in config.json, `train` follows "
@@ -246,8 +247,8 @@ class ConvertConfig(MoEFlags):
         "--router-init prior. Several files: an equal share of --calib-tokens from the start of each, so that the "
         "split, the router and the refit see every domain the model will serve (docs/method.md §4)", default=None)
     calib_tokens: int = arg("calibration tokens for --shared-neurons / --split coactivation / --router-init prior",
-                            default=4096)
-    calib_seq_len: int = arg("calibration sequence length", default=512)
+                            default=CALIB_TOKENS)
+    calib_seq_len: int = arg("calibration sequence length", default=CALIB_SEQ_LEN)
     seed: int = arg("seed for the random split, k-means initialisation and router initialisation", default=0)
     max_shard_size: str = arg("largest output shard, e.g. 2GB or 500MB", default=MAX_SHARD_SIZE)
     overwrite: bool = arg("replace --out if it exists (only a folder convert or export wrote)", default=False)

@@ -28,6 +28,8 @@ import torch
 from factorllm_ds import keys, structure
 from factorllm_ds.calibration import CalibrationRunner
 from factorllm_ds.config import (
+    CALIB_SEQ_LEN,
+    CALIB_TOKENS,
     MAX_SHARD_SIZE,
     REFIT_DOWN_RIDGE,
     _resolved_path,
@@ -87,11 +89,11 @@ class PruneConfig:
     calib_data: list[Path] = arg("calibration text (.txt/.jsonl/.json/.parquet/.csv) on which each neuron's "
                                  "importance and the refit are measured; several files: an equal share of "
                                  "--calib-tokens from each (as convert)", default=None, required=True)
-    calib_tokens: int = arg("calibration tokens", default=4096)
-    calib_seq_len: int = arg("calibration sequence length", default=512)
+    calib_tokens: int = arg("calibration tokens", default=CALIB_TOKENS)
+    calib_seq_len: int = arg("calibration sequence length", default=CALIB_SEQ_LEN)
     importance: str = arg("which neurons are kept: contribution (mean |a_i| * ||W_down[:, i]||) or activation_rate "
                           "(share of tokens where the neuron is among the top 10%% of activations)",
-                          choices=IMPORTANCE_KINDS, default="contribution")
+                          choices=IMPORTANCE_KINDS, default=IMPORTANCE_KINDS[0])
     refit_down: float = arg("ridge strength d of the down-projection refit of the kept neurons to the dense FFN's "
                             "output on the calibration tokens (convert's --refit-down); 0 keeps exact slices",
                             default=REFIT_DOWN_RIDGE)

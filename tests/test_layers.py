@@ -31,7 +31,7 @@ TIERS: dict[str, set[str]] = {
     "shared": {"__init__", "assets", "checkpoints", "config", "convert_cost", "data", "distributed", "errors", "finite",
                "hf_io", "keys", "launcher", "layout", "locks", "modeling", "outputs", "preemption", "safe_load",
                "shape", "split", "structure"},
-    "stage convert": {"convert", "calibration"},
+    "stage convert": {"convert", "calibration", "prune"},  # prune: convert's equal-compute baseline, same streaming
     "stage train": {"train", "ds_moe", "routing"},
     "stage export": {"export", "export_formats", "gguf_convert", "sources"},
     "stage eval": {"evaluate"},
