@@ -102,7 +102,10 @@ class DemoConfig:
 
 SETTINGS_FILE = "demo_settings.json"
 NATIVE_ROW = "trained, as Qwen2-MoE (no remote code)"
-DEMO_FOLDERS = ("moe", "run", "export", "reports")  # convert's, train's and export's outputs; eval's reports
+# convert's, prune's, train's and the two exports' outputs; eval's reports
+DEMO_FOLDERS = ("moe", "static", "run", "export", "export-qwen2-moe", "reports")
+TRAINING_DOMAIN_TEXT = "training-domain.txt"  # in reports/: the text eval scores, so it carries no marker
+STATIC_ROW = "static pruning, same neurons and refit"
 DEMO_FILES = ("usage.png", "summary.json", SETTINGS_FILE)
 DEMO_OUTPUTS = {*DEMO_FOLDERS, *DEMO_FILES}
 
@@ -147,17 +150,20 @@ def _unproven(work: Path) -> list[str]:
     the factorllm_ds mark of the reports and the plot; the settings and the summary are the demo's records)."""
     from factorllm_ds.train import own_files
 
-    for out in (work / "moe", work / "export"):  # what a convert or export cut short left beside them (marked)
+    for out in (work / "moe", work / "static", work / "export", work / "export-qwen2-moe"):  # what a convert,
+        # prune or export cut short left beside them (marked)
         recover_replaced(out)
         remove_stale_temps(out)
 
     def manifest(folder: Path) -> set[str] | None:
         return listed_files(folder, MANIFEST_FILE)
 
-    def marked(folder: Path) -> set[str]:
-        return {p.name for p in folder.iterdir() if has_file_marker(p)}
+    def reports(folder: Path) -> set[str]:  # eval's marked reports, and the held-out text the demo wrote there
+        return {p.name for p in folder.iterdir() if has_file_marker(p) or (
+            p.name == TRAINING_DOMAIN_TEXT and p.is_file() and not p.is_symlink())}
 
-    proofs = {"moe": manifest, "export": manifest, "run": own_files, "reports": marked}
+    proofs = {"moe": manifest, "static": manifest, "export": manifest, "export-qwen2-moe": manifest, "run": own_files,
+              "reports": reports}
     found = [p.name for p in work.iterdir() if p.name not in DEMO_OUTPUTS]
     for name, proof in proofs.items():
         path = work / name
@@ -253,6 +259,7 @@ def demo(cfg: DemoConfig) -> dict:
     from factorllm_ds.config import ConvertConfig
     from factorllm_ds.convert import convert
     from factorllm_ds.export import ExportConfig, run_export
+    from factorllm_ds.prune import prune
     from factorllm_ds.speed import SpeedConfig, bench_speed
 
     started = time.time()
@@ -273,7 +280,7 @@ def demo(cfg: DemoConfig) -> dict:
         if not path.exists():
             raise UserError(f"{flag} {path}: no such file or folder")
 
-    _stage("2/5 convert")
+    _stage("2/5 convert, and static pruning of as many neurons (the equal-compute baseline)")
     moe = work / "moe"
     if not (moe / MANIFEST_FILE).is_file():
         convert(ConvertConfig(model=dense, out=moe, num_experts=cfg.num_experts, top_k=cfg.top_k, split=cfg.split,
@@ -282,6 +289,11 @@ def demo(cfg: DemoConfig) -> dict:
                               calib_tokens=cfg.calib_tokens, router_bias=cfg.router_bias, overwrite=True))
     else:
         print(f"convert: {moe} exists; skipping", file=sys.stderr)
+    static = work / "static"  # the equal-compute baseline: as many neurons, the same on every token
+    if not (static / MANIFEST_FILE).is_file():
+        prune(static_config(moe, static), progress=False)
+    else:
+        print(f"prune: {static} exists; skipping", file=sys.stderr)
 
     _stage("3/5 train (expert parallel)")
     run = work / "run"
@@ -306,6 +318,7 @@ def demo(cfg: DemoConfig) -> dict:
     rows = {
         "dense": _eval(dense, held_out, reports / "dense.json", cfg),
         "converted, before training": _eval(moe, held_out, reports / "converted.json", cfg),
+        STATIC_ROW: _eval(static, held_out, reports / "static.json", cfg),
         "trained (paper code: random router)": _eval(exported, held_out, reports / "random.json", cfg,
                                                      router="random"),
         "trained": _eval(exported, held_out, reports / "trained.json", cfg, plot=work / "usage.png",
@@ -321,10 +334,12 @@ def demo(cfg: DemoConfig) -> dict:
     # The same model on text of its training domain it never saw: the router's gap there against off it
     # (bench/RESULTS.md "Where the router's gap lies").
     in_domain = {}
-    held_in = training_domain_text(data, dense, cfg.seq_len, reports / "training-domain.txt")
+    held_in = training_domain_text(data, dense, cfg.seq_len, reports / TRAINING_DOMAIN_TEXT)
     if held_in is not None:
         in_domain = {
             "dense": _eval(dense, held_in, reports / "dense-training-domain.json", cfg),
+            "converted, before training": _eval(moe, held_in, reports / "converted-training-domain.json", cfg),
+            STATIC_ROW: _eval(static, held_in, reports / "static-training-domain.json", cfg),
             "trained": _eval(exported, held_in, reports / "trained-training-domain.json", cfg),
             "trained, oracle router": _eval(exported, held_in, reports / "oracle-training-domain.json", cfg,
                                             router="oracle"),
@@ -335,16 +350,35 @@ def demo(cfg: DemoConfig) -> dict:
     return summary
 
 
+def static_config(moe: Path, out: Path):
+    """prune's config for the MoE's equal-compute baseline: as many FFN neurons as the MoE runs per token (shared +
+    k routed experts), chosen and refitted on the same calibration text as convert chose and refitted the MoE's."""
+    from factorllm_ds.hf_io import read_config
+    from factorllm_ds.layout import read_manifest
+    from factorllm_ds.prune import PruneConfig
+
+    config, settings = read_config(moe), (read_manifest(moe) or {})["settings"]
+    active = config["shared_intermediate_size"] + config["num_experts_per_tok"] * config["expert_intermediate_size"]
+    tokenizer = settings["tokenizer"]
+    return PruneConfig(model=Path(settings["model"]), out=out, keep=str(active),
+                       calib_data=[Path(f) for f in settings["calib_data"]], calib_tokens=settings["calib_tokens"],
+                       calib_seq_len=settings["calib_seq_len"], importance=settings["importance"],
+                       refit_down=settings["refit_down"], tokenizer=None if tokenizer is None else Path(tokenizer),
+                       overwrite=True)
+
+
 def summarize(rows: dict, speed: dict, work: Path, seconds: float, in_domain: dict | None = None) -> dict:
     ppl = {name: r["perplexity"] for name, r in rows.items()}
     training_domain = None
     if in_domain:
         held = {name: r["perplexity"] for name, r in in_domain.items()}
         training_domain = {"perplexity": held, "trained_over_dense": held["trained"] / held["dense"],
-                           "trained_over_oracle": held["trained"] / held["trained, oracle router"]}
+                           "trained_over_oracle": held["trained"] / held["trained, oracle router"],
+                           "converted_over_static": held["converted, before training"] / held[STATIC_ROW]}
     return {
         "perplexity": ppl,
         "trained_over_dense": ppl["trained"] / ppl["dense"],
+        "converted_over_static": ppl["converted, before training"] / ppl[STATIC_ROW],
         "trained_over_oracle": ppl["trained"] / ppl["trained, oracle router"],
         "trained_over_random_router": ppl["trained"] / ppl["trained (paper code: random router)"],
         "router_recall_of_oracle": rows["trained"].get("router_recall", {}).get("mean"),
@@ -378,6 +412,7 @@ def print_summary(s: dict) -> None:
     print(f"  {'trained / dense':40} {s['trained_over_dense']:12.3f}")
     print(f"  {'trained / oracle router':40} {s['trained_over_oracle']:12.3f}")
     print(f"  {'trained / random router':40} {s['trained_over_random_router']:12.3f}")
+    print(f"  {'converted / static pruning (untrained)':40} {s['converted_over_static']:12.3f}")
     if s.get("router_recall_of_oracle") is not None:
         print(f"  {'router picks of the oracle (held out)':40} {s['router_recall_of_oracle']:12.3f}")
     if s.get("train_agreement_last_step") is not None:
@@ -391,5 +426,6 @@ def print_summary(s: dict) -> None:
             print(f"  {name:40} {value:12.2f}")
         print(f"  {'trained / dense':40} {t['trained_over_dense']:12.3f}")
         print(f"  {'trained / oracle router':40} {t['trained_over_oracle']:12.3f}")
+        print(f"  {'converted / static pruning (untrained)':40} {t['converted_over_static']:12.3f}")
     print(f"reports: {s['report_dir']}\nexpert usage plot: {s['usage_plot']}\nsample: {s['sample']!r}")
 

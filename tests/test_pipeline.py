@@ -77,8 +77,8 @@ def demo_outputs(work: Path, moe: Path) -> Path:
     """``work`` as the demo leaves it, each output with its own proof: convert's and export's manifest (a real
     convert output), train's run.json and checksums, the factorllm_ds mark of the reports and the plot."""
     _reset_if_settings_changed(work, DemoConfig(work=work))
-    shutil.copytree(moe, work / "moe")
-    shutil.copytree(moe, work / "export")
+    for name in ("moe", "static", "export", "export-qwen2-moe"):  # each with its command's manifest
+        shutil.copytree(moe, work / name)
     run, tag = work / "run", work / "run" / CHECKPOINT_DIR / "step1"
     tag.mkdir(parents=True)
     (run / RUN_MANIFEST).write_text("{}")
@@ -91,12 +91,14 @@ def demo_outputs(work: Path, moe: Path) -> Path:
     (run / "tensorboard" / "events.out.tfevents.1.host.7.0").write_bytes(b"")
     (work / "reports").mkdir()
     (work / "reports" / "dense.json").write_text('{"factorllm_ds": "0"}')
+    (work / "reports" / "training-domain.txt").write_text("held-out windows of --data, the text eval scores")
     (work / "usage.png").write_bytes(b"\x89PNG factorllm_ds")
     (work / "summary.json").write_text("{}")
     return work
 
 
-@pytest.mark.parametrize("yours", ["moe/notes.md", "export/eval/results.json", "run/notes.txt",
+@pytest.mark.parametrize("yours", ["moe/notes.md", "static/notes.md", "export/eval/results.json",
+                                   "export-qwen2-moe/notes.md", "run/notes.txt",
                                    "run/checkpoints/step9/mine.pt", "reports/mine.json", "usage.png", ".notes"])
 def test_starting_over_deletes_nothing_the_demo_did_not_write(tiny_moe_dir, tmp_path, yours):
     """Changed settings (or --fresh) would start over: a file of yours anywhere in --work, however deep, refuses it,

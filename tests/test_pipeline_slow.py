@@ -31,8 +31,9 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
     summary = json.loads((work / "summary.json").read_text())
     ppl = summary["perplexity"]
     native = "trained, as Qwen2-MoE (no remote code)"  # the same model served as a class transformers ships
-    assert set(ppl) == {"dense", "converted, before training", "trained (paper code: random router)", "trained",
-                        "trained, oracle router", native}
+    static = "static pruning, same neurons and refit"  # the equal-compute baseline, pruned by `prune`
+    assert set(ppl) == {"dense", "converted, before training", static, "trained (paper code: random router)",
+                        "trained", "trained, oracle router", native}
     assert all(v > 1 for v in ppl.values())
     assert abs(ppl[native] / ppl["trained"] - 1) < 0.05, ppl  # docs/serving.md: within rounding of the routing
     assert json.loads((work / "export-qwen2-moe" / "config.json").read_text())["architectures"] == [
@@ -41,7 +42,16 @@ def test_demo_pipeline_produces_summary_and_trained_router_beats_random(tmp_path
     assert Path(summary["usage_plot"]).is_file()
     # The same model on --data's held-out windows (the training domain), beside the other domain's figures.
     held = summary["training_domain"]
-    assert set(held["perplexity"]) == {"dense", "trained", "trained, oracle router"}, held
+    assert set(held["perplexity"]) == {"dense", "converted, before training", static, "trained",
+                                       "trained, oracle router"}, held
+    # static pruning keeps as many neurons as the MoE runs per token, a dense model of the source's architecture
+    moe_config = json.loads((work / "moe" / "config.json").read_text())
+    static_config = json.loads((work / "static" / "config.json").read_text())
+    assert static_config["intermediate_size"] == moe_config["shared_intermediate_size"] + moe_config[
+        "num_experts_per_tok"] * moe_config["expert_intermediate_size"]
+    assert static_config["architectures"] == ["LlamaForCausalLM"]
+    assert abs(summary["converted_over_static"] - ppl["converted, before training"] / ppl[static]) < 1e-9
+    assert "converted / static pruning (untrained)" in proc.stdout
     assert all(v > 1 for v in held["perplexity"].values())
     assert held["perplexity"]["dense"] < held["perplexity"]["trained"], held  # half of the FFN active
     assert abs(held["trained_over_oracle"] - held["perplexity"]["trained"] / held["perplexity"][
