@@ -297,14 +297,7 @@ class ConvertConfig(MoEFlags):
 
     def validate(self, dense_config: dict) -> ConvertConfig:
         """Every problem at once (one error); returns the resolved copy convert runs with."""
-        problems = []
-        model_type = dense_config.get("model_type")
-        if model_type == "factorllm":
-            problems.append(f"--model {self.model} is already a FactorLLM checkpoint; pass the dense model")
-        elif model_type not in SUPPORTED_FAMILIES:
-            arch = ",".join(dense_config.get("architectures") or ["?"])
-            problems.append(f"--model {self.model}: unsupported architecture {arch} (model_type {model_type!r}). "
-                            f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)")
+        problems = dense_model_problems(dense_config, self.model)
         intermediate = dense_config.get("intermediate_size")
         shared_problems, num_shared = self._shared_problems(intermediate)
         shape = self.shape_for(dense_config, num_shared)
@@ -343,6 +336,19 @@ class ConvertConfig(MoEFlags):
         target = self.prior_target or ("subset" if num_shared else "share")
         return dataclasses.replace(self, router_init=router_init, shape=shape, refit_down=refit,
                                    prior_target=target, device=device, calib_data=calib_data)
+
+
+def dense_model_problems(dense_config: dict, model: Path) -> list[str]:
+    """What keeps ``--model`` (its config.json read as ``dense_config``) from being a dense model convert and prune
+    take: a FactorLLM checkpoint, or an architecture without the SwiGLU MLP they split."""
+    model_type = dense_config.get("model_type")
+    if model_type == "factorllm":
+        return [f"--model {model} is already a FactorLLM checkpoint; pass the dense model"]
+    if model_type not in SUPPORTED_FAMILIES:
+        arch = ",".join(dense_config.get("architectures") or ["?"])
+        return [f"--model {model}: unsupported architecture {arch} (model_type {model_type!r}). "
+                f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)"]
+    return []
 
 
 def jsonable(value):

@@ -77,6 +77,16 @@ def moe_tensor_plan(dense: dict[str, TensorInfo], num_layers: int, cfg: ConvertC
     return plan
 
 
+def check_mlp_tensors(reader: CheckpointReader, num_layers: int, model: Path) -> None:
+    """Before any plan: layers present (check_config_shapes) but without a SwiGLU MLP are named, not a KeyError."""
+    missing = [name for name in (keys.dense_mlp_key(p, i) for i in range(num_layers) for p in keys.MLP_PARTS)
+               if name not in reader.infos]
+    if missing:
+        raise UserError(f"--model {model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
+                        f"tensors) that config.json (num_hidden_layers {num_layers}) calls for; it is incomplete or "
+                        "not a SwiGLU LLaMA-family model.")
+
+
 def make_partition(cfg: ConvertConfig, layer: int, gate, up, down, calib) -> torch.Tensor:
     """The layer's neuron permutation: perm[:S] the shared expert, then E equal routed groups (shape.py)."""
     seed = cfg.seed * 100_003 + layer  # distinct, reproducible per layer
@@ -171,7 +181,9 @@ def moe_config(dense_config: dict, cfg: ConvertConfig) -> FactorLLMConfig:
     return moe
 
 
-def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
+def open_dense_source(cfg):
+    """(config.json, reader, the validated ``cfg``, the inputs by flag) of convert's or prune's dense ``--model``, with
+    ``--out`` checked before any work (FolderWriter checks it again)."""
     dense_config = read_config(cfg.model)
     reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
     # Before the flags are judged against config.json (--num-experts must divide its intermediate_size): a
@@ -179,18 +191,16 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
     check_config_shapes(dense_config, reader.infos, Path(cfg.model) / "config.json", f"--model {cfg.model}")
     cfg = cfg.validate(dense_config)
     inputs = {"--model": cfg.model, "--tokenizer": cfg.tokenizer, **calib_inputs(cfg.calib_data)}
-    check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,),  # before any work; FolderWriter re-checks
-                 inventory=MANIFEST_FILE)
+    check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,), inventory=MANIFEST_FILE)
+    return dense_config, reader, cfg, inputs
+
+
+def convert(cfg: ConvertConfig, progress: bool = True) -> Path:
+    dense_config, reader, cfg, inputs = open_dense_source(cfg)
     if cfg.tokenizer is not None or cfg.needs_calibration():
         tokenizer_dir(cfg.model, cfg.tokenizer)  # the error names the folder and suggests --tokenizer
     num_layers = dense_config["num_hidden_layers"]
-    # Before the plan: layers present (checked above) but without a SwiGLU MLP are named here, not a KeyError.
-    missing = [name for name in (keys.dense_mlp_key(p, i) for i in range(num_layers) for p in keys.MLP_PARTS)
-               if name not in reader.infos]
-    if missing:
-        raise UserError(f"--model {cfg.model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
-                        f"tensors) that config.json (num_hidden_layers {num_layers}) calls for; it is incomplete or "
-                        "not a SwiGLU LLaMA-family model.")
+    check_mlp_tensors(reader, num_layers, cfg.model)
     plan = moe_tensor_plan(reader.infos, num_layers, cfg)
     calib = CalibrationRunner(reader, dense_config, cfg) if cfg.needs_calibration() else None
     gen = torch.Generator().manual_seed(cfg.seed)

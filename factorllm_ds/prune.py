@@ -35,24 +35,21 @@ from factorllm_ds.config import (
     _resolved_path,
     arg,
     calib_files,
-    calib_inputs,
+    dense_model_problems,
     fail_if,
     jsonable,
     parse_size,
 )
+from factorllm_ds.convert import check_mlp_tensors, open_dense_source
 from factorllm_ds.errors import UserError
 from factorllm_ds.hf_io import (
-    CheckpointReader,
     FolderWriter,
     TensorInfo,
-    check_config_shapes,
     copy_side_files,
     read_config,
     tokenizer_dir,
 )
 from factorllm_ds.keys import SUPPORTED_FAMILIES
-from factorllm_ds.layout import MANIFEST_FILE
-from factorllm_ds.outputs import check_output
 from factorllm_ds.structure import IMPORTANCE_KINDS
 
 
@@ -111,14 +108,7 @@ class PruneConfig:
         """Every problem at once (one UserError naming its flags); returns the resolved copy prune runs with."""
         from factorllm_ds.modeling import resolve_device  # imports transformers: only when prune runs
 
-        problems = []
-        model_type = dense_config.get("model_type")
-        if model_type == "factorllm":
-            problems.append(f"--model {self.model} is a FactorLLM MoE checkpoint; prune takes the dense model")
-        elif model_type not in SUPPORTED_FAMILIES:
-            arch = ",".join(dense_config.get("architectures") or ["?"])
-            problems.append(f"--model {self.model}: unsupported architecture {arch} (model_type {model_type!r}). "
-                            f"Supported: {', '.join(SUPPORTED_FAMILIES.values())} (SwiGLU gate/up/down MLP)")
+        problems = dense_model_problems(dense_config, self.model)
         inter, num_keep = dense_config.get("intermediate_size"), 0
         if isinstance(inter, int):
             try:
@@ -195,20 +185,10 @@ def pruned_config(dense_config: dict, num_keep: int) -> dict:
 
 
 def prune(cfg: PruneConfig, progress: bool = True) -> Path:
-    dense_config = read_config(cfg.model)
-    reader = CheckpointReader(cfg.model, allow_nonfinite=cfg.allow_nonfinite)
-    check_config_shapes(dense_config, reader.infos, Path(cfg.model) / "config.json", f"--model {cfg.model}")
-    cfg = cfg.validate(dense_config)
-    inputs = {"--model": cfg.model, "--tokenizer": cfg.tokenizer, **calib_inputs(cfg.calib_data)}
-    check_output(cfg.out, "--out", cfg.overwrite, inputs, (MANIFEST_FILE,), inventory=MANIFEST_FILE)
+    dense_config, reader, cfg, inputs = open_dense_source(cfg)
     tokenizer_dir(cfg.model, cfg.tokenizer)  # the error names the folder and suggests --tokenizer
     num_layers = dense_config["num_hidden_layers"]
-    missing = [name for name in (keys.dense_mlp_key(p, i) for i in range(num_layers) for p in keys.MLP_PARTS)
-               if name not in reader.infos]
-    if missing:
-        raise UserError(f"--model {cfg.model}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more MLP "
-                        f"tensors) that config.json (num_hidden_layers {num_layers}) calls for; it is incomplete or "
-                        "not a SwiGLU LLaMA-family model.")
+    check_mlp_tensors(reader, num_layers, cfg.model)
     try:
         plan = pruned_plan(reader.infos, num_layers, cfg.num_keep)
     except KeyError as err:

@@ -10,22 +10,12 @@ import json
 
 import pytest
 import torch
+from test_reliability import cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from factorllm_ds.cli import main
 from factorllm_ds.prune import parse_keep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def prune(capsys, model, out, calib, *flags) -> None:
@@ -155,7 +145,7 @@ def test_missing_calibration_file_and_existing_out_are_refused(llama_dir, tmp_pa
 def test_a_moe_checkpoint_is_refused(tiny_moe_dir, calib_text, tmp_path, capsys):
     code, _, err = cli(capsys, "prune", "--model", tiny_moe_dir, "--out", tmp_path / "out", "--keep", "0.5",
                        "--calib-data", calib_text)
-    assert code == 2 and "is a FactorLLM MoE checkpoint; prune takes the dense model" in err, err
+    assert code == 2 and "is already a FactorLLM checkpoint; pass the dense model" in err, err
     assert not (tmp_path / "out").exists()
 
 
