@@ -168,3 +168,22 @@ def test_convert_cuda_equals_cpu(tmp_path_factory, tmp_path, router_fit):
             assert rel(got[name], want[name]) <= CONVERT_TOL, name
     bound = convert_cost(read_config(dense), 4096, 256, num_experts=8, router_fit=router_fit).gpu_bytes
     assert bound / 4 < peak <= bound, (peak, bound)
+
+
+def test_prune_cuda_equals_cpu(tmp_path_factory, tmp_path):
+    """prune --device cuda (the calibration forward, importance and refit on the GPU) keeps the CPU's neurons and
+    writes its tensors within CONVERT_TOL."""
+    from factorllm_ds.prune import PruneConfig, prune
+
+    dense = tiny.build_dense(tmp_path_factory.mktemp("dense-gpu-prune") / "model", "llama", hidden_size=256,
+                             intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4)
+    text = tiny.write_calibration_text(tmp_path / "calib.txt", chars=60_000)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        outs[device] = prune(PruneConfig(model=dense, out=tmp_path / device, keep="0.5", calib_data=[text],
+                                         calib_tokens=4096, device=device), progress=False)
+    want, got = _tensors(outs["cpu"]), _tensors(outs["cuda"])
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert rel(got[name], want[name]) <= CONVERT_TOL, name
