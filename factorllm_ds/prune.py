@@ -147,7 +147,7 @@ def pruned_plan(dense: dict[str, TensorInfo], num_layers: int, num_keep: int) ->
     """Every output tensor in the order prune writes it: the source's, with each MLP cut to ``num_keep`` neurons."""
     layers: dict[int, list[str]] = {i: [] for i in range(num_layers)}
     for name in dense:
-        role, layer = keys.classify_dense_key(name)  # convert's check has named unknown keys already
+        role, layer = keys.classify_dense_key(name)  # an unknown name: KeyError, which prune() reports
         if role == "layer":
             layers[layer].append(name)
     plan = [dense[n] for n in keys.GLOBAL_PASSTHROUGH[:1] if n in dense]

@@ -7,6 +7,7 @@ plain transformers and checked against what the command promises, computed here 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -158,3 +159,21 @@ def test_overwrite_replaces_only_its_own_output(llama_dir, calib_text, tmp_path,
 @pytest.mark.parametrize("spec, count", [("0.5", 64), ("1.0", 128), ("1", 1), ("128", 128), ("0.004", 1)])
 def test_keep_is_a_fraction_or_a_count(spec, count):
     assert parse_keep(spec, 128) == count
+
+
+def test_a_tensor_of_no_known_role_is_named(llama_dir, calib_text, tmp_path, capsys):
+    """A checkpoint holding a tensor prune would not know where to put (here an extra MLP weight) is refused,
+    naming it, before anything is written."""
+    from safetensors.torch import save_file
+
+    model = shutil.copytree(llama_dir, tmp_path / "dense")
+    name = "model.layers.0.mlp.extra_proj.weight"
+    save_file({name: torch.zeros(4, 4)}, str(model / "extra.safetensors"))
+    index = model / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][name] = "extra.safetensors"
+    index.write_text(json.dumps(data))
+    code, _, err = cli(capsys, "prune", "--model", model, "--out", tmp_path / "out", "--keep", "0.5",
+                       "--calib-data", calib_text)
+    assert code == 2 and f"unexpected tensor {name}" in err, err
+    assert not (tmp_path / "out").exists()
