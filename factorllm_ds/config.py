@@ -285,16 +285,6 @@ class ConvertConfig(MoEFlags):
                             "use a smaller shared part or fewer experts")
         return problems, num_shared
 
-    def _device_problems(self, problems: list[str]) -> str:
-        """--device resolved (auto -> cuda or cpu), or its problem appended to ``problems``."""
-        from factorllm_ds.modeling import resolve_device  # imports transformers: only when convert runs
-
-        try:
-            return str(resolve_device(self.device))
-        except UserError as err:
-            problems.append(str(err))
-            return self.device
-
     def validate(self, dense_config: dict) -> ConvertConfig:
         """Every problem at once (one error); returns the resolved copy convert runs with."""
         problems = dense_model_problems(dense_config, self.model)
@@ -308,34 +298,59 @@ class ConvertConfig(MoEFlags):
             if needs and self.calib_data is None:
                 problems.append(f"{flag} needs calibration text: pass --calib-data FILE")
         calib_data = calib_files(self.calib_data)
-        problems += [f"--calib-data {path}: no such file" for path in calib_data or () if not path.is_file()]
-        if calib_data is not None and len(set(map(_resolved_path, calib_data))) < len(calib_data):
-            problems.append("--calib-data names one file twice; pass each file once")
-        if self.calib_tokens < 1 or self.calib_seq_len < 2:
-            problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
-        elif calib_data and self.calib_tokens // min(self.calib_seq_len, self.calib_tokens) < len(calib_data):
-            problems.append(f"--calib-tokens {self.calib_tokens} makes fewer sequences of --calib-seq-len "
-                            f"{self.calib_seq_len} than the {len(calib_data)} --calib-data files: each file gives "
-                            "whole sequences; raise --calib-tokens or lower --calib-seq-len")
+        problems += calibration_problems(calib_data, self.calib_tokens, self.calib_seq_len)
         refit = (REFIT_DOWN_RIDGE if router_init == "prior" else 0.0) if self.refit_down is None else self.refit_down
         if not (math.isfinite(refit) and refit >= 0):
             problems.append(f"--refit-down {self.refit_down}: must be a finite number >= 0 (0 keeps exact slices)")
         elif refit and router_init != "prior":
             problems.append(f"--refit-down {self.refit_down} refits the experts to the fitted router's picks: it "
                             "needs --router-init prior and --calib-data FILE (or pass --refit-down 0)")
-        try:
-            parse_size(self.max_shard_size)
-        except ValueError as err:
-            problems.append(f"--max-shard-size {self.max_shard_size!r}: {err}")
-        if self.out is not None and Path(self.out).exists() and not self.overwrite:
-            problems.append(f"--out {self.out} already exists; choose another path or pass --overwrite")
-        if self.out is not None and self.model is not None and Path(self.out).resolve() == Path(self.model).resolve():
-            problems.append("--out must differ from --model")
-        device = self._device_problems(problems)
+        problems += output_problems(self.out, self.model, self.overwrite, self.max_shard_size)
+        device = resolved_device(self.device, problems)
         fail_if(problems, "convert: bad arguments")
         target = self.prior_target or ("subset" if num_shared else "share")
         return dataclasses.replace(self, router_init=router_init, shape=shape, refit_down=refit,
                                    prior_target=target, device=device, calib_data=calib_data)
+
+
+def calibration_problems(calib_data: list[Path] | None, calib_tokens: int, calib_seq_len: int) -> list[str]:
+    """What is wrong with --calib-data (resolved by :func:`calib_files`), --calib-tokens and --calib-seq-len, for
+    the commands that calibrate (convert, prune)."""
+    problems = [f"--calib-data {path}: no such file" for path in calib_data or () if not path.is_file()]
+    if calib_data is not None and len(set(map(_resolved_path, calib_data))) < len(calib_data):
+        problems.append("--calib-data names one file twice; pass each file once")
+    if calib_tokens < 1 or calib_seq_len < 2:
+        problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
+    elif calib_data and calib_tokens // min(calib_seq_len, calib_tokens) < len(calib_data):
+        problems.append(f"--calib-tokens {calib_tokens} makes fewer sequences of --calib-seq-len "
+                        f"{calib_seq_len} than the {len(calib_data)} --calib-data files: each file gives "
+                        "whole sequences; raise --calib-tokens or lower --calib-seq-len")
+    return problems
+
+
+def output_problems(out: Path | None, model: Path | None, overwrite: bool, max_shard_size: str) -> list[str]:
+    """What is wrong with a model-writing command's --out (beside --model) and --max-shard-size."""
+    problems = []
+    try:
+        parse_size(max_shard_size)
+    except ValueError as err:
+        problems.append(f"--max-shard-size {max_shard_size!r}: {err}")
+    if out is not None and Path(out).exists() and not overwrite:
+        problems.append(f"--out {out} already exists; choose another path or pass --overwrite")
+    if out is not None and model is not None and Path(out).resolve() == Path(model).resolve():
+        problems.append("--out must differ from --model")
+    return problems
+
+
+def resolved_device(device: str, problems: list[str]) -> str:
+    """--device resolved (auto -> cuda or cpu), or its problem appended to ``problems`` and ``device`` returned."""
+    from factorllm_ds.modeling import resolve_device  # imports transformers: only when a command runs
+
+    try:
+        return str(resolve_device(device))
+    except UserError as err:
+        problems.append(str(err))
+        return device
 
 
 def dense_model_problems(dense_config: dict, model: Path) -> list[str]:

@@ -150,11 +150,6 @@ def _unproven(work: Path) -> list[str]:
     the factorllm_ds mark of the reports and the plot; the settings and the summary are the demo's records)."""
     from factorllm_ds.train import own_files
 
-    for out in (work / "moe", work / "static", work / "export", work / "export-qwen2-moe"):  # what a convert,
-        # prune or export cut short left beside them (marked)
-        recover_replaced(out)
-        remove_stale_temps(out)
-
     def manifest(folder: Path) -> set[str] | None:
         return listed_files(folder, MANIFEST_FILE)
 
@@ -164,6 +159,9 @@ def _unproven(work: Path) -> list[str]:
 
     proofs = {"moe": manifest, "static": manifest, "export": manifest, "export-qwen2-moe": manifest, "run": own_files,
               "reports": reports}
+    for name in (name for name, proof in proofs.items() if proof is manifest):  # a convert, prune or export output:
+        recover_replaced(work / name)  # what such a command cut short left beside it (marked)
+        remove_stale_temps(work / name)
     found = [p.name for p in work.iterdir() if p.name not in DEMO_OUTPUTS]
     for name, proof in proofs.items():
         path = work / name

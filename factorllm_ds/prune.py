@@ -32,13 +32,15 @@ from factorllm_ds.config import (
     CALIB_TOKENS,
     MAX_SHARD_SIZE,
     REFIT_DOWN_RIDGE,
-    _resolved_path,
     arg,
     calib_files,
+    calibration_problems,
     dense_model_problems,
     fail_if,
     jsonable,
+    output_problems,
     parse_size,
+    resolved_device,
 )
 from factorllm_ds.convert import check_mlp_tensors, open_dense_source
 from factorllm_ds.errors import UserError
@@ -106,8 +108,6 @@ class PruneConfig:
 
     def validate(self, dense_config: dict) -> PruneConfig:
         """Every problem at once (one UserError naming its flags); returns the resolved copy prune runs with."""
-        from factorllm_ds.modeling import resolve_device  # imports transformers: only when prune runs
-
         problems = dense_model_problems(dense_config, self.model)
         inter, num_keep = dense_config.get("intermediate_size"), 0
         if isinstance(inter, int):
@@ -116,29 +116,11 @@ class PruneConfig:
             except ValueError as err:
                 problems.append(f"--keep {self.keep}: {err} (intermediate_size {inter} in {self.model}/config.json)")
         files = calib_files(self.calib_data) or []
-        problems += [f"--calib-data {path}: no such file" for path in files if not path.is_file()]
-        if len(set(map(_resolved_path, files))) < len(files):
-            problems.append("--calib-data names one file twice; pass each file once")
-        if self.calib_tokens < 1 or self.calib_seq_len < 2:
-            problems.append("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
-        elif files and self.calib_tokens // min(self.calib_seq_len, self.calib_tokens) < len(files):
-            problems.append(f"--calib-tokens {self.calib_tokens} makes fewer sequences of --calib-seq-len "
-                            f"{self.calib_seq_len} than the {len(files)} --calib-data files; raise --calib-tokens")
+        problems += calibration_problems(files, self.calib_tokens, self.calib_seq_len)
         if not (math.isfinite(self.refit_down) and self.refit_down >= 0):
             problems.append(f"--refit-down {self.refit_down}: must be a finite number >= 0 (0 keeps exact slices)")
-        try:
-            parse_size(self.max_shard_size)
-        except ValueError as err:
-            problems.append(f"--max-shard-size {self.max_shard_size!r}: {err}")
-        if Path(self.out).exists() and not self.overwrite:
-            problems.append(f"--out {self.out} already exists; choose another path or pass --overwrite")
-        if Path(self.out).resolve() == Path(self.model).resolve():
-            problems.append("--out must differ from --model")
-        device = self.device
-        try:
-            device = str(resolve_device(self.device))
-        except UserError as err:
-            problems.append(str(err))
+        problems += output_problems(self.out, self.model, self.overwrite, self.max_shard_size)
+        device = resolved_device(self.device, problems)
         fail_if(problems, "prune: bad arguments")
         return dataclasses.replace(self, num_keep=num_keep, calib_data=files, device=device)
 
@@ -162,9 +144,9 @@ def pruned_plan(dense: dict[str, TensorInfo], num_layers: int, num_keep: int) ->
 
 @torch.no_grad()
 def prune_layer(cfg: PruneConfig, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                calib: CalibrationRunner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kept neuron ids, gate, up, down) of one layer on the CPU, in the checkpoint's dtype; the calibration stream
-    then continues through the pruned layer."""
+                calib: CalibrationRunner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pruned (gate, up, down) of one layer on the CPU, in the checkpoint's dtype; the calibration stream then
+    continues through the pruned layer."""
     device = torch.device(cfg.device)
     acts_TI = calib.mlp_activations()
     down_dev = down.to(device)
@@ -177,7 +159,7 @@ def prune_layer(cfg: PruneConfig, gate: torch.Tensor, up: torch.Tensor, down: to
     new_down = new_down.to(down.dtype)
     calib.replace_mlp_output(acts_TK.float() @ new_down.float().T)
     kept = kept.cpu()
-    return kept, gate[kept].contiguous(), up[kept].contiguous(), new_down.cpu().contiguous()
+    return gate[kept].contiguous(), up[kept].contiguous(), new_down.cpu().contiguous()
 
 
 def pruned_config(dense_config: dict, num_keep: int) -> dict:
@@ -205,7 +187,7 @@ def prune(cfg: PruneConfig, progress: bool = True) -> Path:
                     folder.copy(reader, info.name)
             calib.run_layer(layer)
             gate, up, down = (reader.get(keys.dense_mlp_key(p, layer)) for p in keys.MLP_PARTS)
-            pieces = prune_layer(cfg, gate, up, down, calib)[1:]
+            pieces = prune_layer(cfg, gate, up, down, calib)
             for part, piece in zip(keys.MLP_PARTS, pieces):
                 folder.write(keys.dense_mlp_key(part, layer), piece)
             del gate, up, down, pieces
