@@ -177,6 +177,25 @@ def test_prior_topk_subset_greedy_beyond_512_subsets(monkeypatch, num_experts, t
     assert torch.equal(idx.sort(-1).values, planted.sort(-1).values)
 
 
+@pytest.mark.parametrize("num_experts,k,weight", [(16, 4, 1.0), (48, 16, 1.0), (24, 8, 2.5)])
+def test_prior_topk_subset_greedy_is_the_textbook_greedy(num_experts, k, weight) -> None:
+    # The greedy search keeps a residual instead of every pair's inner product; it must pick what the
+    # direct greedy does: at each step the expert whose addition leaves the smallest error.
+    gen = torch.Generator().manual_seed(3)
+    tokens = 30
+    out_ETH = torch.randn(num_experts, tokens, 12, generator=gen, dtype=torch.float64)
+    target_TH = out_ETH[: 2 * k].sum(dim=0) * 0.7 + torch.randn(tokens, 12, generator=gen, dtype=torch.float64)
+    idx = prior_topk(out_ETH, target_TH, k, target="subset", weight=weight)
+    assert idx.shape == (tokens, k)
+    for t in range(tokens):
+        chosen: list[int] = []
+        for _ in range(k):
+            errors = {e: (weight * out_ETH[chosen + [e], t].sum(dim=0) - target_TH[t].float()).pow(2).sum().item()
+                      for e in range(num_experts) if e not in chosen}
+            chosen.append(min(errors, key=errors.get))
+        assert idx[t].tolist() == chosen, t
+
+
 def test_prior_topk_unknown_target_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown prior target 'closest'"):
         prior_topk(torch.zeros(4, 2, 3), torch.zeros(2, 3), 2, target="closest")

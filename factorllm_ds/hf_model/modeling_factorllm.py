@@ -90,12 +90,20 @@ def prior_topk(expert_out_ETH: torch.Tensor, target_TH: torch.Tensor, k: int, ta
         quad_TS = torch.einsum("se,tef,sf->ts", mask_SE, gram_TEE, mask_SE)
         best_T = (quad_TS - cross_TE @ mask_SE.T).argmin(dim=-1)
         return idx_SK[best_T]
-    chosen_TE = torch.zeros(out_ETH.shape[1], num_experts, device=out_ETH.device)
-    for _ in range(k):  # add the expert that lowers the error most, given those already chosen
-        gain_TE = torch.diagonal(gram_TEE, dim1=1, dim2=2) + 2 * torch.einsum("tef,tf->te", gram_TEE, chosen_TE) \
-            - cross_TE
-        chosen_TE.scatter_(1, gain_TE.masked_fill(chosen_TE.bool(), float("inf")).argmin(dim=-1, keepdim=True), 1.0)
-    return torch.topk(chosen_TE, k, dim=-1).indices
+    # Greedy: add the expert that lowers the error most, given those already chosen. Adding e changes the error
+    # by G_ee + 2 sum_{f chosen} G_ef - cross_e; the sum is kept up to date one chosen column at a time (T*E per
+    # step, where recomputing it from the chosen mask costs T*E*E).
+    num_tokens = out_ETH.shape[1]
+    tokens_T = torch.arange(num_tokens, device=out_ETH.device)
+    gain_TE = torch.diagonal(gram_TEE, dim1=1, dim2=2) - cross_TE
+    taken_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=out_ETH.device)
+    picks = []
+    for _ in range(k):
+        pick_T = gain_TE.masked_fill(taken_TE, float("inf")).argmin(dim=-1)
+        taken_TE[tokens_T, pick_T] = True
+        gain_TE += 2 * gram_TEE[tokens_T, :, pick_T]
+        picks.append(pick_T)
+    return torch.stack(picks, dim=-1)
 
 
 def prior_weight(routing: str, scale: float, k: int) -> float:
