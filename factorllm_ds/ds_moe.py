@@ -91,11 +91,23 @@ class DeepSpeedMoEBlock(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
-    def _teacher(self, x_TH: torch.Tensor, prefix: str = "teacher") -> torch.Tensor:
+    def _stacked(self, x_UH: torch.Tensor, gate_ERH: torch.Tensor, up_ERH: torch.Tensor, down_EHR: torch.Tensor,
+                 out_EUH: torch.Tensor | None = None) -> torch.Tensor:
+        """Stacked experts on every token: [E, U, H]. Gate and up of all experts are one matmul each over their
+        E·R rows (thin experts are far below the BLAS's speed one by one) and the down projections one batched
+        matmul, written into ``out_EUH`` when given (it must have the weights' dtype)."""
+        num, rows, hidden = gate_ERH.shape
+        x = x_UH.to(gate_ERH.dtype)
+        h_UER = self.act_fn(x @ gate_ERH.reshape(num * rows, hidden).t()) * (x @ up_ERH.reshape(num * rows, hidden).t())
+        h_EUR = h_UER.view(-1, num, rows).transpose(0, 1)
+        return torch.bmm(h_EUR, down_EHR.transpose(1, 2), out=out_EUH)
+
+    def _teacher(self, x_TH: torch.Tensor, prefix: str = "teacher", out_EUH: torch.Tensor | None = None) -> torch.Tensor:
         """Frozen initial local experts (or the frozen shared expert) on every token: [E_local or 1, T, H]."""
         gate, up, down = (getattr(self, f"{prefix}_{part}") for part in keys.MLP_PARTS)
-        h = self.act_fn(torch.einsum("nh,eih->eni", x_TH, gate)) * torch.einsum("nh,eih->eni", x_TH, up)
-        return torch.einsum("eni,ehi->enh", h, down)
+        if out_EUH is not None and out_EUH.dtype != gate.dtype:
+            return out_EUH.copy_(self._stacked(x_TH, gate, up, down))
+        return self._stacked(x_TH, gate, up, down, out_EUH)
 
     @torch.no_grad()
     def all_expert_outputs(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,14 +127,19 @@ class DeepSpeedMoEBlock(nn.Module):
         if ep > 1:
             x_PTH = _all_to_all(x_PTH.expand(ep, -1, -1), group)  # tokens of every rank
         x_UH = x_PTH.reshape(-1, self.hidden_size)
-        outs = [torch.stack([expert(x_UH) for expert in self.local_experts])]  # [E_local, U = P*T, H]
-        if self.objective.prior == "frozen":
-            outs.append(self._teacher(x_UH).to(outs[0].dtype))
+        experts = self.local_experts
+        weights = [torch.stack([getattr(expert, f"{part}_proj").weight for expert in experts])
+                   for part in keys.MLP_PARTS]  # gate, up [E_local, R, H]; down [E_local, H, R]
+        parts = 2 if self.objective.prior == "frozen" else 1
+        outs = x_UH.new_empty(parts, self.num_local, x_UH.shape[0], self.hidden_size, dtype=weights[0].dtype)
+        self._stacked(x_UH, *weights, out_EUH=outs[0])  # [E_local, U = P*T, H]
+        if parts == 2:
+            self._teacher(x_UH, out_EUH=outs[1])
         # [parts, E_local, ep(src), T, H] -> [ep(src), parts, E_local, T, H] so chunk r goes back to rank r
-        local = torch.stack(outs).view(len(outs), self.num_local, ep, num_tokens, -1).permute(2, 0, 1, 3, 4)
+        local = outs.view(parts, self.num_local, ep, num_tokens, -1).permute(2, 0, 1, 3, 4)
         if ep > 1:
             local = _all_to_all(local.contiguous(), group)  # now [ep(owner of experts), parts, E_local, T, H]
-        merged = local.permute(1, 0, 2, 3, 4).reshape(len(outs), self.num_experts, num_tokens, -1)
+        merged = local.permute(1, 0, 2, 3, 4).reshape(parts, self.num_experts, num_tokens, -1)
         current_ETH = merged[0]
         if self.objective.prior != "frozen":  # self: t = shared + sum of the current routed experts
             return current_ETH, current_ETH.sum(dim=0)

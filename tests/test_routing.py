@@ -388,6 +388,27 @@ def test_softmax_mode_router_also_learns_from_ce(tiny_moe_dir) -> None:
     assert not is_zero(grads(ce, router_params(model)))
 
 
+@pytest.mark.parametrize("prior", ["frozen", "self"])
+def test_pa_target_runs_every_expert_as_its_own_module_would(tiny_moe_dir, prior: str) -> None:
+    # all_expert_outputs runs the experts stacked (one matmul for every gate row, one batched down projection);
+    # each expert's slice must be that expert's own forward, and with the frozen prior the target the frozen
+    # copies' sum, not the experts' current weights.
+    model = build_train_model(tiny_moe_dir, 1, Objective(prior=prior, prior_target="share"), 0).train()
+    block = model.blocks()[0]
+    x_TH = torch.randn(20, block.hidden_size, generator=torch.Generator().manual_seed(4))
+    initial = torch.stack([expert(x_TH) for expert in block.local_experts]).detach()
+    with torch.no_grad():
+        for expert in block.local_experts:  # training has moved the experts away from their frozen copies
+            for param in expert.parameters():
+                param.mul_(1.5)
+    outs_ETH, target_TH = block.all_expert_outputs(x_TH)
+    expected = torch.stack([expert(x_TH) for expert in block.local_experts]).detach()
+    assert outs_ETH.shape == (block.num_experts, 20, block.hidden_size)
+    assert torch.allclose(outs_ETH, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, initial, rtol=1e-2)
+    assert torch.allclose(target_TH, (initial if prior == "frozen" else expected).sum(dim=0), rtol=1e-5, atol=1e-5)
+
+
 def test_prior_none_gives_no_pa_term(tiny_moe_dir) -> None:
     model = build_train_model(tiny_moe_dir, 1, Objective(prior="none", prior_target="share"), 0).train()
     ids = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
