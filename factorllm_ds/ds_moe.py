@@ -92,22 +92,26 @@ class DeepSpeedMoEBlock(nn.Module):
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def _stacked(self, x_UH: torch.Tensor, gate_ERH: torch.Tensor, up_ERH: torch.Tensor, down_EHR: torch.Tensor,
-                 out_EUH: torch.Tensor | None = None) -> torch.Tensor:
-        """Stacked experts on every token: [E, U, H]. Gate and up of all experts are one matmul each over their
-        E·R rows (thin experts are far below the BLAS's speed one by one) and the down projections one batched
-        matmul, written into ``out_EUH`` when given (it must have the weights' dtype)."""
+                 chunks: int = 1) -> torch.Tensor:
+        """Stacked experts on every token, the tokens cut into ``chunks`` equal runs: [chunks, E, U/chunks, H].
+
+        Gate and up of all experts are one matmul each over their E·R rows (thin experts are far below the
+        BLAS's speed one by one); the down projections one batched matmul per chunk, written straight into
+        the layout the all-to-all sends (chunk r to rank r), so the [E, U, H] outputs are never copied."""
         num, rows, hidden = gate_ERH.shape
         x = x_UH.to(gate_ERH.dtype)
         h_UER = self.act_fn(x @ gate_ERH.reshape(num * rows, hidden).t()) * (x @ up_ERH.reshape(num * rows, hidden).t())
         h_EUR = h_UER.view(-1, num, rows).transpose(0, 1)
-        return torch.bmm(h_EUR, down_EHR.transpose(1, 2), out=out_EUH)
+        per = x_UH.shape[0] // chunks
+        out = x.new_empty(chunks, num, per, hidden)
+        for r in range(chunks):
+            torch.bmm(h_EUR[:, r * per:(r + 1) * per], down_EHR.transpose(1, 2), out=out[r])
+        return out
 
-    def _teacher(self, x_TH: torch.Tensor, prefix: str = "teacher", out_EUH: torch.Tensor | None = None) -> torch.Tensor:
-        """Frozen initial local experts (or the frozen shared expert) on every token: [E_local or 1, T, H]."""
-        gate, up, down = (getattr(self, f"{prefix}_{part}") for part in keys.MLP_PARTS)
-        if out_EUH is not None and out_EUH.dtype != gate.dtype:
-            return out_EUH.copy_(self._stacked(x_TH, gate, up, down))
-        return self._stacked(x_TH, gate, up, down, out_EUH)
+    def _teacher(self, x_TH: torch.Tensor, prefix: str = "teacher", chunks: int = 1) -> torch.Tensor:
+        """Frozen initial local experts (or the frozen shared expert) on every token: [chunks, E_local or 1,
+        T/chunks, H]."""
+        return self._stacked(x_TH, *(getattr(self, f"{prefix}_{part}") for part in keys.MLP_PARTS), chunks=chunks)
 
     @torch.no_grad()
     def all_expert_outputs(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +122,7 @@ class DeepSpeedMoEBlock(nn.Module):
 
         Under expert parallelism each token is sent to every rank of the expert group (one
         all-to-all), every rank runs its local experts (and frozen copies) on all of them,
-        and a second all-to-all brings the E outputs home.
+        and one all-to-all per part (current, frozen) brings the E outputs home.
         """
         group = self.moe.deepspeed_moe.ep_group
         ep = self.ep_size
@@ -127,25 +131,21 @@ class DeepSpeedMoEBlock(nn.Module):
         if ep > 1:
             x_PTH = _all_to_all(x_PTH.expand(ep, -1, -1), group)  # tokens of every rank
         x_UH = x_PTH.reshape(-1, self.hidden_size)
-        experts = self.local_experts
-        weights = [torch.stack([getattr(expert, f"{part}_proj").weight for expert in experts])
+
+        def home(outs_PETH: torch.Tensor) -> torch.Tensor:
+            """[ep(src), E_local, T, H] computed here -> [E, T, H] of this rank's tokens, experts in global order."""
+            if ep > 1:
+                outs_PETH = _all_to_all(outs_PETH, group)  # now [ep(owner of experts), E_local, T, H]
+            return outs_PETH.view(self.num_experts, num_tokens, -1)
+
+        weights = [torch.stack([getattr(expert, f"{part}_proj").weight for expert in self.local_experts])
                    for part in keys.MLP_PARTS]  # gate, up [E_local, R, H]; down [E_local, H, R]
-        parts = 2 if self.objective.prior == "frozen" else 1
-        outs = x_UH.new_empty(parts, self.num_local, x_UH.shape[0], self.hidden_size, dtype=weights[0].dtype)
-        self._stacked(x_UH, *weights, out_EUH=outs[0])  # [E_local, U = P*T, H]
-        if parts == 2:
-            self._teacher(x_UH, out_EUH=outs[1])
-        # [parts, E_local, ep(src), T, H] -> [ep(src), parts, E_local, T, H] so chunk r goes back to rank r
-        local = outs.view(parts, self.num_local, ep, num_tokens, -1).permute(2, 0, 1, 3, 4)
-        if ep > 1:
-            local = _all_to_all(local.contiguous(), group)  # now [ep(owner of experts), parts, E_local, T, H]
-        merged = local.permute(1, 0, 2, 3, 4).reshape(parts, self.num_experts, num_tokens, -1)
-        current_ETH = merged[0]
+        current_ETH = home(self._stacked(x_UH, *weights, chunks=ep))
         if self.objective.prior != "frozen":  # self: t = shared + sum of the current routed experts
             return current_ETH, current_ETH.sum(dim=0)
-        target_TH = merged[1].sum(dim=0)
+        target_TH = home(self._teacher(x_UH, chunks=ep).to(current_ETH.dtype)).sum(dim=0)
         if self.shared_expert is not None:  # frozen: t = frozen shared + frozen routed; minus the current shared
-            target_TH = target_TH + (self._teacher(x_TH, "teacher_shared")[0] - self.shared_expert(x_TH)).to(
+            target_TH = target_TH + (self._teacher(x_TH, "teacher_shared")[0, 0] - self.shared_expert(x_TH)).to(
                 target_TH.dtype)
         return current_ETH, target_TH
 
