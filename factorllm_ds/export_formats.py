@@ -255,6 +255,9 @@ _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "attention_dropout", "rope_parameters", "dtype")
 
 
+GROUPED_MM_NEURONS = 8  # 16-byte rows in bf16/fp16: what torch's grouped_mm asks of every expert's stride
+
+
 class StandardMoEFormat(RoutedFormat):
     """``--format mixtral``: the standard HF MoE class of the base family (``BY_FAMILY``), loadable
     by plain transformers (and vLLM, llama.cpp, ...) without our code. Those classes weight each
@@ -302,6 +305,14 @@ class StandardMoEFormat(RoutedFormat):
                 f"{2.0 ** -24 / low:.2g}")
         if f.router_bias:
             self.notes.append("the router bias is all zeros and was dropped")
+        if f.expert_size % GROUPED_MM_NEURONS:
+            self.notes.append(
+                f"warning: each routed expert has {f.expert_size} neurons; transformers' grouped matmul, which its MoE "
+                f"classes use, needs each expert's rows to span a multiple of 16 bytes ({GROUPED_MM_NEURONS} neurons "
+                "in bf16/fp16), and may stop with 'strides should be multiple of 16 bytes' (measured with 6 neurons "
+                "in fp32: bench/RESULTS.md \"Finer experts\"). Convert with an E that gives a multiple of "
+                f"{GROUPED_MM_NEURONS} neurons, or serve with --format factorllm")
+            print(f"export: {self.notes[-1]}", file=sys.stderr)
         router_dtype = self.down_dtype or source.info(keys.ROUTER_WEIGHT.format(layer=0)).dtype
         if self.uniform and router_dtype == torch.float16:
             self.notes.append("warning: the scaled router is stored in float16, whose small numbers lose precision "

@@ -168,6 +168,23 @@ def test_a_tighter_weight_tolerance_scales_the_router_further(tmp_path, llama_di
     assert scales[1] < scales[0] / 256  # 1000x tighter: at least 2^8 further down
 
 
+def test_experts_too_thin_for_grouped_matmul_are_exported_with_a_warning(tmp_path, llama_dir, capsys):
+    # 128 neurons in 32 experts: 4 each, not the multiple of 8 that transformers' grouped matmul asks in bf16.
+    from transformers import MixtralForCausalLM
+
+    moe = tiny.build_tiny_moe(tmp_path / "moe", llama_dir, num_experts=32, top_k=8, router_bias=False)
+    out = export(FolderSource(moe), tmp_path / "mx", "mixtral", progress=False)
+    notes = json.loads((out / "factorllm_manifest.json").read_text())["notes"]
+    assert any("4 neurons" in n and "multiple of 8" in n for n in notes), notes
+    assert "4 neurons" in capsys.readouterr().err
+    model = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # fp32: 16-byte rows, it runs
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(seed=2)).logits).all()
+    wide = export(FolderSource(tiny.build_tiny_moe(tmp_path / "moe4", llama_dir, router_bias=False)),
+                  tmp_path / "mx4", "mixtral", progress=False)
+    assert not any("neurons;" in n for n in json.loads((wide / "factorllm_manifest.json").read_text())["notes"])
+
+
 def test_a_router_bias_is_refused_for_mixtral_and_nothing_written(tmp_path, llama_dir):
     from safetensors.torch import load_file, save_file
 
