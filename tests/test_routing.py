@@ -179,8 +179,9 @@ def test_prior_topk_subset_greedy_beyond_512_subsets(monkeypatch, num_experts, t
 
 @pytest.mark.parametrize("num_experts,k,weight", [(16, 4, 1.0), (48, 16, 1.0), (24, 8, 2.5)])
 def test_prior_topk_subset_greedy_is_the_textbook_greedy(num_experts, k, weight) -> None:
-    # The greedy search keeps a residual instead of every pair's inner product; it must pick what the
-    # direct greedy does: at each step the expert whose addition leaves the smallest error.
+    # The greedy search updates each expert's error change one chosen column at a time instead of recomputing it
+    # from the chosen mask; it must pick what the direct greedy does: at each step the expert whose addition
+    # leaves the smallest error.
     gen = torch.Generator().manual_seed(3)
     tokens = 30
     out_ETH = torch.randn(num_experts, tokens, 12, generator=gen, dtype=torch.float64)
